@@ -1,0 +1,36 @@
+# The two Quick start commands: `make demo` and `make test`. Both install what is missing first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ECO2 := $(BIN)/eco2
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint unit up down bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+up: install
+	$(ECO2) stack up
+
+down: install
+	$(ECO2) stack down
+
+demo: up
+	$(ECO2) demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+# pytest exits 5 when it collected nothing: that must fail, not pass silently.
+test: up lint
+	@$(BIN)/pytest -q -rfE; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+unit: install
+	$(BIN)/pytest -q -m "not integration"

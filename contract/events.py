@@ -1,0 +1,132 @@
+"""Job and event schemas: the JSON on every topic and in every SSE `data:` line."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+# Pipeline order. seq = index * 10 + (1 if completed), as in the replaced system.
+STAGES: tuple[str, ...] = ("queued", "vision", "rule", "answer", "reward", "done")
+PIPELINE: tuple[str, ...] = ("vision", "rule", "answer", "reward")
+PROGRESS: dict[str, int] = {
+    "queued": 0,
+    "vision": 25,
+    "rule": 50,
+    "answer": 75,
+    "reward": 100,
+    "done": 100,
+}
+FAILED_SEQ = 99  # the one terminal failure of a job; above every stage seq
+TERMINAL_STAGES = ("done", "failed")
+
+Status = Literal["started", "completed", "failed"]
+
+
+def seq_of(stage: str, status: str) -> int:
+    if status == "failed":
+        return FAILED_SEQ
+    return STAGES.index(stage) * 10 + (1 if status == "completed" else 0)
+
+
+def next_stage(stage: str) -> str:
+    """The stage after `stage` ("done" after the last pipeline stage)."""
+    return STAGES[STAGES.index(stage) + 1]
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+class ScanRequest(BaseModel):
+    image_url: str
+    user_input: str | None = None
+    model: str | None = None
+
+
+class ScanJob(BaseModel):
+    """The message on every stage topic: the job plus everything earlier stages found."""
+
+    job_id: str
+    user_id: str
+    image_url: str
+    user_input: str | None = None
+    model: str
+    created_at: float
+    classification: dict[str, Any] | None = None
+    rules_key: str | None = None
+    rules: dict[str, Any] | None = None
+    answer: dict[str, Any] | None = None
+    reward: dict[str, Any] | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class ScanResult(BaseModel):
+    """The whole outcome of a scan: carried by the terminal event, cached and stored."""
+
+    job_id: str
+    user_id: str
+    status: Literal["completed", "failed"]
+    image_url: str
+    classification: dict[str, Any] | None = None
+    rules_key: str | None = None
+    rules: dict[str, Any] | None = None
+    answer: dict[str, Any] | None = None
+    reward: dict[str, Any] | None = None
+    error: str | None = None
+    failed_stage: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    created_at: float
+    finished_at: float
+
+
+class ScanEvent(BaseModel):
+    """One progress event on `scan.events`; event_id is deterministic so replays dedupe."""
+
+    event_id: str
+    job_id: str
+    user_id: str
+    stage: str
+    status: Status
+    seq: int
+    ts: float
+    progress: int
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.stage == "done" or self.status == "failed"
+
+    @property
+    def sse_event(self) -> str:
+        """The SSE `event:` name: the stage, or `error` for a failure."""
+        return "error" if self.status == "failed" else self.stage
+
+
+def make_event(
+    job: ScanJob,
+    stage: str,
+    status: Status,
+    *,
+    result: ScanResult | None = None,
+    error: str | None = None,
+) -> ScanEvent:
+    seq = seq_of(stage, status)
+    if status == "completed":
+        progress = PROGRESS[stage]
+    else:
+        progress = PROGRESS[STAGES[max(STAGES.index(stage) - 1, 0)]]
+    return ScanEvent(
+        event_id=f"{job.job_id}:{seq}",
+        job_id=job.job_id,
+        user_id=job.user_id,
+        stage=stage,
+        status=status,
+        seq=seq,
+        ts=now(),
+        progress=progress,
+        result=result.model_dump() if result else None,
+        error=error,
+    )

@@ -1,0 +1,23 @@
+"""Redis key names. Redis is a cache derived from the Kafka log; these are its only spellings."""
+
+from __future__ import annotations
+
+
+def state(job_id: str) -> str:
+    """Hash: latest state of a job (seq, stage, status, progress, owner, result)."""
+    return f"scan:state:{job_id}"
+
+
+def history(job_id: str) -> str:
+    """Sorted set of a job's events scored by seq, for catch-up on (re)connect."""
+    return f"scan:history:{job_id}"
+
+
+def idempotency(user_id: str, key: str) -> str:
+    """Per-user idempotency key -> job_id."""
+    return f"scan:idem:{user_id}:{key}"
+
+
+def shard_channel(shard: int) -> str:
+    """Pub/sub channel of one events shard; a gateway subscribes to all shards on one connection."""
+    return f"scan:live:{shard}"

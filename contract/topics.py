@@ -1,0 +1,88 @@
+"""The single definition of every Kafka topic.
+
+The local stack creates topics from this list and `deploy/strimzi/topics.yaml` is generated from it
+(`eco2 deploy topics`), so broker, manifests and code can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiokafka.partitioner import murmur2
+
+DAY_MS = 24 * 3600 * 1000
+
+# Stage topics get 12 partitions: KEDA may scale a stage up to 12 pods (replicas beyond the
+# partition count would sit idle), and 12 divides evenly over 1, 2, 3, 4, 6 and 12 consumers,
+# so every replica count KEDA picks on the way up gets an even share of the lag.
+STAGE_PARTITIONS = 12
+# The events topic is the 4 shards of the progress stream (fixed by the product owner).
+EVENTS_PARTITIONS = 4
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+    doc: str = ""
+
+
+VISION = "scan.vision"
+RULE = "scan.rule"
+ANSWER = "scan.answer"
+REWARD = "scan.reward"
+EVENTS = "scan.events"
+DLQ = "scan.dlq"
+PERSISTENCE_DLQ = "scan.persistence.dlq"
+
+STAGE_TOPICS: dict[str, str] = {
+    "vision": VISION,
+    "rule": RULE,
+    "answer": ANSWER,
+    "reward": REWARD,
+}
+
+_stage_config = {"retention.ms": str(7 * DAY_MS), "cleanup.policy": "delete"}
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(VISION, STAGE_PARTITIONS, _stage_config, "jobs waiting for image classification"),
+    TopicSpec(RULE, STAGE_PARTITIONS, _stage_config, "classified jobs waiting for rule lookup"),
+    TopicSpec(ANSWER, STAGE_PARTITIONS, _stage_config, "jobs waiting for the written answer"),
+    TopicSpec(REWARD, STAGE_PARTITIONS, _stage_config, "answered jobs waiting for the reward"),
+    TopicSpec(
+        EVENTS,
+        EVENTS_PARTITIONS,
+        # Kept two weeks: `eco2 state rebuild` replays it into Redis.
+        {"retention.ms": str(14 * DAY_MS), "cleanup.policy": "delete"},
+        "progress events, 4 shards keyed by job_id",
+    ),
+    TopicSpec(
+        DLQ,
+        1,
+        {"retention.ms": str(30 * DAY_MS), "cleanup.policy": "delete"},
+        "pipeline dead letters (job + reason)",
+    ),
+    TopicSpec(
+        PERSISTENCE_DLQ,
+        1,
+        {"retention.ms": str(30 * DAY_MS), "cleanup.policy": "delete"},
+        "records the Postgres writer could not store",
+    ),
+)
+
+BY_NAME: dict[str, TopicSpec] = {t.name: t for t in TOPICS}
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner picks for `key`.
+
+    Every producer passes this explicitly so that the scan API (aiokafka), the Faust agents and
+    any Java client agree on where a job's messages live.
+    """
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def shard_of(job_id: str) -> int:
+    """The events shard (partition of `scan.events`) a job's progress lives on."""
+    return partition_for(job_id, EVENTS_PARTITIONS)

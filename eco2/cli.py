@@ -1,0 +1,119 @@
+"""`eco2`: the one entry point for operators."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from contract.settings import get_settings
+
+from . import stack
+from .install import InstallError
+
+app = typer.Typer(help="eco2-streams: the recycling-scan backend on Kafka.", no_args_is_help=True)
+stack_app = typer.Typer(help="Run the local stack (Kafka, Redis, Postgres and the app).")
+deploy_app = typer.Typer(help="Kubernetes manifests.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(deploy_app, name="deploy")
+
+GroupOpt = Annotated[
+    str | None,
+    typer.Option("--only", help="comma-separated groups (infra, app) or service names (default: everything)"),
+]
+
+
+def _groups(only: str | None) -> set[str] | None:
+    return set(only.split(",")) if only else None
+
+
+def _fail(msg: str) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@stack_app.command("up")
+def stack_up(only: GroupOpt = None) -> None:
+    """Start every service that is not running and wait until each is ready."""
+    try:
+        asyncio.run(stack.up(get_settings(), _groups(only)))
+    except (stack.StackError, InstallError) as exc:
+        _fail(str(exc))
+
+
+@stack_app.command("down")
+def stack_down(
+    only: GroupOpt = None,
+    reset: Annotated[bool, typer.Option("--reset", help="also delete all data")] = False,
+) -> None:
+    """Stop what `up` started (by pid). Data is kept unless --reset."""
+    stack.down(get_settings(), _groups(only), reset=reset)
+
+
+@stack_app.command("status")
+def stack_status(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object for scripts")] = False,
+) -> None:
+    """Show each service as up or down, with its address."""
+    result = asyncio.run(stack.status(get_settings()))
+    if as_json:
+        print(json.dumps({"services": result}))
+        return
+    for name, info in result.items():
+        mark = typer.style("up  ", fg="green") if info["up"] else typer.style("down", fg="red")
+        typer.echo(f"{name:<10} {mark} {info['url']}")
+
+
+@stack_app.command("logs")
+def stack_logs(
+    name: Annotated[str, typer.Argument(help="service name")],
+    lines: Annotated[int, typer.Option("-n", help="lines to show")] = 50,
+    follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
+) -> None:
+    """Show a service's log."""
+    s = get_settings()
+    svc = stack.find(name)
+    path = stack.log_path(s, svc.name)
+    if not path.exists():
+        _fail(f"no log for {name} at {path}")
+    argv = ["tail", f"-n{lines}", *(["-F"] if follow else []), str(path)]
+    raise typer.Exit(subprocess.call(argv))
+
+
+@deploy_app.command("topics")
+def deploy_topics() -> None:
+    """Regenerate deploy/strimzi/topics.yaml from contract/topics.py."""
+    from .topics_yaml import write
+
+    typer.echo(f"wrote {write()}")
+
+
+@app.command("smoke")
+def smoke() -> None:
+    """Round-trip one message through Kafka, Redis and Postgres."""
+    from .smoke import run
+
+    ok = asyncio.run(run(get_settings(), typer.echo))
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo() -> None:
+    """The main job: run one scan end to end through the running stack."""
+    smoke()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Integration tests talk to the stack `eco2 stack up` started (make test does that first)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from contract.settings import Settings, get_settings
+
+REPO = Path(__file__).resolve().parent.parent
+ECO2 = [sys.executable, "-m", "eco2.cli"]
+
+
+def eco2(*args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the operator CLI exactly as a user would."""
+    proc = subprocess.run([*ECO2, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        cmd = " ".join(args)
+        raise AssertionError(f"eco2 {cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def stack_status() -> dict[str, dict[str, object]]:
+    out = json.loads(eco2("stack", "status", "--json").stdout)["services"]
+    down = [name for name, info in out.items() if not info["up"]]
+    if down:
+        pytest.fail(f"services down: {down}; run `eco2 stack up` (make test does)")
+    return out
+
+
+@pytest.fixture
+def uid() -> str:
+    return uuid.uuid4().hex[:12]

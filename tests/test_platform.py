@@ -1,0 +1,166 @@
+"""Issue 2: the real Kafka, Redis and Postgres of the local stack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from contract.settings import Settings
+from contract.topics import EVENTS, TOPICS, partition_for
+
+from .conftest import eco2
+
+pytestmark = pytest.mark.integration
+
+
+async def _topic(s: Settings, name: str, partitions: int) -> str:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+    return name
+
+
+async def test_produce_consume_round_trip_and_key_partitioning(settings: Settings, stack_status, uid):
+    topic = await _topic(settings, f"test.rt.{uid}", 4)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True)
+    await producer.start()
+    keys = [f"job-{uid}-{i}" for i in range(40)]
+    try:
+        sent = {}
+        for k in keys:
+            md = await producer.send_and_wait(topic, json.dumps({"k": k}).encode(), key=k.encode())
+            sent[k] = md.partition
+    finally:
+        await producer.stop()
+    # The producer's default partitioner and our explicit partition_for agree (murmur2).
+    assert sent == {k: partition_for(k, 4) for k in keys}
+    assert len(set(sent.values())) > 1, "40 keys all on one partition: partitioner is broken"
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest",
+        group_id=f"g-{uid}", enable_auto_commit=False,
+    )
+    await consumer.start()
+    got: dict[str, int] = {}
+    try:
+        while len(got) < len(keys):
+            batch = await consumer.getmany(timeout_ms=5000)
+            assert batch, "timed out waiting for messages"
+            for tp, msgs in batch.items():
+                for m in msgs:
+                    got[m.key.decode()] = tp.partition
+                    assert json.loads(m.value) == {"k": m.key.decode()}
+    finally:
+        await consumer.stop()
+    assert got == sent
+
+
+async def test_consumer_group_offsets_commit_and_resume(settings: Settings, stack_status, uid):
+    topic = await _topic(settings, f"test.grp.{uid}", 1)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        for i in range(10):
+            await producer.send_and_wait(topic, str(i).encode(), key=b"k")
+    finally:
+        await producer.stop()
+
+    async def consume(n: int) -> list[int]:
+        c = AIOKafkaConsumer(
+            topic, bootstrap_servers=settings.kafka_bootstrap, group_id=f"grp-{uid}",
+            auto_offset_reset="earliest", enable_auto_commit=False,
+        )
+        await c.start()
+        out: list[int] = []
+        try:
+            while len(out) < n:
+                msg = await c.getone()
+                out.append(int(msg.value))
+            await c.commit()
+        finally:
+            await c.stop()
+        return out
+
+    assert await consume(4) == [0, 1, 2, 3]
+    # A new consumer in the same group resumes after the committed offset.
+    assert await consume(6) == [4, 5, 6, 7, 8, 9]
+
+
+def test_kcat_lists_topics_with_partitions_from_the_definition(settings: Settings, stack_status):
+    out = subprocess.run(
+        ["kcat", "-b", settings.kafka_bootstrap, "-L", "-J"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    meta = json.loads(out.stdout)
+    listed = {t["topic"]: len(t["partitions"]) for t in meta["topics"]}
+    for spec in TOPICS:
+        assert listed.get(spec.name) == spec.partitions, spec.name
+    assert listed[EVENTS] == 4
+
+
+async def test_redis_round_trip(settings: Settings, stack_status, uid):
+    r = aioredis.from_url(settings.redis_url)
+    try:
+        await r.hset(f"test:{uid}", mapping={"a": "1", "b": "2"})
+        assert await r.hgetall(f"test:{uid}") == {b"a": b"1", b"b": b"2"}
+        await r.delete(f"test:{uid}")
+    finally:
+        await r.aclose()
+
+
+async def test_postgres_round_trip(settings: Settings, stack_status, uid):
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        await conn.execute(f"CREATE TEMP TABLE t_{uid} (k text primary key, v jsonb)")
+        await conn.execute(f"INSERT INTO t_{uid} VALUES ($1, $2)", "x", json.dumps({"a": 1}))
+        assert json.loads(await conn.fetchval(f"SELECT v FROM t_{uid} WHERE k = 'x'")) == {"a": 1}
+    finally:
+        await conn.close()
+
+
+async def test_kafka_restart_keeps_data(settings: Settings, stack_status, uid):
+    topic = await _topic(settings, f"test.keep.{uid}", 1)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        md = await producer.send_and_wait(topic, b"before-restart")
+    finally:
+        await producer.stop()
+
+    down = eco2("stack", "down", "--only", "kafka")
+    assert "stopped" in down.stdout
+    status = json.loads(eco2("stack", "status", "--json").stdout)["services"]
+    assert status["kafka"]["up"] is False
+    eco2("stack", "up", "--only", "kafka")
+    assert json.loads(eco2("stack", "status", "--json").stdout)["services"]["kafka"]["up"] is True
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, md.offset)
+        msg = await consumer.getone()
+        assert msg.value == b"before-restart"
+    finally:
+        await consumer.stop()
+
+
+def test_status_json_names_every_service(stack_status):
+    assert {"kafka", "redis", "postgres"} <= set(stack_status)
+    assert stack_status["postgres"]["url"].startswith("postgresql://")
+    assert ":" in stack_status["kafka"]["url"] and "//" not in stack_status["kafka"]["url"]
+
+
+def test_up_is_idempotent(stack_status):
+    out = eco2("stack", "up", "--only", "infra").stdout
+    assert out.count("already up") == 3, out
