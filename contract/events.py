@@ -130,3 +130,26 @@ def make_event(
         result=result.model_dump() if result else None,
         error=error,
     )
+
+
+class Reward(BaseModel):
+    """What the reward stage decided; `character_code` is set only when granted."""
+
+    granted: bool
+    character_code: str | None = None
+    character_name: str | None = None
+    reason: str
+
+
+class DeadLetter(BaseModel):
+    """A record on a dead-letter topic: the original message plus why it could not be handled."""
+
+    source: Literal["pipeline", "writer"]
+    topic: str  # where the original message came from
+    key: str | None
+    value: dict[str, Any]  # the original message, as it was
+    stage: str | None = None
+    reason: str  # short machine-readable reason, e.g. "model_permanent_error"
+    error: str  # human-readable detail
+    attempts: int = 1
+    ts: float = Field(default_factory=now)

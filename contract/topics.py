@@ -86,3 +86,13 @@ def partition_for(key: str, partitions: int) -> int:
 def shard_of(job_id: str) -> int:
     """The events shard (partition of `scan.events`) a job's progress lives on."""
     return partition_for(job_id, EVENTS_PARTITIONS)
+
+
+# Consumer groups. A stage worker's Faust app id (= its consumer group) is derived from the
+# stages it runs, so a one-stage pod in Kubernetes has exactly the group KEDA watches.
+def stage_group(stages: list[str] | tuple[str, ...]) -> str:
+    return "eco2-stage-" + "-".join(stages)
+
+
+ROUTER_GROUP = "eco2-router"
+WRITER_GROUP = "eco2-writer"

@@ -1,0 +1,92 @@
+"""The Redis side of a job: latest state, catch-up history and live fan-out.
+
+Redis is a cache derived from `scan.events`; applying an event is idempotent, so the router can
+replay the log (after a crash or `eco2 state rebuild`) without clients seeing anything twice:
+- history keeps the first event of each seq (a replay adds nothing),
+- the state hash moves only forward (a late or repeated event never sends it back),
+- an event is published only when it was new to the history, so live subscribers see it once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from contract import keys
+from contract.events import ScanEvent
+from contract.topics import shard_of
+
+# KEYS: state, history.  ARGV: seq, event json, channel, ttl, stage, status, progress, user,
+# result json ("" when none). Returns 1 when the event was new.
+_APPLY = """
+local seq = tonumber(ARGV[1])
+local new = 0
+if redis.call('ZCOUNT', KEYS[2], seq, seq) == 0 then
+  redis.call('ZADD', KEYS[2], seq, ARGV[2])
+  new = 1
+end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
+if seq > cur then
+  redis.call('HSET', KEYS[1], 'seq', seq, 'stage', ARGV[5], 'status', ARGV[6],
+             'progress', ARGV[7], 'user_id', ARGV[8], 'event', ARGV[2])
+  if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[9]) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if new == 1 then redis.call('PUBLISH', ARGV[3], ARGV[2]) end
+return new
+"""
+
+
+class StateStore:
+    """Applies events to Redis (one round trip per batch) and reads job state back."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._apply = client.register_script(_APPLY)
+
+    async def apply(self, events: Iterable[ScanEvent]) -> list[bool]:
+        """Apply a batch of events in one pipelined round trip; True where the event was new."""
+        pipe = self.redis.pipeline(transaction=False)
+        count = 0
+        for ev in events:
+            data = ev.model_dump_json()
+            await self._apply(
+                keys=[keys.state(ev.job_id), keys.history(ev.job_id)],
+                args=[
+                    ev.seq,
+                    data,
+                    keys.shard_channel(shard_of(ev.job_id)),
+                    self.ttl_s,
+                    ev.stage,
+                    ev.status,
+                    ev.progress,
+                    ev.user_id,
+                    json.dumps(ev.result) if ev.result is not None else "",
+                ],
+                client=pipe,
+            )
+            count += 1
+        if not count:
+            return []
+        return [bool(r) for r in await pipe.execute()]
+
+    async def state(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(keys.state(job_id))  # type: ignore[misc]
+        if not raw:
+            return None
+        out: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        out["seq"] = int(out["seq"])
+        out["progress"] = int(out["progress"])
+        if "result" in out:
+            out["result"] = json.loads(out["result"])
+        return out
+
+    async def history(self, job_id: str, after_seq: int = -1) -> list[ScanEvent]:
+        """Events with seq > after_seq, in seq order."""
+        raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after_seq}", "+inf")
+        return [ScanEvent.model_validate_json(r) for r in raw]
