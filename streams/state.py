@@ -79,7 +79,7 @@ class StateStore:
         raw = await self.redis.hgetall(keys.state(job_id))  # type: ignore[misc]
         if not raw:
             return None
-        out: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        out: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
         out["seq"] = int(out["seq"])
         out["progress"] = int(out["progress"])
         if "result" in out:
@@ -89,4 +89,8 @@ class StateStore:
     async def history(self, job_id: str, after_seq: int = -1) -> list[ScanEvent]:
         """Events with seq > after_seq, in seq order."""
         raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after_seq}", "+inf")
-        return [ScanEvent.model_validate_json(r) for r in raw]
+        return [ScanEvent.model_validate_json(r) for r in raw]  # type: ignore[arg-type]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
