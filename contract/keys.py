@@ -21,3 +21,8 @@ def idempotency(user_id: str, key: str) -> str:
 def shard_channel(shard: int) -> str:
     """Pub/sub channel of one events shard; a gateway subscribes to all shards on one connection."""
     return f"scan:live:{shard}"
+
+
+def memo(job_id: str, name: str) -> str:
+    """What a stage already produced for a job, so a redelivered stage re-emits identical bytes."""
+    return f"scan:memo:{job_id}:{name}"

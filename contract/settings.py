@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,6 +25,13 @@ class Settings(BaseSettings):
     # Infrastructure.
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
+    # Kafka client security: PLAINTEXT locally; in Kubernetes SASL_SSL with the component's
+    # KafkaUser (SCRAM-SHA-512 password from the Secret Strimzi creates) and the cluster CA.
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    kafka_ssl_cafile: str = ""  # PEM CA (Strimzi's <cluster>-cluster-ca-cert Secret, key ca.crt)
     redis_url: str = "redis://127.0.0.1:6390/0"
     postgres_dsn: str = "postgresql://eco2:eco2@127.0.0.1:5440/eco2"
 
@@ -71,11 +79,23 @@ class Settings(BaseSettings):
     max_stream_s: float = 300.0
     max_connections: int = 10000
     cors_origins: list[str] = ["*"]
+    gateway_redis_pool: int = 8  # history/state connections per gateway (+1 pub/sub connection)
+    client_queue_size: int = 64  # live events buffered per client before it is resynced from history
+    unknown_job_wait_s: float = 3.0  # a just-submitted job may reach Redis a moment after the POST
+    gap_wait_s: float = 2.0  # how long a stream holds events back waiting for a missing seq
+
+    # Event router (scan.events -> Redis).
+    router_group: str = "eco2-router"  # = contract.topics.ROUTER_GROUP; tests run their own group
+    router_batch_max: int = 500  # events per Redis round trip
+    router_batch_within_s: float = 0.02  # longest wait to fill a batch (adds at most this latency)
 
     # Persistence writer.
     batch_size: int = 50
     batch_timeout_s: float = 1.0
     writer_max_retries: int = 5
+    writer_group: str = "eco2-writer"  # = contract.topics.WRITER_GROUP; tests run their own group
+    writer_backoff_max_s: float = 10.0  # cap of the backoff while Postgres is down or slow
+    writer_statement_timeout_s: float = 30.0  # a batch slower than this is retried (slow Postgres)
 
     @property
     def model_base_url(self) -> str:
@@ -87,6 +107,21 @@ class Settings(BaseSettings):
     @property
     def model_api_key(self) -> str:
         return self.openai_api_key or "simulated"
+
+    def kafka_client_kwargs(self) -> dict[str, Any]:
+        """Security keyword arguments for every aiokafka client; empty when PLAINTEXT."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return {}
+        from aiokafka.helpers import create_ssl_context
+
+        kwargs: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile or None)
+        if self.kafka_security_protocol.startswith("SASL_"):
+            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism
+            kwargs["sasl_plain_username"] = self.kafka_sasl_username
+            kwargs["sasl_plain_password"] = self.kafka_sasl_password
+        return kwargs
 
     @property
     def api_url(self) -> str:

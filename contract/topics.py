@@ -96,3 +96,7 @@ def stage_group(stages: list[str] | tuple[str, ...]) -> str:
 
 ROUTER_GROUP = "eco2-router"
 WRITER_GROUP = "eco2-writer"
+
+# The scan API's transactional producer ids start with this (one id per API process, e.g.
+# f"{API_TRANSACTIONAL_ID_PREFIX}-{hostname}"); its KafkaUser may use only ids with this prefix.
+API_TRANSACTIONAL_ID_PREFIX = "eco2-api"

@@ -77,7 +77,11 @@ def ensure_kafka(settings: Settings) -> Path:
     if libs.exists():
         shutil.rmtree(libs)
     argv = [
-        "mvn", "-q", "-B", "-f", str(pom),
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(pom),
         f"-Dkafka.version={KAFKA_VERSION}",
         "dependency:copy-dependencies",
         f"-DoutputDirectory={libs}",

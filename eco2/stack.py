@@ -251,14 +251,22 @@ def _redis_argv(s: Settings) -> list[str]:
     d.mkdir(parents=True, exist_ok=True)
     return [
         "redis-server",
-        "--bind", u.hostname or "127.0.0.1",
-        "--port", str(u.port or 6379),
-        "--dir", str(d),
-        "--save", "60 1000",
-        "--appendonly", "no",
-        "--daemonize", "no",
-        "--maxclients", "20000",
-        "--protected-mode", "no",
+        "--bind",
+        u.hostname or "127.0.0.1",
+        "--port",
+        str(u.port or 6379),
+        "--dir",
+        str(d),
+        "--save",
+        "60 1000",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--maxclients",
+        "20000",
+        "--protected-mode",
+        "no",
     ]
 
 
@@ -296,8 +304,10 @@ def _pg_prepare(s: Settings) -> None:
         _as_pg_user(
             [
                 install.pg_bin("initdb"),
-                "-D", str(d),
-                "-U", u.username or "eco2",
+                "-D",
+                str(d),
+                "-U",
+                u.username or "eco2",
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--no-instructions",
@@ -322,8 +332,17 @@ def _pg_argv(s: Settings) -> list[str]:
     )
     return _as_pg_user(
         [
-            install.pg_bin("pg_ctl"), "start", "-D", str(_pg_dir(s)), "-w", "-t", "60",
-            "-o", opts, "-l", str(log_path(s, "postgres")),
+            install.pg_bin("pg_ctl"),
+            "start",
+            "-D",
+            str(_pg_dir(s)),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            opts,
+            "-l",
+            str(log_path(s, "postgres")),
         ]
     )
 

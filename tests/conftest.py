@@ -39,6 +39,18 @@ def stack_status() -> dict[str, dict[str, object]]:
     return out
 
 
+@pytest.fixture(scope="session")
+def zero_latency_model(settings: Settings, stack_status):  # type: ignore[no-untyped-def]
+    """The simulated model answers at once during tests (its default is the hosted 5-10 s)."""
+    import httpx
+
+    base = f"http://{settings.model_host}:{settings.model_port}"
+    before = httpx.get(f"{base}/admin/latency").json()
+    httpx.put(f"{base}/admin/latency", json={"min_s": 0, "max_s": 0}).raise_for_status()
+    yield base
+    httpx.put(f"{base}/admin/latency", json=before)
+
+
 @pytest.fixture
 def uid() -> str:
     return uuid.uuid4().hex[:12]

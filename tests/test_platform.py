@@ -46,8 +46,11 @@ async def test_produce_consume_round_trip_and_key_partitioning(settings: Setting
     assert len(set(sent.values())) > 1, "40 keys all on one partition: partitioner is broken"
 
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest",
-        group_id=f"g-{uid}", enable_auto_commit=False,
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"g-{uid}",
+        enable_auto_commit=False,
     )
     await consumer.start()
     got: dict[str, int] = {}
@@ -76,8 +79,11 @@ async def test_consumer_group_offsets_commit_and_resume(settings: Settings, stac
 
     async def consume(n: int) -> list[int]:
         c = AIOKafkaConsumer(
-            topic, bootstrap_servers=settings.kafka_bootstrap, group_id=f"grp-{uid}",
-            auto_offset_reset="earliest", enable_auto_commit=False,
+            topic,
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=f"grp-{uid}",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
         )
         await c.start()
         out: list[int] = []

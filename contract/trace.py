@@ -1,0 +1,42 @@
+"""W3C trace context carried in the `traceparent` Kafka header of every message."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+HEADER = "traceparent"
+
+
+def new_traceparent() -> str:
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+
+def child_of(parent: str | None) -> str:
+    """Continue the trace of `parent` with a new span id (a new trace when parent is invalid)."""
+    m = _TRACEPARENT.match(parent or "")
+    if not m:
+        return new_traceparent()
+    return f"00-{m.group(1)}-{os.urandom(8).hex()}-{m.group(3)}"
+
+
+def trace_id(traceparent: str | None) -> str:
+    m = _TRACEPARENT.match(traceparent or "")
+    return m.group(1) if m else "-"
+
+
+def from_headers(headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]] | None) -> str | None:
+    """The traceparent of a consumed message (Faust gives a mapping, aiokafka a list of pairs)."""
+    if not headers:
+        return None
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for k, v in items:
+        if k == HEADER:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return None
+
+
+def headers(traceparent: str) -> list[tuple[str, bytes]]:
+    return [(HEADER, traceparent.encode())]

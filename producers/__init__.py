@@ -1,0 +1,1 @@
+"""The scan API: the producer of scan jobs."""

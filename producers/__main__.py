@@ -1,0 +1,13 @@
+"""`python -m producers`: serve the scan API on ECO2_API_HOST:ECO2_API_PORT."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from contract.settings import get_settings
+
+from .api import create_app
+
+if __name__ == "__main__":
+    s = get_settings()
+    uvicorn.run(create_app(s), host=s.api_host, port=s.api_port, log_level="warning", backlog=4096)

@@ -1,0 +1,68 @@
+"""A small client of the scan API, used by `eco2 scan`, the tests and the load benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+
+class ScanError(RuntimeError):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+async def submit(
+    http: httpx.AsyncClient,
+    image_url: str,
+    user: str,
+    *,
+    user_input: str | None = None,
+    model: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    headers = {"X-User-ID": user}
+    if idempotency_key:
+        headers["X-Idempotency-Key"] = idempotency_key
+    body: dict[str, Any] = {"image_url": image_url}
+    if user_input is not None:
+        body["user_input"] = user_input
+    if model is not None:
+        body["model"] = model
+    resp = await http.post("/api/v1/scan", json=body, headers=headers)
+    if resp.status_code != 202:
+        raise ScanError(resp.status_code, resp.json() if resp.content else None)
+    return resp.json()  # type: ignore[no-any-return]
+
+
+async def wait_result(
+    http: httpx.AsyncClient,
+    job_id: str,
+    user: str,
+    *,
+    timeout_s: float = 120.0,
+    interval_s: float | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """Poll the result until it is final; returns (result, polls). Honours Retry-After unless
+    `interval_s` is given."""
+    deadline = time.monotonic() + timeout_s
+    polls = 0
+    while True:
+        resp = await http.get(f"/api/v1/scan/{job_id}/result", headers={"X-User-ID": user})
+        polls += 1
+        if resp.status_code == 200:
+            return resp.json(), polls
+        if resp.status_code != 202:
+            raise ScanError(resp.status_code, resp.json() if resp.content else None)
+        if on_progress:
+            on_progress(resp.json())
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"scan {job_id} not finished after {timeout_s:.0f}s")
+        wait = interval_s if interval_s is not None else float(resp.headers.get("Retry-After", "2"))
+        await asyncio.sleep(wait)

@@ -1,0 +1,1 @@
+"""OpenAI-compatible simulated model server: the default model when no API key is set."""

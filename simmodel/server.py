@@ -1,0 +1,211 @@
+"""An OpenAI-compatible chat-completions server that answers the pipeline's two calls.
+
+Deterministic: the classification is derived from the image URL's file name (tokens such as
+`clear_pet`, `glass_bottle`, `label_attached`), the answer from the rules sent in the prompt.
+Latency is configurable (the hosted model took 5-10 s a call) and can be changed at run time
+through `PUT /admin/latency`, so tests run at 0 s and load tests at the hosted model's pace.
+
+Fault injection, also from the file name, for tests of the pipeline's error handling:
+- `transientN` (e.g. `transient2-paper.jpg`): the first N calls for that URL and schema get a 503,
+- `permanent`: every call gets a 400 (a request the model will never accept),
+- `gaps`: the answer reports a gap (so no reward is granted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+import uuid
+from collections import Counter
+from typing import Any
+from urllib.parse import urlparse
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from contract.settings import Settings, get_settings
+from streams import rules
+
+_TOKEN_SPLIT = re.compile(r"[^a-z0-9_]+")
+
+
+class Latency(BaseModel):
+    min_s: float
+    max_s: float
+
+
+def _tokens(image_url: str) -> list[str]:
+    name = urlparse(image_url).path.rsplit("/", 1)[-1].lower()
+    name = name.rsplit(".", 1)[0]
+    parts = [p for p in _TOKEN_SPLIT.split(name.replace("-", " ")) if p]
+    return parts
+
+
+def _find(words: list[str], names: tuple[str, ...] | list[str]) -> str | None:
+    """The first category name that appears in the file name (longest names first)."""
+    joined = "_".join(words)
+    for n in sorted(names, key=len, reverse=True):
+        if re.search(rf"(^|_){re.escape(n)}($|_)", joined):
+            return n
+    return None
+
+
+def classify(image_url: str) -> dict[str, Any]:
+    words = _tokens(image_url)
+    all_middles = [m for ms in rules.MIDDLE_CATEGORIES.values() for m in ms]
+    middle = _find(words, all_middles)
+    major: str | None = None
+    if middle is not None:
+        major = next(mj for mj, ms in rules.MIDDLE_CATEGORIES.items() if middle in ms)
+    else:
+        major = _find(words, list(rules.MAJOR_CATEGORIES))
+    tags = [t for t in rules.SITUATION_TAGS if _find(words, [t])]
+    noise = ("transient", "permanent", "gaps", *rules.SITUATION_TAGS)
+    minor = " ".join(w.replace("_", " ") for w in words if not w.startswith(noise)) or "item"
+    return {
+        "major_category": major or "unclassified",
+        "middle_category": middle or "unknown",
+        "minor_category": minor[:80],
+        "situation_tags": tags,
+        "confidence": 0.93 if middle else (0.7 if major else 0.2),
+    }
+
+
+def write_answer(context: dict[str, Any]) -> dict[str, Any]:
+    rule = context.get("rule") or {}
+    steps = list(rule.get("common_steps") or rule.get("disposal_steps") or [])
+    steps += list(context.get("situation_advice") or [])
+    cls = context.get("classification") or {}
+    item = cls.get("minor_category") or "this item"
+    gaps = (
+        ["the exact material could not be confirmed"]
+        if "gaps" in _tokens(context.get("image_url", ""))
+        else []
+    )
+    not_here = rule.get("not_here") or []
+    warnings = [
+        f"{n.get('item')}: {n.get('goes_to') or n.get('where')}" for n in not_here if isinstance(n, dict)
+    ][:3]
+    return {
+        "disposal_steps": steps or ["Put it in a general waste bag."],
+        "user_answer": f"{item.capitalize()}: " + "; ".join(s.rstrip(".") for s in steps[:4]).lower() + ".",
+        "warnings": warnings,
+        "gaps": gaps,
+    }
+
+
+def _image_url(messages: list[dict[str, Any]]) -> str:
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "image_url":
+                    return str(part["image_url"]["url"])
+    return ""
+
+
+def _json_context(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The answer call sends its context as one JSON document in the user message."""
+    for m in reversed(messages):
+        content = m.get("content")
+        if isinstance(content, str):
+            try:
+                doc = json.loads(content)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                return doc
+    return {}
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": None}}, status_code=status)
+
+
+def create_app(s: Settings | None = None) -> FastAPI:
+    s = s or get_settings()
+    app = FastAPI(title="eco2 simulated model", version="1")
+    app.state.latency = Latency(min_s=s.sim_latency_min_s, max_s=s.sim_latency_max_s)
+    calls: Counter[str] = Counter()
+    app.state.calls = calls
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/admin/latency")
+    async def get_latency() -> Latency:
+        return app.state.latency  # type: ignore[no-any-return]
+
+    @app.put("/admin/latency")
+    async def set_latency(latency: Latency) -> Latency:
+        app.state.latency = latency
+        return latency
+
+    @app.get("/admin/stats")
+    async def stats() -> dict[str, int]:
+        return dict(calls)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": m, "object": "model"} for m in s.supported_models]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> JSONResponse:
+        body = await request.json()
+        messages = body.get("messages") or []
+        fmt = (body.get("response_format") or {}).get("json_schema") or {}
+        schema_name = fmt.get("name", "")
+        image_url = _image_url(messages)
+        ctx = _json_context(messages) if schema_name == "answer" else {}
+        url = image_url or str(ctx.get("image_url", ""))
+        words = _tokens(url)
+        calls[f"{schema_name}:{url}"] += 1
+        calls["total"] += 1
+
+        lat: Latency = app.state.latency
+        if lat.max_s > 0:
+            await asyncio.sleep(random.uniform(lat.min_s, max(lat.min_s, lat.max_s)))
+
+        if "permanent" in words:
+            return _error(
+                400, "simulated permanent error: the image cannot be processed", "invalid_request_error"
+            )
+        transient = next((w for w in words if re.fullmatch(r"transient\d+", w)), None)
+        if transient and calls[f"{schema_name}:{url}"] <= int(transient[len("transient") :]):
+            return _error(503, "simulated transient overload", "server_error")
+
+        if schema_name == "classification":
+            content = classify(image_url)
+        elif schema_name == "answer":
+            content = write_answer(ctx)
+        else:
+            return _error(400, f"unknown response schema {schema_name!r}", "invalid_request_error")
+        text = json.dumps(content, ensure_ascii=False)
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "simulated"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": 100,
+                    "completion_tokens": len(text) // 4,
+                    "total_tokens": 100 + len(text) // 4,
+                },
+            }
+        )
+
+    return app

@@ -1,0 +1,50 @@
+"""`python -m streams worker --stages vision,rule` or `python -m streams router`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from contract.events import PIPELINE
+from contract.settings import get_settings
+from contract.topics import stage_group
+
+from .app import create_app, quiet_noisy_loggers
+from .metrics import serve_metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m streams")
+    sub = parser.add_subparsers(dest="role", required=True)
+    worker = sub.add_parser("worker", help="run stage agents")
+    worker.add_argument("--stages", default=None, help="comma-separated subset of " + ",".join(PIPELINE))
+    sub.add_parser("router", help="run the event router (scan.events -> Redis)")
+    args = parser.parse_args(argv)
+
+    s = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    quiet_noisy_loggers()
+    if args.role == "worker":
+        stages = [x for x in (args.stages or s.stages).split(",") if x]
+        unknown = set(stages) - set(PIPELINE)
+        if unknown:
+            parser.error(f"unknown stages {sorted(unknown)}; choose from {','.join(PIPELINE)}")
+        stages = [st for st in PIPELINE if st in stages]  # canonical order -> stable group id
+        app = create_app(stage_group(stages), s)
+        from .stages import register
+
+        register(app, s, stages)
+    else:
+        app = create_app(s.router_group, s)  # ROUTER_GROUP unless a test isolates itself
+        from .router import register as register_router
+
+        register_router(app, s)
+    serve_metrics(s.metrics_port)
+
+    from faust.worker import Worker
+
+    Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()

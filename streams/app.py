@@ -1,0 +1,75 @@
+"""The Faust app: one per process, its id (= consumer group) derived from what the process runs."""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from contract.settings import Settings
+from contract.topics import BY_NAME
+
+
+def _read_committed_consumers() -> None:
+    """Faust reads read_uncommitted unless it runs exactly-once itself; the scan API writes jobs in
+    Kafka transactions, so agents must never see a job whose transaction aborted."""
+    cls = faust_aiokafka.AIOKafkaConsumerThread
+    if getattr(cls, "_eco2_read_committed", False):
+        return
+    original = cls._create_worker_consumer
+
+    def create(self, transport):  # type: ignore[no-untyped-def]
+        consumer = original(self, transport)
+        consumer._isolation_level = "read_committed"  # read by AIOKafkaConsumer.start()
+        return consumer
+
+    cls._create_worker_consumer = create  # type: ignore[method-assign]
+    cls._eco2_read_committed = True  # type: ignore[attr-defined]
+
+
+def create_app(app_id: str, s: Settings) -> faust.App:
+    _read_committed_consumers()
+    datadir = s.local_dir / "faust" / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        app_id,
+        broker=f"kafka://{s.kafka_bootstrap}",
+        value_serializer="raw",
+        key_serializer="raw",
+        datadir=str(datadir),
+        web_enabled=False,  # metrics come from prometheus-client on ECO2_METRICS_PORT
+        topic_allow_declare=False,  # topics come from contract/topics.py, created by the stack
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        # A SIGKILLed member must not hold its partitions for long: short session, and a
+        # rebalance timeout (max poll interval) in seconds, not Faust's default of 1000 s.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        broker_max_poll_interval=30.0,
+        broker_commit_every=100,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=max(4096, s.stage_concurrency * 4),
+        logging_config=None,
+    )
+
+
+def topic(app: faust.App, name: str) -> faust.TopicT:
+    """A Faust topic for one of the contract's topics (raw bytes: plain JSON, readable by kcat)."""
+    spec = BY_NAME[name]
+    return app.topic(
+        name,
+        partitions=spec.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        internal=False,
+    )
+
+
+def quiet_noisy_loggers() -> None:
+    for name in ("aiokafka", "faust.transport", "mode"):
+        logging.getLogger(name).setLevel(logging.WARNING)

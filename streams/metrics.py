@@ -1,0 +1,22 @@
+"""Prometheus metrics of the stream processes (stage workers and router)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+STAGE_LATENCY = Histogram(
+    "eco2_stage_seconds",
+    "time one job spends in a stage (model calls included)",
+    ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 7.5, 10, 15, 20, 30, 60),
+)
+IN_FLIGHT = Gauge("eco2_stage_in_flight", "jobs being processed now", ["stage"])
+RETRIES = Counter("eco2_stage_retries_total", "model call retries after transient errors", ["stage"])
+FAILURES = Counter("eco2_stage_failures_total", "jobs failed terminally", ["stage", "reason"])
+JOBS = Counter("eco2_stage_jobs_total", "jobs completed by a stage", ["stage"])
+
+
+def serve_metrics(port: int) -> None:
+    """Expose /metrics on `port` (0 disables it, e.g. in tests)."""
+    if port:
+        start_http_server(port, addr="0.0.0.0")

@@ -1,0 +1,111 @@
+"""The two model calls of a scan, through the `openai` package (hosted model or the simulator)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+from openai import AsyncOpenAI
+
+from contract.events import ScanJob
+from contract.settings import Settings
+
+from . import rules
+
+VISION_PROMPT = (
+    "You classify a photographed piece of waste for Korean separate collection. "
+    "Use only the category names of the schema. Situation tags describe the item's state."
+)
+ANSWER_PROMPT = (
+    "You write disposal instructions for one item from its classification and the official rules "
+    "given as JSON. Keep to the rules; list in `gaps` anything the rules do not cover."
+)
+
+
+class TransientModelError(Exception):
+    """Worth retrying: overload, timeout, connection trouble."""
+
+
+class PermanentModelError(Exception):
+    """Retrying cannot help: the request or its answer is unusable."""
+
+
+def client(s: Settings) -> AsyncOpenAI:
+    # Retries are ours (per stage, with backoff and metrics), not the library's.
+    return AsyncOpenAI(
+        base_url=s.model_base_url, api_key=s.model_api_key, max_retries=0, timeout=s.stage_timeout_s
+    )
+
+
+async def _structured(
+    api: AsyncOpenAI, model: str, messages: list[dict[str, Any]], name: str, schema: dict[str, Any]
+) -> dict[str, Any]:
+    try:
+        resp = await api.chat.completions.create(  # type: ignore[call-overload]
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": True},
+            },
+            temperature=0,
+        )
+    except (
+        openai.APITimeoutError,
+        openai.APIConnectionError,
+        openai.RateLimitError,
+        openai.InternalServerError,
+    ) as exc:
+        raise TransientModelError(f"{type(exc).__name__}: {exc}") from exc
+    except openai.APIStatusError as exc:
+        if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
+            raise TransientModelError(f"HTTP {exc.status_code}: {exc.message}") from exc
+        raise PermanentModelError(f"HTTP {exc.status_code}: {exc.message}") from exc
+    content = resp.choices[0].message.content if resp.choices else None
+    try:
+        doc = json.loads(content or "")
+    except ValueError as exc:
+        raise TransientModelError(f"model returned non-JSON content: {content!r:.200}") from exc
+    if not isinstance(doc, dict):
+        raise PermanentModelError(f"model returned {type(doc).__name__}, not an object")
+    return doc
+
+
+async def classify(api: AsyncOpenAI, s: Settings, job: ScanJob) -> dict[str, Any]:
+    text = "Classify this item." + (f" The user says: {job.user_input}" if job.user_input else "")
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": VISION_PROMPT},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": text},
+                {"type": "image_url", "image_url": {"url": job.image_url}},
+            ],
+        },
+    ]
+    doc = await _structured(
+        api, job.model or s.vision_model, messages, "classification", rules.classification_schema()
+    )
+    if doc.get("major_category") not in rules.MAJOR_CATEGORIES:
+        raise PermanentModelError(f"unknown major category {doc.get('major_category')!r}")
+    return doc
+
+
+async def write_answer(api: AsyncOpenAI, s: Settings, job: ScanJob, advice: list[str]) -> dict[str, Any]:
+    context = {
+        "image_url": job.image_url,
+        "user_input": job.user_input,
+        "classification": job.classification,
+        "rules_key": job.rules_key,
+        "rule": job.rules,
+        "situation_advice": advice,
+    }
+    messages = [
+        {"role": "system", "content": ANSWER_PROMPT},
+        {"role": "user", "content": json.dumps(context, ensure_ascii=False)},
+    ]
+    doc = await _structured(api, job.model or s.answer_model, messages, "answer", rules.answer_schema())
+    if not isinstance(doc.get("disposal_steps"), list) or not isinstance(doc.get("gaps", []), list):
+        raise PermanentModelError("answer does not follow the schema")
+    return doc

@@ -1,0 +1,278 @@
+"""The four stage agents: vision -> rule -> answer -> reward -> done.
+
+Each agent runs `stage_concurrency` jobs at once (model calls take seconds). Processing is
+at-least-once: Faust commits an offset only after the job's messages are flushed. A redelivered
+job re-emits byte-identical events because each event and each stage's output is memoised in
+Redis under the job id (set-if-absent), so downstream never sees two versions of one seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from contract import keys, trace
+from contract.events import (
+    PIPELINE,
+    DeadLetter,
+    ScanJob,
+    ScanResult,
+    Status,
+    make_event,
+    next_stage,
+    now,
+)
+from contract.settings import Settings
+from contract.topics import BY_NAME, DLQ, EVENTS, STAGE_TOPICS, partition_for
+
+from . import metrics, model, rewards, rules
+from .app import topic
+
+log = logging.getLogger("eco2.stages")
+
+
+class StageFailure(Exception):
+    """A job cannot go on: it gets a terminal `failed` event and a dead letter."""
+
+    def __init__(self, reason: str, error: str, attempts: int = 1) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+        self.attempts = attempts
+
+
+class Pipeline:
+    """What every stage needs: topics, Redis (memo), the model client, settings."""
+
+    def __init__(self, app: faust.App, s: Settings) -> None:
+        self.s = s
+        self.topics = {name: topic(app, name) for name in [*STAGE_TOPICS.values(), EVENTS, DLQ]}
+        self.redis = aioredis.from_url(s.redis_url, max_connections=64)
+        self.api = model.client(s)
+        self.memo_ttl_s = s.state_ttl_s
+
+    # --- output ------------------------------------------------------------------------------
+
+    async def _send(self, name: str, job_id: str, value: str, traceparent: str) -> None:
+        await self.topics[name].send(
+            key=job_id.encode(),
+            value=value.encode(),
+            partition=partition_for(job_id, BY_NAME[name].partitions),
+            headers={trace.HEADER: traceparent.encode()},
+        )
+
+    async def _memo(self, job_id: str, name: str, produce: Callable[[], Awaitable[str]]) -> str:
+        """The first value ever stored under (job, name); `produce` runs only when there is none."""
+        key = keys.memo(job_id, name)
+        stored = await _redis_retry(lambda: self.redis.get(key))
+        if stored is not None:
+            return stored.decode()
+        value = await produce()
+        previous = await _redis_retry(
+            lambda: self.redis.set(key, value, nx=True, get=True, ex=self.memo_ttl_s)
+        )
+        return previous.decode() if previous is not None else value
+
+    async def emit(
+        self,
+        job: ScanJob,
+        stage: str,
+        status: Status,
+        traceparent: str,
+        result: ScanResult | None = None,
+        error: str | None = None,
+    ) -> None:
+        async def build() -> str:
+            return make_event(job, stage, status, result=result, error=error).model_dump_json()
+
+        seq_name = f"event:{stage}:{status}" if status != "failed" else "event:failed"
+        data = await self._memo(job.job_id, seq_name, build)
+        await self._send(EVENTS, job.job_id, data, traceparent)
+
+    # --- the work of each stage ------------------------------------------------------------
+
+    async def _with_retries(self, stage: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                async with asyncio.timeout(self.s.stage_timeout_s):
+                    return await call()
+            except model.PermanentModelError as exc:
+                raise StageFailure("model_permanent_error", str(exc), attempts) from exc
+            except (model.TransientModelError, TimeoutError) as exc:
+                if attempts > self.s.stage_max_retries:
+                    raise StageFailure(
+                        "model_retries_exhausted", f"{type(exc).__name__}: {exc}", attempts
+                    ) from exc
+                metrics.RETRIES.labels(stage).inc()
+                delay = self.s.retry_backoff_s * 2 ** (attempts - 1)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+
+    async def run_stage(self, stage: str, job: ScanJob) -> ScanJob:
+        """Do one stage's work and return the job with its findings added."""
+        out = job.model_copy(deep=True)
+        if stage == "vision":
+            out.classification = await self._with_retries(
+                stage, lambda: model.classify(self.api, self.s, job)
+            )
+        elif stage == "rule":
+            match = rules.lookup(job.classification or {})
+            out.rules_key = match.key if match else None
+            out.rules = match.rule if match else None
+        elif stage == "answer":
+            if job.rules is None:
+                out.answer = dict(rules.FALLBACK_ANSWER)  # no rule: fixed answer, no model call
+            else:
+                advice = rules.situation_advice(
+                    job.rules, (job.classification or {}).get("situation_tags", [])
+                )
+                out.answer = await self._with_retries(
+                    stage, lambda: model.write_answer(self.api, self.s, job, advice)
+                )
+        elif stage == "reward":
+            out.reward = rewards.decide(job.classification, job.rules is not None, job.answer).model_dump()
+        else:
+            raise ValueError(f"unknown stage {stage}")
+        return out
+
+    # --- one message ----------------------------------------------------------------------
+
+    async def handle(self, stage: str, raw: bytes, headers: Any) -> None:
+        parent = trace.from_headers(headers)
+        tp = trace.child_of(parent)
+        try:
+            job = ScanJob.model_validate_json(raw)
+        except ValueError as exc:
+            await self._dead_letter_raw(stage, raw, str(exc), tp)
+            return
+        log.info("stage=%s job=%s trace=%s", stage, job.job_id, trace.trace_id(tp))
+        metrics.IN_FLIGHT.labels(stage).inc()
+        t0 = time.monotonic()
+        try:
+            await self.emit(job, stage, "started", tp)
+
+            async def compute() -> str:
+                # A failure is memoised like a success, so a redelivery cannot turn it around.
+                started = time.monotonic()
+                try:
+                    out = await self.run_stage(stage, job)
+                except StageFailure as exc:
+                    return json.dumps({"failure": [exc.reason, exc.error, exc.attempts]})
+                except Exception as exc:  # a bug or bad data must still end the job visibly
+                    log.exception("stage=%s job=%s crashed", stage, job.job_id)
+                    return json.dumps({"failure": ["internal_error", f"{type(exc).__name__}: {exc}", 1]})
+                out.timings[stage] = round(time.monotonic() - started, 3)
+                return out.model_dump_json()
+
+            done = json.loads(await self._memo(job.job_id, f"out:{stage}", compute))
+            if "failure" in done:
+                await self.fail(job, stage, StageFailure(*done["failure"]), tp)
+                return
+            out = ScanJob.model_validate(done)
+            await self.emit(out, stage, "completed", tp)
+            nxt = next_stage(stage)
+            if nxt == "done":
+                await self.emit(out, "done", "completed", tp, result=result_of(out, "completed"))
+            else:
+                await self._send(STAGE_TOPICS[nxt], out.job_id, out.model_dump_json(), tp)
+            metrics.JOBS.labels(stage).inc()
+        finally:
+            metrics.IN_FLIGHT.labels(stage).dec()
+            metrics.STAGE_LATENCY.labels(stage).observe(time.monotonic() - t0)
+
+    async def fail(self, job: ScanJob, stage: str, exc: StageFailure, tp: str) -> None:
+        log.warning("stage=%s job=%s failed reason=%s error=%s", stage, job.job_id, exc.reason, exc.error)
+        metrics.FAILURES.labels(stage, exc.reason).inc()
+        result = result_of(job, "failed", error=exc.error, failed_stage=stage)
+        await self.emit(job, stage, "failed", tp, result=result, error=exc.error)
+        letter = DeadLetter(
+            source="pipeline",
+            topic=STAGE_TOPICS[stage],
+            key=job.job_id,
+            value=job.model_dump(),
+            stage=stage,
+            reason=exc.reason,
+            error=exc.error,
+            attempts=exc.attempts,
+        )
+        await self._send(DLQ, job.job_id, letter.model_dump_json(), tp)
+
+    async def _dead_letter_raw(self, stage: str, raw: bytes, error: str, tp: str) -> None:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = {"raw": raw.decode(errors="replace")}
+        if not isinstance(value, dict):
+            value = {"raw": value}
+        letter = DeadLetter(
+            source="pipeline",
+            topic=STAGE_TOPICS[stage],
+            key=str(value.get("job_id")) if value.get("job_id") else None,
+            value=value,
+            stage=stage,
+            reason="invalid_message",
+            error=error[:2000],
+        )
+        await self._send(DLQ, letter.key or "unknown", letter.model_dump_json(), tp)
+        metrics.FAILURES.labels(stage, "invalid_message").inc()
+
+
+def result_of(
+    job: ScanJob, status: str, error: str | None = None, failed_stage: str | None = None
+) -> ScanResult:
+    return ScanResult(
+        job_id=job.job_id,
+        user_id=job.user_id,
+        status=status,  # type: ignore[arg-type]
+        image_url=job.image_url,
+        classification=job.classification,
+        rules_key=job.rules_key,
+        rules=job.rules,
+        answer=job.answer,
+        reward=job.reward,
+        error=error,
+        failed_stage=failed_stage,
+        timings=job.timings,
+        created_at=job.created_at,
+        finished_at=now(),
+    )
+
+
+async def _redis_retry(call: Callable[[], Awaitable[Any]]) -> Any:
+    """Redis hiccups hold the job (and its offset) instead of failing it."""
+    delay = 0.2
+    while True:
+        try:
+            return await call()
+        except (RedisError, OSError) as exc:
+            log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def register(app: faust.App, s: Settings, stages: list[str]) -> Pipeline:
+    """Define one agent per stage in `stages` on this process's Faust app."""
+    pipeline = Pipeline(app, s)
+    for stage in stages:
+        assert stage in PIPELINE, stage
+
+        async def agent(stream: faust.StreamT, stage: str = stage) -> None:
+            async for event in stream.events():
+                await pipeline.handle(stage, event.value, event.headers)
+
+        app.agent(
+            pipeline.topics[STAGE_TOPICS[stage]],
+            name=f"eco2.stage.{stage}",
+            concurrency=s.stage_concurrency,
+        )(agent)
+    return pipeline
