@@ -57,7 +57,7 @@ class Settings(BaseSettings):
 
     # Stage workers.
     stages: str = "vision,rule,answer,reward"  # which agents this process runs
-    stage_concurrency: int = 200  # jobs in flight per stage per process
+    stage_concurrency: int = 500  # jobs in flight per stage per process (model calls take seconds)
     stage_timeout_s: float = 30.0
     stage_max_retries: int = 3
     retry_backoff_s: float = 0.5

@@ -198,7 +198,9 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             checks["redis"] = bool(await request.app.state.redis.ping())
         except Exception:
             pass
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=2000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=2000, **s.kafka_client_kwargs()
+        )
         try:
             await admin.start()
             await admin.describe_cluster()

@@ -28,6 +28,19 @@ def _read_committed_consumers() -> None:
     cls._eco2_read_committed = True  # type: ignore[attr-defined]
 
 
+def broker_credentials(s: Settings) -> faust.SASLCredentials | None:
+    """The component's KafkaUser login in Kubernetes (SCRAM over TLS); None on the local stack."""
+    kw = s.kafka_client_kwargs()
+    if not kw.get("sasl_mechanism"):
+        return None
+    return faust.SASLCredentials(
+        username=kw["sasl_plain_username"],
+        password=kw["sasl_plain_password"],
+        ssl_context=kw.get("ssl_context"),
+        mechanism=kw["sasl_mechanism"],
+    )
+
+
 def create_app(app_id: str, s: Settings) -> faust.App:
     _read_committed_consumers()
     datadir = s.local_dir / "faust" / app_id
@@ -35,6 +48,7 @@ def create_app(app_id: str, s: Settings) -> faust.App:
     return faust.App(
         app_id,
         broker=f"kafka://{s.kafka_bootstrap}",
+        broker_credentials=broker_credentials(s),
         value_serializer="raw",
         key_serializer="raw",
         datadir=str(datadir),

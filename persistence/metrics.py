@@ -1,0 +1,30 @@
+"""Prometheus metrics of the Postgres writer (served on ECO2_METRICS_PORT, 9103 locally)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+BATCH_SIZE = Histogram(
+    "eco2_writer_batch_size",
+    "records per flushed batch (all events, terminal or not)",
+    buckets=(1, 2, 5, 10, 20, 30, 40, 50, 100, 200, 500),
+)
+FLUSH_SECONDS = Histogram(
+    "eco2_writer_flush_seconds",
+    "time from taking a batch to committing its offsets (retries included)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+ROWS = Counter("eco2_writer_rows_total", "rows inserted or updated", ["table"])
+RECORDS = Counter("eco2_writer_records_total", "records consumed by outcome", ["outcome"])
+RETRIES = Counter(
+    "eco2_writer_retries_total",
+    "retries: hold = Postgres/Kafka unavailable (position held), rejected = a row Postgres refused",
+    ["kind"],
+)
+DEAD_LETTERS = Counter("eco2_writer_dead_letters_total", "records sent to scan.persistence.dlq", ["reason"])
+
+
+def serve_metrics(port: int) -> None:
+    """Expose /metrics on `port` (0 disables it, e.g. for a writer inside a test)."""
+    if port:
+        start_http_server(port, addr="0.0.0.0")

@@ -1,0 +1,655 @@
+"""Offline checks of every Kubernetes manifest in deploy/.
+
+Built-in kinds are validated against the Kubernetes JSON schemas that `kubernetes-validate` ships
+(strict: unknown fields fail, as `kubectl apply --validate=strict` would); Strimzi and KEDA kinds
+against the `openAPIV3Schema` of the real CRDs in ../shared/crds, made strict the same way (an
+object schema without `additionalProperties` or `x-kubernetes-preserve-unknown-fields` rejects
+unknown fields, as the API server's strict field validation does). CEL rules
+(`x-kubernetes-validations`) are not evaluated; the one that matters here (KEDA min <= max) is
+checked explicitly. Then the manifests are checked against the code: topics, consumer groups,
+ACLs, partitions, env var names, ports and probes.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.resources
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from referencing import Registry, Resource
+
+from contract.events import PIPELINE, next_stage
+from contract.settings import KAFKA_VERSION, REPO_ROOT, Settings
+from contract.topics import (
+    API_TRANSACTIONAL_ID_PREFIX,
+    BY_NAME,
+    DLQ,
+    EVENTS,
+    PERSISTENCE_DLQ,
+    ROUTER_GROUP,
+    STAGE_TOPICS,
+    TOPICS,
+    VISION,
+    WRITER_GROUP,
+    stage_group,
+)
+from eco2.topics_yaml import CLUSTER, TOPICS_YAML, render
+
+DEPLOY = REPO_ROOT / "deploy"
+CRDS = REPO_ROOT.parent / "shared" / "crds"
+K8S_VERSION = "1.33"  # the Kubernetes minor the built-in kinds are validated for
+IMAGE = "eco2-streams"
+CRD_GROUPS = ("kafka.strimzi.io", "keda.sh")
+
+Doc = dict[str, Any]
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def kustomization() -> Doc:
+    return yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+
+
+def manifest_files() -> list[Path]:
+    return [DEPLOY / r for r in kustomization()["resources"]]
+
+
+def load_docs(path: Path) -> list[Doc]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@cache
+def all_docs() -> tuple[Doc, ...]:
+    return tuple(d for f in manifest_files() for d in load_docs(f))
+
+
+def of_kind(kind: str) -> list[Doc]:
+    return [d for d in all_docs() if d["kind"] == kind]
+
+
+def by_name(kind: str) -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d for d in of_kind(kind)}
+
+
+def containers(deploy: Doc) -> list[Doc]:
+    return list(deploy["spec"]["template"]["spec"]["containers"])
+
+
+def env_of(container: Doc) -> dict[str, Doc]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def config_map(name: str) -> dict[str, str]:
+    return dict(by_name("ConfigMap")[name]["data"])
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _strict(node: Any) -> Any:
+    """A CRD schema as the API server applies it: closed objects, int-or-string, nullable."""
+    if isinstance(node, list):
+        return [_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items()}
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    if out.get("x-kubernetes-int-or-string") and "anyOf" not in out and "type" not in out:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if out.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+@cache
+def crd_schemas() -> dict[tuple[str, str], Doc]:
+    """(apiVersion, kind) -> strict openAPIV3Schema, for every served version of every CRD."""
+    if not CRDS.is_dir():
+        pytest.fail(f"CRDs not found at {CRDS} (shared/crds beside the repo)")
+    out: dict[tuple[str, str], Doc] = {}
+    for path in sorted(CRDS.glob("*/*.yaml")):
+        for crd in load_docs(path):
+            if crd.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for v in crd["spec"]["versions"]:
+                if v.get("served"):
+                    out[(f"{group}/{v['name']}", kind)] = _strict(v["schema"]["openAPIV3Schema"])
+    return out
+
+
+@cache
+def object_meta_validator() -> jsonschema.protocols.Validator:
+    """Kubernetes' own ObjectMeta schema, for the metadata of custom resources."""
+    root = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    versions = sorted(
+        (p.name for p in root.iterdir() if p.name.endswith("-local-strict")),
+        key=lambda n: tuple(int(x) for x in n[1:].split("-")[0].split(".")),
+    )
+    chosen = [v for v in versions if v.startswith(f"v{K8S_VERSION}.")] or versions[-1:]
+    defs = json.loads((root / chosen[0] / "_definitions.json").read_text())
+    registry: Registry = Resource.from_contents(defs) @ Registry()
+    ref = f"{defs['$id']}#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+    return jsonschema.Draft202012Validator({"$ref": ref}, registry=registry)
+
+
+def validate(doc: Doc) -> None:
+    """Raise when `doc` would not be accepted by a cluster with Strimzi and KEDA installed."""
+    if not isinstance(doc, dict) or "apiVersion" not in doc or "kind" not in doc:
+        raise ValueError(f"not a Kubernetes object: {str(doc)[:80]}")
+    group = doc["apiVersion"].split("/")[0]
+    if group in CRD_GROUPS:
+        schema = crd_schemas().get((doc["apiVersion"], doc["kind"]))
+        if schema is None:
+            raise ValueError(f"no CRD serves {doc['apiVersion']} {doc['kind']}")
+        jsonschema.Draft7Validator(schema).validate(doc)
+        object_meta_validator().validate(doc.get("metadata") or {})
+        if not (doc.get("metadata") or {}).get("name"):
+            raise ValueError(f"{doc['kind']} without metadata.name")
+    else:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            raise ValueError(exc.message) from exc
+
+
+def docs_with_ids() -> Iterator[Any]:
+    for f in manifest_files():
+        for d in load_docs(f):
+            yield pytest.param(d, id=f"{f.relative_to(DEPLOY)}:{d['kind']}/{d['metadata']['name']}")
+
+
+@pytest.mark.parametrize("doc", list(docs_with_ids()))
+def test_manifest_validates_against_its_schema(doc: Doc) -> None:
+    validate(doc)
+
+
+def _find(kind: str, name: str | None = None) -> Doc:
+    for d in all_docs():
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name):
+            return copy.deepcopy(d)
+    raise AssertionError(f"no {kind} {name or ''}")
+
+
+def _broken() -> Iterator[Any]:
+    """Real manifests with one mistake each: the validator must reject every one."""
+
+    def case(label: str, kind: str, mutate: Any, name: str | None = None) -> Any:
+        doc = _find(kind, name)
+        mutate(doc)
+        return pytest.param(doc, id=label)
+
+    c0 = ["spec", "template", "spec", "containers", 0]
+
+    def at(doc: Doc, path: list[Any]) -> Any:
+        for p in path:
+            doc = doc[p]
+        return doc
+
+    yield case(
+        "deployment-unknown-container-field",
+        "Deployment",
+        lambda d: at(d, c0).update(imagePullPolice="Always"),
+    )
+    yield case(
+        "deployment-port-as-string",
+        "Deployment",
+        lambda d: at(d, c0)["ports"][0].update(containerPort="http"),
+    )
+    yield case("deployment-without-selector", "Deployment", lambda d: d["spec"].pop("selector"))
+    yield case(
+        "hpa-wrong-api-version", "HorizontalPodAutoscaler", lambda d: d.update(apiVersion="autoscaling/v3")
+    )
+    yield case("service-port-missing", "Service", lambda d: d["spec"]["ports"][0].pop("port"))
+    yield case("kafka-no-listeners", "Kafka", lambda d: d["spec"]["kafka"].pop("listeners"))
+    yield case("kafka-unknown-spec-field", "Kafka", lambda d: d["spec"].update(zookeeper={"replicas": 3}))
+    yield case("kafka-old-api-version", "Kafka", lambda d: d.update(apiVersion="kafka.strimzi.io/v1beta2"))
+    yield case("nodepool-bad-role", "KafkaNodePool", lambda d: d["spec"].update(roles=["zookeeper"]))
+    yield case("nodepool-no-storage", "KafkaNodePool", lambda d: d["spec"].pop("storage"))
+    yield case("topic-partitions-string", "KafkaTopic", lambda d: d["spec"].update(partitions="12"))
+    yield case(
+        "user-unknown-operation",
+        "KafkaUser",
+        lambda d: d["spec"]["authorization"]["acls"][0].update(operations=["Produce"]),
+    )
+    yield case(
+        "user-acl-old-operation-field",
+        "KafkaUser",
+        lambda d: d["spec"]["authorization"]["acls"][0].update(operation="Read"),
+    )
+    yield case("scaledobject-no-triggers", "ScaledObject", lambda d: d["spec"].pop("triggers"))
+    yield case(
+        "scaledobject-numeric-metadata",
+        "ScaledObject",
+        lambda d: d["spec"]["triggers"][0]["metadata"].update(lagThreshold=100),
+    )
+    yield case("scaledobject-max-zero", "ScaledObject", lambda d: d["spec"].update(maxReplicaCount=0))
+    yield case(
+        "triggerauth-ref-without-key",
+        "TriggerAuthentication",
+        lambda d: d["spec"]["secretTargetRef"][0].pop("key"),
+    )
+    yield case("cr-bad-metadata", "KafkaTopic", lambda d: d["metadata"].update(labels={"a": 1}))
+    yield case("unknown-kind", "KafkaTopic", lambda d: d.update(kind="KafkaTopics"))
+    yield pytest.param(["not", "a", "mapping"], id="not-an-object")
+
+
+@pytest.mark.parametrize("doc", list(_broken()))
+def test_validator_rejects_broken_manifests(doc: Any) -> None:
+    with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError, ValueError)):
+        validate(doc)
+
+
+# --- the kustomization -----------------------------------------------------------------------
+
+
+def test_kustomization_lists_every_manifest_file() -> None:
+    on_disk = {p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*.yaml")} - {"kustomization.yaml"}
+    listed = kustomization()["resources"]
+    assert len(listed) == len(set(listed)), "a file is listed twice"
+    assert set(listed) == on_disk
+    assert kustomization()["namespace"] == "eco2"
+
+
+def test_every_object_has_a_unique_kind_and_name() -> None:
+    keys = [(d["kind"], d["metadata"]["name"]) for d in all_docs()]
+    assert len(keys) == len(set(keys))
+    assert all("namespace" not in d["metadata"] for d in all_docs()), "kustomize sets the namespace"
+
+
+@pytest.mark.skipif(not (shutil.which("kustomize") or shutil.which("kubectl")), reason="no kustomize")
+def test_kustomize_builds_and_every_rendered_object_validates() -> None:
+    argv = ["kustomize", "build"] if shutil.which("kustomize") else ["kubectl", "kustomize"]
+    out = subprocess.run([*argv, str(DEPLOY)], capture_output=True, text=True, check=True).stdout
+    rendered = [d for d in yaml.safe_load_all(out) if d]
+    assert len(rendered) == len(all_docs())
+    for d in rendered:
+        validate(d)
+
+
+def _pyproject_version() -> str:
+    return str(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"])
+
+
+def test_every_pod_runs_the_project_image_at_the_package_version() -> None:
+    version = _pyproject_version()
+    (img,) = kustomization()["images"]
+    assert img == {"name": IMAGE, "newTag": version}
+    for d in of_kind("Deployment"):
+        for c in containers(d):
+            assert c["image"] == f"{IMAGE}:{version}", d["metadata"]["name"]
+
+
+# --- Strimzi ---------------------------------------------------------------------------------
+
+
+def test_kafka_is_kraft_with_the_pinned_version_and_production_config() -> None:
+    (kafka,) = of_kind("Kafka")
+    assert kafka["metadata"]["name"] == CLUSTER
+    spec = kafka["spec"]["kafka"]
+    assert spec["version"] == KAFKA_VERSION
+    assert "zookeeper" not in kafka["spec"]
+    cfg = spec["config"]
+    assert int(cfg["default.replication.factor"]) == 3
+    assert int(cfg["min.insync.replicas"]) == 2
+    assert int(cfg["offsets.topic.replication.factor"]) == 3
+    assert int(cfg["transaction.state.log.replication.factor"]) == 3
+    assert int(cfg["transaction.state.log.min.isr"]) == 2
+    assert str(cfg["auto.create.topics.enable"]).lower() == "false"
+    assert spec["authorization"]["type"] == "simple"
+    assert {"topicOperator", "userOperator"} <= set(kafka["spec"]["entityOperator"])
+    # The listener the app uses is the one in ECO2_KAFKA_BOOTSTRAP and authenticates like the users.
+    host, port = config_map("eco2-config")["ECO2_KAFKA_BOOTSTRAP"].rsplit(":", 1)
+    assert host == f"{CLUSTER}-kafka-bootstrap"
+    (listener,) = [x for x in spec["listeners"] if x["port"] == int(port)]
+    assert listener["tls"] is True and listener["authentication"]["type"] == "scram-sha-512"
+    assert config_map("eco2-config")["ECO2_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+
+
+def test_node_pools_have_three_controllers_and_three_brokers_on_persistent_storage() -> None:
+    pools = of_kind("KafkaNodePool")
+    roles: dict[str, int] = {}
+    for p in pools:
+        assert p["metadata"]["labels"]["strimzi.io/cluster"] == CLUSTER
+        assert p["spec"]["replicas"] == 3
+        for r in p["spec"]["roles"]:
+            roles[r] = roles.get(r, 0) + p["spec"]["replicas"]
+        storage = p["spec"]["storage"]
+        volumes = storage["volumes"] if storage["type"] == "jbod" else [storage]
+        assert volumes and all(v["type"] == "persistent-claim" and v["size"] for v in volumes)
+        assert not any(v.get("deleteClaim") for v in volumes), "deleting a pool must keep the data"
+    assert roles == {"controller": 3, "broker": 3}
+
+
+def test_kafka_topics_are_the_generated_ones_and_equal_the_code() -> None:
+    assert TOPICS_YAML.read_text() == render(), "run `eco2 deploy topics`"
+    topics = of_kind("KafkaTopic")
+    assert {t["spec"]["topicName"]: t["spec"]["partitions"] for t in topics} == {
+        t.name: t.partitions for t in TOPICS
+    }
+    for t in topics:
+        assert t["metadata"]["labels"]["strimzi.io/cluster"] == CLUSTER
+        assert t["spec"]["replicas"] == 3
+        assert int(t["spec"]["config"]["min.insync.replicas"]) == 2
+
+
+def test_every_topic_any_manifest_names_exists_in_the_code() -> None:
+    names = {t.name for t in TOPICS}
+    for d in all_docs():
+        if d["kind"] == "ScaledObject":
+            for trig in d["spec"]["triggers"]:
+                assert trig["metadata"]["topic"] in names
+        if d["kind"] == "KafkaUser":
+            for acl in d["spec"]["authorization"]["acls"]:
+                r = acl["resource"]
+                if r["type"] == "topic" and r.get("patternType", "literal") == "literal":
+                    assert r["name"] in names
+
+
+Acl = tuple[str, str, str, str]  # resource type, name, pattern type, operation
+
+
+def _expected_acls() -> dict[str, set[Acl]]:
+    """What each component reads and writes, from the contract alone."""
+
+    def topic(name: str, op: str) -> Acl:
+        return ("topic", name, "literal", op)
+
+    def group(name: str) -> Acl:
+        return ("group", name, "literal", "Read")
+
+    out: dict[str, set[Acl]] = {
+        "eco2-api": {
+            topic(VISION, "Write"),
+            topic(EVENTS, "Write"),
+            ("transactionalId", API_TRANSACTIONAL_ID_PREFIX, "prefix", "Write"),
+            ("transactionalId", API_TRANSACTIONAL_ID_PREFIX, "prefix", "Describe"),
+        },
+        "eco2-router": {topic(EVENTS, "Read"), group(ROUTER_GROUP)},
+        "eco2-writer": {topic(EVENTS, "Read"), group(WRITER_GROUP), topic(PERSISTENCE_DLQ, "Write")},
+        "eco2-keda": {("topic", "scan.", "prefix", "Describe"), ("group", "eco2-", "prefix", "Describe")},
+        "eco2-ops": {
+            ("topic", "scan.", "prefix", "Read"),
+            ("topic", "scan.", "prefix", "DescribeConfigs"),
+            ("group", "eco2-", "prefix", "Describe"),
+        },
+    }
+    for stage in PIPELINE:
+        nxt = STAGE_TOPICS.get(next_stage(stage))  # None after the last stage: only `done` events
+        acls = {
+            topic(STAGE_TOPICS[stage], "Read"),
+            group(stage_group([stage])),
+            topic(EVENTS, "Write"),
+            topic(DLQ, "Write"),
+        }
+        if nxt:
+            acls.add(topic(nxt, "Write"))
+        out[stage_group([stage])] = acls
+    return out
+
+
+def test_kafka_user_acls_are_exactly_what_each_component_needs() -> None:
+    actual: dict[str, set[Acl]] = {}
+    for u in of_kind("KafkaUser"):
+        assert u["metadata"]["labels"]["strimzi.io/cluster"] == CLUSTER
+        assert u["spec"]["authentication"]["type"] == "scram-sha-512"
+        acls = actual.setdefault(u["metadata"]["name"], set())
+        for acl in u["spec"]["authorization"]["acls"]:
+            assert acl.get("type", "allow") == "allow" and acl.get("host", "*") == "*"
+            r = acl["resource"]
+            for op in acl["operations"]:
+                assert op != "All"
+                acls.add((r["type"], r["name"], r.get("patternType", "literal"), op))
+    assert actual == _expected_acls()
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+def _stages_of(container: Doc) -> list[str] | None:
+    """The stages a `python -m streams worker --stages a,b` container runs (canonical order)."""
+    cmd = container["command"] + container.get("args", [])
+    if cmd[:4] != ["python", "-m", "streams", "worker"]:
+        return None
+    chosen = cmd[cmd.index("--stages") + 1].split(",")
+    return [s for s in PIPELINE if s in chosen]
+
+
+def _consumer_of(deploy: Doc) -> tuple[str, list[str]] | None:
+    """(consumer group, topics) the Deployment's process really consumes, from its command."""
+    (c,) = containers(deploy)
+    stages = _stages_of(c)
+    if stages is not None:
+        return stage_group(stages), [STAGE_TOPICS[s] for s in stages]
+    if c["command"] == ["python", "-m", "persistence"]:
+        return WRITER_GROUP, [EVENTS]
+    if c["command"] == ["python", "-m", "streams", "router"]:
+        return ROUTER_GROUP, [EVENTS]
+    return None
+
+
+def test_one_deployment_per_component_and_per_stage() -> None:
+    cmds = {" ".join(containers(d)[0]["command"]) for d in of_kind("Deployment")}
+    assert cmds == {
+        "python -m producers",
+        "python -m gateway",
+        "python -m simmodel",
+        "python -m streams router",
+        "python -m persistence",
+        *(f"python -m streams worker --stages {s}" for s in PIPELINE),
+    }
+
+
+def test_scaled_objects_watch_the_group_and_topic_their_worker_really_uses() -> None:
+    deployments = by_name("Deployment")
+    scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in of_kind("ScaledObject")}
+    # Every stage worker and the writer are KEDA-scaled, nothing else is.
+    keda_targets = {
+        name
+        for name, d in deployments.items()
+        if (_stages_of(containers(d)[0]) is not None) or containers(d)[0]["command"][-1] == "persistence"
+    }
+    assert set(scaled) == keda_targets
+    auths = by_name("TriggerAuthentication")
+    for target, so in scaled.items():
+        group, topics = _consumer_of(deployments[target])  # type: ignore[misc]
+        spec = so["spec"]
+        triggers = spec["triggers"]
+        assert [t["type"] for t in triggers] == ["kafka"] * len(topics)
+        assert sorted(t["metadata"]["topic"] for t in triggers) == sorted(topics)
+        for t in triggers:
+            md = t["metadata"]
+            assert md["consumerGroup"] == group, target
+            assert md["bootstrapServers"] == config_map("eco2-config")["ECO2_KAFKA_BOOTSTRAP"]
+            assert int(md["lagThreshold"]) > 0
+            assert md["offsetResetPolicy"] == "earliest"  # what the Faust/aiokafka consumers use
+            assert md["sasl"] == "scram_sha512" and md["tls"] == "enable"
+            major, minor = (int(x) for x in md["version"].split(".")[:2])
+            assert (major, minor) >= (2, 1), "Kafka 4 brokers reject protocol versions older than 2.1"
+            assert t["authenticationRef"]["name"] in auths
+            # KEDA never needs more replicas than partitions: extra consumers would sit idle.
+            assert spec["maxReplicaCount"] <= BY_NAME[md["topic"]].partitions
+        assert 1 <= spec.get("minReplicaCount", 0) <= spec["maxReplicaCount"]  # the CRD's CEL rule
+
+
+def test_stage_lag_threshold_fits_in_one_pods_concurrency() -> None:
+    """In-flight jobs are uncommitted lag: a pod must be able to hold its lagThreshold in flight."""
+    deployments = by_name("Deployment")
+    for so in of_kind("ScaledObject"):
+        (c,) = containers(deployments[so["spec"]["scaleTargetRef"]["name"]])
+        if _stages_of(c) is None:
+            continue
+        concurrency = int(env_of(c)["ECO2_STAGE_CONCURRENCY"]["value"])
+        for t in so["spec"]["triggers"]:
+            assert int(t["metadata"]["lagThreshold"]) <= concurrency
+
+
+def test_keda_logs_in_as_a_describe_only_kafka_user() -> None:
+    (auth,) = of_kind("TriggerAuthentication")
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"] + auth["spec"]["configMapTargetRef"]}
+    username = config_map(refs["username"]["name"])[refs["username"]["key"]]
+    assert refs["password"]["name"] == username and refs["password"]["key"] == "password"
+    assert refs["ca"] == {"parameter": "ca", "name": f"{CLUSTER}-cluster-ca-cert", "key": "ca.crt"}
+    assert {op for *_, op in _expected_acls()[username]} == {"Describe"}
+
+
+def test_every_kafka_client_logs_in_as_its_own_user_with_the_right_group() -> None:
+    users = by_name("KafkaUser")
+    acls = _expected_acls()
+    for name, d in by_name("Deployment").items():
+        (c,) = containers(d)
+        env = env_of(c)
+        consumer = _consumer_of(d)
+        if "ECO2_KAFKA_SASL_USERNAME" not in env:
+            assert consumer is None and c["command"][-1] != "producers", f"{name} needs a Kafka user"
+            continue
+        user = env["ECO2_KAFKA_SASL_USERNAME"]["value"]
+        assert user in users
+        ref = env["ECO2_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": user, "key": "password"}, "Strimzi's Secret for that user"
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        ca_file = config_map("eco2-config")["ECO2_KAFKA_SSL_CAFILE"]
+        assert Path(ca_file).parent == Path(mounts["kafka-ca"])
+        if consumer:
+            group, topics = consumer
+            assert ("group", group, "literal", "Read") in acls[user]
+            assert all(("topic", t, "literal", "Read") in acls[user] for t in topics)
+
+
+def _settings_fields() -> set[str]:
+    return {f"ECO2_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_every_env_var_a_pod_gets_is_a_settings_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    fields = _settings_fields()
+    shared = config_map("eco2-config")
+    assert set(shared) <= fields, set(shared) - fields
+    for name, d in by_name("Deployment").items():
+        for c in containers(d):
+            for ref in c.get("envFrom", []):
+                assert ref["configMapRef"]["name"] == "eco2-config"
+            env = env_of(c)
+            assert set(env) <= fields, (name, set(env) - fields)
+            # The literal values must parse as the Settings types (ports are ints, ...).
+            for k in fields:
+                monkeypatch.delenv(k, raising=False)
+            for k, v in {**shared, **{k: e["value"] for k, e in env.items() if "value" in e}}.items():
+                monkeypatch.setenv(k, v)
+            Settings()
+
+
+def test_secrets_outside_the_repo_are_documented() -> None:
+    ops = (REPO_ROOT / "docs" / "operations.md").read_text()
+    strimzi_made = set(by_name("KafkaUser")) | {f"{CLUSTER}-cluster-ca-cert"}
+    for d in of_kind("Deployment"):
+        for c in containers(d):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] not in strimzi_made:
+                    assert ref["name"] == "eco2-app"
+                    assert f"--from-literal={ref['key']}=" in ops, f"document the key {ref['key']}"
+
+
+HTTP_PORTS = {  # command -> the Settings default the component listens on
+    "producers": Settings().api_port,
+    "gateway": Settings().gateway_port,
+    "simmodel": Settings().model_port,
+}
+HTTP_APPS = {"producers": "producers.api", "gateway": "gateway.app", "simmodel": "simmodel.server"}
+
+
+def _get_routes(module: str) -> set[str]:
+    """The GET paths the component's real FastAPI app serves."""
+    app = importlib.import_module(HTTP_APPS[module]).create_app(Settings())
+    return {r.path for r in app.routes if "GET" in (getattr(r, "methods", None) or ())}
+
+
+def test_http_services_probe_health_and_ready_on_their_port() -> None:
+    services = of_kind("Service")
+    for name, d in by_name("Deployment").items():
+        (c,) = containers(d)
+        module = c["command"][2]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        if module in HTTP_PORTS:
+            assert ports == {"http": HTTP_PORTS[module]}, name
+            routes = _get_routes(module)
+            # /ready (dependencies up) where the app has it; an app without one is ready when alive.
+            ready = "/ready" if "/ready" in routes else "/health"
+            assert c["readinessProbe"]["httpGet"] == {"path": ready, "port": "http"}, name
+            assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}, name
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                if probe in c:
+                    assert c[probe]["httpGet"]["path"] in routes, (name, probe)
+            pod_labels = d["spec"]["template"]["metadata"]["labels"]
+            (svc,) = [s for s in services if s["spec"]["selector"].items() <= pod_labels.items()]
+            want = {"name": "http", "port": HTTP_PORTS[module], "targetPort": "http"}
+            assert svc["spec"]["ports"] == [want]
+        else:
+            metrics = int(config_map("eco2-config")["ECO2_METRICS_PORT"])
+            assert ports == {"metrics": metrics}, name
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, (name, probe)
+
+
+def test_every_container_has_requests_and_limits_and_runs_locked_down() -> None:
+    for name, d in by_name("Deployment").items():
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in pod["containers"]:
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), (name, kind)
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        mounts = {m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]}
+        local_dir = config_map("eco2-config")["ECO2_LOCAL_DIR"]
+        assert local_dir in mounts, f"{name}: ECO2_LOCAL_DIR must be writable"
+
+
+def test_api_and_gateway_scale_with_an_hpa_and_no_fixed_replicas() -> None:
+    deployments = by_name("Deployment")
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind("HorizontalPodAutoscaler")}
+    assert set(hpas) == {"eco2-api", "eco2-gateway"}
+    for target, h in hpas.items():
+        assert containers(deployments[target])[0]["command"][2] in ("producers", "gateway")
+        assert h["spec"]["minReplicas"] >= 2
+    autoscaled = set(hpas) | {so["spec"]["scaleTargetRef"]["name"] for so in of_kind("ScaledObject")}
+    for name in autoscaled:
+        assert "replicas" not in deployments[name]["spec"], f"{name}: a re-apply would reset the autoscaler"
+
+
+def test_selectors_match_their_pods() -> None:
+    for d in of_kind("Deployment"):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in of_kind("Deployment")]
+    for kind in ("Service", "PodDisruptionBudget"):
+        for s in of_kind(kind):
+            sel = s["spec"]["selector"]
+            sel = sel.get("matchLabels", sel)
+            assert any(sel.items() <= lbl.items() for lbl in pod_labels), s["metadata"]["name"]
+
+
+def test_operations_doc_names_every_deploy_file_in_its_apply_order() -> None:
+    ops = (REPO_ROOT / "docs" / "operations.md").read_text()
+    assert re.search(r"kubectl apply -k deploy/?", ops)
+    for f in ("strimzi", "KEDA", "eco2-app"):
+        assert f in ops
