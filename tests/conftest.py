@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -16,9 +17,13 @@ REPO = Path(__file__).resolve().parent.parent
 ECO2 = [sys.executable, "-m", "eco2.cli"]
 
 
-def eco2(*args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the operator CLI exactly as a user would."""
-    proc = subprocess.run([*ECO2, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def eco2(
+    *args: str, timeout: float = 180, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the operator CLI exactly as a user would (`env` adds ECO2_* overrides)."""
+    proc = subprocess.run(
+        [*ECO2, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+    )
     if check and proc.returncode != 0:
         cmd = " ".join(args)
         raise AssertionError(f"eco2 {cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -13,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contract.settings import Settings
 from contract.topics import EVENTS, TOPICS, partition_for
+from eco2 import install
 
 from .conftest import eco2
 
@@ -133,32 +136,47 @@ async def test_postgres_round_trip(settings: Settings, stack_status, uid):
         await conn.close()
 
 
-async def test_kafka_restart_keeps_data(settings: Settings, stack_status, uid):
-    topic = await _topic(settings, f"test.keep.{uid}", 1)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
+async def test_kafka_restart_keeps_data(settings: Settings, tmp_path: Path):
+    """`down` then `up` keeps Kafka's data. Runs on a second broker of its own (other ports, own
+    data dir) so the shared stack the other tests use is never interrupted."""
+    local = tmp_path / "local"
+    local.mkdir()
+    home = install.kafka_home(settings)
+    (local / home.name).symlink_to(home)  # reuse the resolved jars
+    env = {
+        "ECO2_LOCAL_DIR": str(local),
+        "ECO2_KAFKA_BOOTSTRAP": "127.0.0.1:29092",
+        "ECO2_KAFKA_CONTROLLER_PORT": "29093",
+    }
+    own = settings.model_copy(update={"kafka_bootstrap": env["ECO2_KAFKA_BOOTSTRAP"]})
     try:
-        md = await producer.send_and_wait(topic, b"before-restart")
-    finally:
-        await producer.stop()
+        eco2("stack", "up", "--only", "kafka", env=env)
+        topic = await _topic(own, "test.keep", 1)
+        producer = AIOKafkaProducer(bootstrap_servers=own.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            md = await producer.send_and_wait(topic, b"before-restart")
+        finally:
+            await producer.stop()
 
-    down = eco2("stack", "down", "--only", "kafka")
-    assert "stopped" in down.stdout
-    status = json.loads(eco2("stack", "status", "--json").stdout)["services"]
-    assert status["kafka"]["up"] is False
-    eco2("stack", "up", "--only", "kafka")
-    assert json.loads(eco2("stack", "status", "--json").stdout)["services"]["kafka"]["up"] is True
+        assert "stopped" in eco2("stack", "down", "--only", "kafka", env=env).stdout
+        status = json.loads(eco2("stack", "status", "--json", env=env).stdout)["services"]
+        assert status["kafka"] == {"url": "127.0.0.1:29092", "up": False}
+        assert "started" in eco2("stack", "up", "--only", "kafka", env=env).stdout
+        assert json.loads(eco2("stack", "status", "--json", env=env).stdout)["services"]["kafka"]["up"] is True
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        consumer.seek(tp, md.offset)
-        msg = await consumer.getone()
-        assert msg.value == b"before-restart"
+        consumer = AIOKafkaConsumer(bootstrap_servers=own.kafka_bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            consumer.seek(tp, md.offset)
+            msg = await consumer.getone()
+            assert msg.value == b"before-restart"
+        finally:
+            await consumer.stop()
     finally:
-        await consumer.stop()
+        eco2("stack", "down", "--only", "kafka", env=env, check=False)
 
 
 def test_status_json_names_every_service(stack_status):
@@ -170,3 +188,27 @@ def test_status_json_names_every_service(stack_status):
 def test_up_is_idempotent(stack_status):
     out = eco2("stack", "up", "--only", "infra").stdout
     assert out.count("already up") == 3, out
+
+
+def test_port_taken_by_a_stranger_is_a_clear_error(tmp_path: Path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        env = {"ECO2_LOCAL_DIR": str(tmp_path), "ECO2_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+        out = eco2("stack", "up", "--only", "redis", env=env, check=False)
+    assert out.returncode == 1
+    assert f"port {port} is in use by a process this stack did not start" in out.stderr
+
+
+def test_missing_java_is_a_clear_error(tmp_path: Path):
+    env = {
+        "ECO2_LOCAL_DIR": str(tmp_path),
+        "ECO2_KAFKA_BOOTSTRAP": "127.0.0.1:29192",
+        "PATH": str(Path(sys.executable).parent) + ":/usr/bin/nonexistent",
+    }
+    out = eco2("stack", "up", "--only", "kafka", env=env, check=False)
+    assert out.returncode == 1
+    assert "`java` not found on PATH" in out.stderr
