@@ -22,7 +22,12 @@ def eco2(
 ) -> subprocess.CompletedProcess[str]:
     """Run the operator CLI exactly as a user would (`env` adds ECO2_* overrides)."""
     proc = subprocess.run(
-        [*ECO2, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+        [*ECO2, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     if check and proc.returncode != 0:
         cmd = " ".join(args)

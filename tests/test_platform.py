@@ -163,7 +163,9 @@ async def test_kafka_restart_keeps_data(settings: Settings, tmp_path: Path):
         status = json.loads(eco2("stack", "status", "--json", env=env).stdout)["services"]
         assert status["kafka"] == {"url": "127.0.0.1:29092", "up": False}
         assert "started" in eco2("stack", "up", "--only", "kafka", env=env).stdout
-        assert json.loads(eco2("stack", "status", "--json", env=env).stdout)["services"]["kafka"]["up"] is True
+        assert (
+            json.loads(eco2("stack", "status", "--json", env=env).stdout)["services"]["kafka"]["up"] is True
+        )
 
         consumer = AIOKafkaConsumer(bootstrap_servers=own.kafka_bootstrap, enable_auto_commit=False)
         await consumer.start()
