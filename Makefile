@@ -34,3 +34,7 @@ test: up lint
 
 unit: install
 	$(BIN)/pytest -q -m "not integration"
+
+# The full benchmark runs of docs/benchmarks.md (about 30 minutes; not part of `make test`).
+bench: up
+	$(ECO2) bench suite

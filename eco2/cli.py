@@ -13,13 +13,23 @@ import typer
 from contract.settings import get_settings
 
 from . import stack
+from .bench_cli import bench_app
+from .db import db_app
+from .dlq import dlq_app
 from .install import InstallError
+from .scan_cli import DEMO_IMAGE, scan
+from .state_cli import state_app
 
 app = typer.Typer(help="eco2-streams: the recycling-scan backend on Kafka.", no_args_is_help=True)
 stack_app = typer.Typer(help="Run the local stack (Kafka, Redis, Postgres and the app).")
 deploy_app = typer.Typer(help="Kubernetes manifests.")
 app.add_typer(stack_app, name="stack")
+app.command("scan")(scan)
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(state_app, name="state")
+app.add_typer(db_app, name="db")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(bench_app, name="bench")
 
 GroupOpt = Annotated[
     str | None,
@@ -92,6 +102,25 @@ def deploy_topics() -> None:
     typer.echo(f"wrote {write()}")
 
 
+@app.command(
+    "kafka-tool",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def kafka_tool(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="consumer-groups, topics, get-offsets, acls or configs")],
+) -> None:
+    """Run one of Kafka's admin tools against ECO2_KAFKA_BOOTSTRAP, e.g.
+    `eco2 kafka-tool consumer-groups --describe --group eco2-router` (shows lag)."""
+    from .kafka_tools import UnknownTool, run
+
+    try:
+        code = run(get_settings(), name, list(ctx.args))
+    except (UnknownTool, InstallError) as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
 @app.command("smoke")
 def smoke() -> None:
     """Round-trip one message through Kafka, Redis and Postgres."""
@@ -103,9 +132,17 @@ def smoke() -> None:
 
 
 @app.command("demo")
-def demo() -> None:
-    """The main job: run one scan end to end through the running stack."""
-    smoke()
+def demo(
+    image_url: Annotated[str, typer.Argument(help="photo URL to scan")] = DEMO_IMAGE,
+) -> None:
+    """The main job: one real scan through the running stack, stages shown as they happen."""
+    s = get_settings()
+    status = asyncio.run(stack.status(s))
+    down = [name for name, info in status.items() if not info["up"]]
+    if down:
+        _fail(f"services down: {', '.join(down)}; run `eco2 stack up` first")
+    typer.echo(f"scanning {image_url}")
+    scan(image_url, user="demo-user", user_input=None, follow="gateway" in status, as_json=False)
 
 
 def main() -> None:

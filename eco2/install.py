@@ -15,6 +15,7 @@ APT_PACKAGES = {
     "redis-server": "/usr/bin/redis-server",
     "kcat": "/usr/bin/kcat",
     "postgresql": "/usr/lib/postgresql/*/bin/initdb",
+    "chromium": "/usr/bin/chromium",  # headless browser for the gateway's web page test
 }
 
 

@@ -51,29 +51,30 @@ class StateStore:
 
     async def apply(self, events: Iterable[ScanEvent]) -> list[bool]:
         """Apply a batch of events in one pipelined round trip; True where the event was new."""
-        pipe = self.redis.pipeline(transaction=False)
-        count = 0
-        for ev in events:
-            data = ev.model_dump_json()
-            await self._apply(
-                keys=[keys.state(ev.job_id), keys.history(ev.job_id)],
-                args=[
-                    ev.seq,
-                    data,
-                    keys.shard_channel(shard_of(ev.job_id)),
-                    self.ttl_s,
-                    ev.stage,
-                    ev.status,
-                    ev.progress,
-                    ev.user_id,
-                    json.dumps(ev.result) if ev.result is not None else "",
-                ],
-                client=pipe,
-            )
-            count += 1
-        if not count:
-            return []
-        return [bool(r) for r in await pipe.execute()]
+        # The context manager resets the pipeline even when Redis fails mid-batch.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            count = 0
+            for ev in events:
+                data = ev.model_dump_json()
+                await self._apply(
+                    keys=[keys.state(ev.job_id), keys.history(ev.job_id)],
+                    args=[
+                        ev.seq,
+                        data,
+                        keys.shard_channel(shard_of(ev.job_id)),
+                        self.ttl_s,
+                        ev.stage,
+                        ev.status,
+                        ev.progress,
+                        ev.user_id,
+                        json.dumps(ev.result) if ev.result is not None else "",
+                    ],
+                    client=pipe,
+                )
+                count += 1
+            if not count:
+                return []
+            return [bool(r) for r in await pipe.execute()]
 
     async def state(self, job_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hgetall(keys.state(job_id))  # type: ignore[misc]

@@ -1,0 +1,330 @@
+"""SSE fan-out of one gateway process: N concurrent clients, each following its own job.
+
+A private gateway (`python -m gateway`, free port) on a private redis-server, so the numbers are
+one process's and no other traffic reaches it (pub/sub is server-wide). Steps: N synthetic jobs get
+their `queued` state; N clients connect (at `connect_rate`/s) and each waits on its stream; then
+every job's remaining 9 events are applied through `StateStore.apply` (what the router does:
+history, state, PUBLISH) at `rate` events/s in total, stage by stage across all jobs, each event's
+`ts` set just before it is applied.
+
+Measured: delivery latency (event ts -> client receipt, same clock), lost/duplicated events per
+client, the gateway's memory per connection (VmRSS before and after the clients connected), its
+Redis connections (`CLIENT LIST` entries named after its pid: fixed, whatever N), its CPU, and the
+load generator's CPU (one asyncio process holding all N client sockets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from contract.events import ScanEvent
+from contract.settings import Settings
+from streams.state import StateStore
+
+from . import harness, synthetic, wire
+from .load import check_seqs
+from .stats import CpuMeter, LoopLag, machine, percentile, quiet_gc, rss_kib, summary, tree_cpu_s
+
+TARGET_CLIENTS = 10_000
+TARGET_P99_MS = 100.0
+EVENTS_PER_JOB = 10
+JOB_SECONDS = 15.0  # the original's model time per job: a live job emits its 10 events over ~15 s
+
+
+@dataclass
+class FanoutConfig:
+    clients: int = 10_000
+    rate: float = 0.0  # events/s applied in total; 0 = clients * 10 / 15 (every client's job live)
+    connect_rate: float = 500.0  # new client connections per second
+    timeout_s: float = 300.0
+    name: str = ""
+
+    @property
+    def events_per_s(self) -> float:
+        return self.rate or self.clients * EVENTS_PER_JOB / JOB_SECONDS
+
+
+async def _gateway_conns(client: aioredis.Redis, pid: int) -> int:
+    name = f"eco2-gateway-{pid}"
+    return sum(1 for c in await client.client_list() if c.get("name") == name)
+
+
+class Fanout:
+    def __init__(self, cfg: FanoutConfig) -> None:
+        self.cfg = cfg
+        self.delivery: list[float] = []
+        self.recent: collections.deque[tuple[float, float]] = collections.deque()
+        self.streaming = 0
+        self.events = 0
+        self.publishing = False
+
+    def on_event(self, ev: dict[str, Any], received: float) -> None:
+        self.events += 1
+        if int(ev["seq"]) == 1:
+            self.streaming += 1  # its first event: the queued one, read from history
+            return
+        lat = received - float(ev["ts"])
+        self.delivery.append(lat)
+        self.recent.append((time.monotonic(), lat))
+
+
+async def run_fanout(s: Settings, cfg: FanoutConfig, say: Any = print) -> dict[str, Any]:
+    """Needs nothing of the stack: the gateway and its Redis are the benchmark's own."""
+    async with harness.private_redis(s) as (redis_url, _):
+        return await _fanout(s, cfg, redis_url, say)
+
+
+async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> dict[str, Any]:
+    nofile = harness.raise_fd_limit()
+    if cfg.clients + 200 > nofile:
+        raise harness.BenchError(
+            f"{cfg.clients} clients need more open files than this process may have ({nofile})"
+        )
+    run = synthetic.run_id()
+    port = harness.free_port()
+    proc = harness.python_proc(
+        s,
+        f"gateway-{run}",
+        ["gateway"],
+        {
+            "ECO2_GATEWAY_PORT": str(port),
+            "ECO2_REDIS_URL": redis_url,
+            "ECO2_MAX_CONNECTIONS": str(cfg.clients + 100),
+            "ECO2_MAX_STREAM_S": str(cfg.timeout_s + 60),
+        },
+    ).start()
+    started = time.time()
+    client = aioredis.from_url(redis_url)
+    store = StateStore(client, s.state_ttl_s)
+    jobs = [synthetic.job(run, n, user=f"bench-{run}-{n}") for n in range(cfg.clients)]
+    fan = Fanout(cfg)
+    tasks: list[asyncio.Task[wire.Follow]] = []
+    series: list[dict[str, Any]] = []
+    meter = CpuMeter()
+    lag = LoopLag()
+    sampler: asyncio.Task[None] | None = None
+    try:
+        await harness.wait_http(f"http://127.0.0.1:{port}/ready", proc)
+        pid = proc.pid
+        rss0 = rss_kib(pid) or 0
+        conns0 = await _gateway_conns(client, pid)
+        evs = [synthetic.events(j) for j in jobs]
+        for k in range(0, len(jobs), 1000):
+            await store.apply([e[0] for e in evs[k : k + 1000]])
+        quiet_gc()
+        lag.start()
+        sampler = asyncio.create_task(_sample(fan, tasks, pid, meter, lag, series, client))
+
+        say(f"fanout: connecting {cfg.clients:,} SSE clients to gateway pid {pid} at {cfg.connect_rate:g}/s")
+        host = "127.0.0.1"
+        t_conn = time.monotonic()
+        per_tick = max(int(cfg.connect_rate / 10), 1)
+        for k in range(0, len(jobs), per_tick):
+            for j in jobs[k : k + per_tick]:
+                tasks.append(
+                    asyncio.create_task(
+                        wire.follow(
+                            host, port, j.job_id, j.user_id, timeout_s=cfg.timeout_s, on_event=fan.on_event
+                        )
+                    )
+                )
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 60.0
+        while (
+            fan.streaming < cfg.clients and time.monotonic() < deadline and not all(t.done() for t in tasks)
+        ):
+            await asyncio.sleep(0.2)
+        connect_s = time.monotonic() - t_conn
+        await asyncio.sleep(1.0)  # let allocations settle before reading memory
+        rss1 = rss_kib(pid) or 0
+        conns1 = await _gateway_conns(client, pid)
+        connected = fan.streaming
+        say(
+            f"fanout: {connected:,} streaming after {connect_s:.1f}s; gateway RSS {rss0 / 1024:.0f} -> "
+            f"{rss1 / 1024:.0f} MiB, {conns1} Redis connections"
+        )
+
+        rate = cfg.events_per_s
+        say(f"fanout: applying {cfg.clients * (EVENTS_PER_JOB - 1):,} events at {rate:,.0f}/s")
+        fan.publishing = True
+        cpu_gw0 = tree_cpu_s([pid]).get(pid, 0.0)
+        t_pub = time.monotonic()
+        sent = 0
+        step = max(int(rate * 0.05), 1)  # events per Redis round trip: 20 round trips a second
+        for k in range(1, EVENTS_PER_JOB):
+            for j0 in range(0, len(jobs), step):
+                batch: list[ScanEvent] = []
+                now = time.time()
+                for e in evs[j0 : j0 + step]:
+                    e[k].ts = now
+                    batch.append(e[k])
+                await store.apply(batch)
+                sent += len(batch)
+                ahead = t_pub + sent / rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        publish_s = time.monotonic() - t_pub
+        done, pending = await asyncio.wait(tasks, timeout=60.0)
+        fan.publishing = False
+        gw_cpu = tree_cpu_s([pid]).get(pid, 0.0) - cpu_gw0
+        rss2 = rss_kib(pid) or 0
+        conns_peak = max([conns1, *(r["gateway_redis_conns"] for r in series)])
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if sampler is not None:
+            sampler.cancel()
+            await lag.stop()
+            await asyncio.gather(sampler, return_exceptions=True)
+        proc.stop()
+        await client.aclose()
+
+    follows = [t.result() for t in done if not t.cancelled() and t.exception() is None]
+    finished = [f for f in follows if f.terminal is not None]
+    checks = [check_seqs(f.seqs, None) for f in finished]
+    errors = collections.Counter(f.error for f in follows if f.error)
+    errors.update(
+        type(t.exception()).__name__ for t in done if not t.cancelled() and t.exception() is not None
+    )
+    delivery = summary([x * 1000 for x in fan.delivery], 2)
+    mem_per_conn = (rss1 - rss0) / connected if connected else None
+    results = {
+        "clients": cfg.clients,
+        "connected": connected,
+        "connect_s": round(connect_s, 1),
+        "finished": len(finished),
+        "unfinished": len(pending) + len(follows) - len(finished),
+        "errors": dict(errors.most_common(5)),
+        "events_applied": sent,
+        "apply_rate_target": round(rate, 1),
+        "apply_rate_achieved": round(sent / publish_s, 1) if publish_s > 0 else None,
+        "events_received": fan.events,
+        "delivery_ms": delivery,
+        "lost": sum(c["lost"] for c in checks),
+        "duplicated": sum(c["duplicated"] for c in checks),
+        "out_of_order_clients": sum(c["out_of_order"] for c in checks),
+        "reconnects": sum(f.reconnects for f in follows),
+        "gateway_rss_mib": {
+            "before": round(rss0 / 1024, 1),
+            "connected": round(rss1 / 1024, 1),
+            "after": round(rss2 / 1024, 1),
+        },
+        "gateway_kib_per_connection": round(mem_per_conn, 1) if mem_per_conn is not None else None,
+        "gateway_redis_connections": {"before": conns0, "connected": conns1, "peak": conns_peak},
+        "gateway_cpu_s_while_publishing": round(gw_cpu, 2),
+        "gateway_cpu_pct_while_publishing": round(100 * gw_cpu / max(publish_s, 1e-6), 1),
+        "generator_cpu": meter.total(),
+        "generator_loop_lag_ms": lag.summary_ms(),
+    }
+    p99 = delivery["p99"]
+    bad = sum(c["lost"] + c["duplicated"] for c in checks)
+    targets = [
+        {
+            "target": f"{TARGET_CLIENTS:,} SSE clients on one gateway",
+            "goal": f">= {TARGET_CLIENTS:,} streaming",
+            "measured": connected,
+            "verdict": ("PASS" if connected >= TARGET_CLIENTS else "MISS")
+            if cfg.clients >= TARGET_CLIENTS
+            else "n/a",
+        },
+        {
+            "target": "all clients served",
+            "goal": f"{cfg.clients:,} streaming and finished",
+            "measured": f"{connected:,} / {len(finished):,}",
+            "verdict": "PASS" if connected == cfg.clients == len(finished) else "MISS",
+        },
+        {
+            "target": "delivery p99",
+            "goal": f"<= {TARGET_P99_MS:g} ms",
+            "measured": None if p99 is None else f"{p99:.1f} ms",
+            "verdict": "n/a" if p99 is None else ("PASS" if p99 <= TARGET_P99_MS else "MISS"),
+        },
+        {
+            "target": "lost/duplicated events",
+            "goal": "0",
+            "measured": bad,
+            "verdict": "PASS" if bad == 0 and finished else "MISS",
+        },
+    ]
+    return {
+        "kind": "fanout",
+        "name": cfg.name or f"fanout-{cfg.clients}",
+        "title": f"SSE fan-out: {cfg.clients:,} clients on one gateway",
+        "description": __doc__,
+        "started_at": started,
+        "config": {**asdict(cfg), "events_per_s": round(rate, 1)},
+        "machine": machine(),
+        "results": results,
+        "targets": targets,
+        "series": series,
+        "panels": [
+            ("clients", [("streaming", "streaming clients"), ("open", "open streams")]),
+            ("events/s", [("events_per_s", "events delivered")]),
+            (
+                "delivery",
+                [
+                    ("p99_ms", "delivery p99 (ms, 1 s)"),
+                    ("p50_ms", "delivery p50 (ms, 1 s)"),
+                    ("gen_loop_lag_ms", "generator loop lag max (ms)"),
+                ],
+            ),
+            (
+                "resources",
+                [("gateway_rss_mib", "gateway RSS (MiB)"), ("right:gateway_cpu_pct", "gateway CPU %")],
+            ),
+            ("CPU % of a core", [("gen_cpu_pct", "load generator"), ("machine_cpu_pct", "whole box")]),
+        ],
+    }
+
+
+async def _sample(
+    fan: Fanout,
+    tasks: list[asyncio.Task[wire.Follow]],
+    pid: int,
+    meter: CpuMeter,
+    lag: LoopLag,
+    series: list[dict[str, Any]],
+    client: aioredis.Redis,
+) -> None:
+    t0 = time.monotonic()
+    lag_at = 0
+    last_events = 0
+    last_cpu = tree_cpu_s([pid]).get(pid, 0.0)
+    while True:
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        while fan.recent and fan.recent[0][0] < now - 1.0:
+            fan.recent.popleft()
+        lats = [x * 1000 for _, x in fan.recent]
+        cpu = tree_cpu_s([pid]).get(pid, 0.0)
+        gen, box = meter.tick()
+        lag_at, lag_max = lag.since(lag_at)
+        rss = rss_kib(pid)
+        series.append(
+            {
+                "t": round(now - t0, 1),
+                "streaming": fan.streaming,
+                "open": sum(1 for t in tasks if not t.done()),
+                "events_per_s": fan.events - last_events,
+                "p50_ms": _round(percentile(lats, 50)),
+                "p99_ms": _round(percentile(lats, 99)),
+                "gateway_rss_mib": None if rss is None else round(rss / 1024, 1),
+                "gateway_cpu_pct": round(100 * (cpu - last_cpu), 1),
+                "gateway_redis_conns": await _gateway_conns(client, pid),
+                "gen_cpu_pct": gen,
+                "gen_loop_lag_ms": lag_max,
+                "machine_cpu_pct": box,
+            }
+        )
+        last_events, last_cpu = fan.events, cpu
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)

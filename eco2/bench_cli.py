@@ -1,0 +1,209 @@
+"""`eco2 bench ...`: the load test and micro-benchmarks (bench/), reports into bench/reports/."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from contract.settings import get_settings
+
+bench_app = typer.Typer(help="Load test and micro-benchmarks of the running stack (see docs/benchmarks.md).")
+
+OutOpt = Annotated[Path | None, typer.Option("--out", help="report directory (default bench/reports)")]
+NameOpt = Annotated[str, typer.Option("--name", help="report name (default from the parameters)")]
+
+
+def _finish(report: dict[str, Any], out: Path | None) -> None:
+    from bench import report as rep
+
+    paths = rep.write(report, out)
+    for t in report.get("targets", []):
+        colour = {"PASS": "green", "MISS": "red"}.get(t["verdict"], "yellow")
+        verdict = typer.style(f"{t['verdict']:<4}", fg=colour, bold=True)
+        typer.echo(f"{verdict} {t['target']}: {t['measured']} (goal {t['goal']})")
+    for p in paths.values():
+        typer.echo(f"wrote {p}")
+
+
+def _run(coro: Any) -> Any:
+    from bench.harness import BenchError, stoppable
+
+    try:
+        return asyncio.run(stoppable(coro))
+    except BenchError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+
+
+@bench_app.command("load")
+def load(
+    vus: Annotated[int, typer.Option("--vus", help="virtual users at the hold")] = 300,
+    mode: Annotated[str, typer.Option("--mode", help="polling (as the original) or sse")] = "polling",
+    ramp_up: Annotated[float, typer.Option("--ramp-up", help="seconds from 0 to --vus")] = 30.0,
+    hold: Annotated[float, typer.Option("--hold", help="seconds at --vus")] = 120.0,
+    ramp_down: Annotated[float, typer.Option("--ramp-down", help="seconds from --vus to 0")] = 30.0,
+    grace: Annotated[
+        float, typer.Option("--grace", help="max seconds for running jobs after the ramp-down")
+    ] = 60.0,
+    poll_interval: Annotated[
+        float, typer.Option("--poll-interval", help="polling mode: seconds between polls")
+    ] = 2.5,
+    job_timeout: Annotated[
+        float, typer.Option("--job-timeout", help="a VU gives up on a job after this")
+    ] = 180.0,
+    model_latency: Annotated[
+        str,
+        typer.Option("--model-latency", help="simulated model seconds per call MIN,MAX for the run, or keep"),
+    ] = "5,10",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no live progress line")] = False,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """The original's scenario: VUs ramp up, hold, ramp down; each loops POST scan -> wait -> repeat."""
+    from bench.harness import parse_latency
+    from bench.load import LoadConfig, run_load
+
+    if mode not in ("polling", "sse"):
+        raise typer.BadParameter("--mode must be polling or sse")
+    cfg = LoadConfig(
+        vus=vus,
+        ramp_up_s=ramp_up,
+        hold_s=hold,
+        ramp_down_s=ramp_down,
+        mode=mode,  # type: ignore[arg-type]
+        poll_interval_s=poll_interval,
+        job_timeout_s=job_timeout,
+        grace_s=grace,
+        model_latency=parse_latency(model_latency),
+        name=name,
+        progress=not quiet,
+    )
+    _finish(_run(run_load(get_settings(), cfg)), out)
+
+
+@bench_app.command("pipeline")
+def pipeline(
+    jobs: Annotated[int, typer.Option("--jobs", help="jobs to submit")] = 2000,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="POSTs in flight")] = 50,
+    postgres: Annotated[
+        bool, typer.Option("--postgres/--no-postgres", help="also wait for the writer")
+    ] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="max seconds to wait for the jobs")] = 300.0,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """Jobs/s through API, stages, router and writer with a zero-latency model."""
+    from bench.micro_pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig(jobs=jobs, concurrency=concurrency, postgres=postgres, timeout_s=timeout, name=name)
+    _finish(_run(run_pipeline(get_settings(), cfg, typer.echo)), out)
+
+
+@bench_app.command("router")
+def router(
+    events: Annotated[int, typer.Option("--events", help="synthetic events")] = 100_000,
+    batch: Annotated[int, typer.Option("--batch", help="events per Redis round trip (0 = the router's)")] = 0,
+    lag_drain: Annotated[
+        bool, typer.Option("--lag-drain/--direct-only", help="also time a real router draining a backlog")
+    ] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="max seconds per phase")] = 300.0,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """Router events/s: StateStore.apply directly, and a private router draining a Kafka backlog."""
+    from bench.micro_router import RouterConfig, run_router
+
+    cfg = RouterConfig(events=events, batch=batch, lag_drain=lag_drain, timeout_s=timeout, name=name)
+    _finish(_run(run_router(get_settings(), cfg, typer.echo)), out)
+
+
+@bench_app.command("fanout")
+def fanout(
+    clients: Annotated[int, typer.Option("--clients", help="concurrent SSE clients")] = 10_000,
+    rate: Annotated[
+        float,
+        typer.Option("--rate", help="events/s in total (0 = clients x 10 / 15 s: every client's job live)"),
+    ] = 0.0,
+    connect_rate: Annotated[float, typer.Option("--connect-rate", help="new connections per second")] = 500.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="max seconds per client stream")] = 300.0,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """SSE fan-out of one (private) gateway process: delivery latency, memory and Redis connections."""
+    from bench.micro_fanout import FanoutConfig, run_fanout
+
+    cfg = FanoutConfig(clients=clients, rate=rate, connect_rate=connect_rate, timeout_s=timeout, name=name)
+    _finish(_run(run_fanout(get_settings(), cfg, typer.echo)), out)
+
+
+@bench_app.command("table")
+def table(
+    reports: Annotated[
+        Path | None, typer.Option("--reports", help="report directory (default bench/reports)")
+    ] = None,
+    write_docs: Annotated[
+        bool, typer.Option("--write-docs", help="also replace the generated block of docs/benchmarks.md")
+    ] = False,
+) -> None:
+    """Our latest reports beside the original's figures, as markdown (the results of docs/benchmarks.md)."""
+    from bench import report as rep
+
+    section = rep.results_section(rep.load_reports(reports))
+    typer.echo(section)
+    if write_docs:
+        if not rep.write_docs(section):
+            typer.secho(f"{rep.DOCS} has no {rep.START} ... {rep.END} block", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
+        typer.echo(f"updated {rep.DOCS}")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@bench_app.command("suite")
+def suite(
+    vus: Annotated[str, typer.Option("--vus", help="polling runs at these VUs")] = "50,200,300,1000",
+    sse_vus: Annotated[str, typer.Option("--sse-vus", help="SSE runs at these VUs")] = "300,1000",
+    micro: Annotated[bool, typer.Option("--micro/--no-micro", help="also the three micro-benchmarks")] = True,
+    pause: Annotated[float, typer.Option("--pause", help="seconds of rest between runs")] = 20.0,
+    write_docs: Annotated[
+        bool, typer.Option("--write-docs/--no-docs", help="update docs/benchmarks.md")
+    ] = True,
+    out: OutOpt = None,
+) -> None:
+    """Every full run of docs/benchmarks.md, one after the other (about 30 minutes), then the table."""
+    import time
+
+    from bench.load import LoadConfig, run_load
+    from bench.micro_fanout import FanoutConfig, run_fanout
+    from bench.micro_pipeline import PipelineConfig, run_pipeline
+    from bench.micro_router import RouterConfig, run_router
+
+    s = get_settings()
+    runs: list[tuple[str, Any]] = [(f"load polling {n} VUs", LoadConfig(vus=n)) for n in _ints(vus)]
+    runs += [(f"load sse {n} VUs", LoadConfig(vus=n, mode="sse")) for n in _ints(sse_vus)]
+    if micro:
+        runs += [
+            ("pipeline", PipelineConfig()),
+            ("router", RouterConfig()),
+            ("fanout, every client's job live", FanoutConfig()),
+            ("fanout at 1,000 events/s", FanoutConfig(rate=1000.0, name="fanout-10000-1000eps")),
+        ]
+    for i, (what, cfg) in enumerate(runs):
+        if i:
+            time.sleep(pause)  # let the stack drain what the previous run left in flight
+        typer.secho(f"== {i + 1}/{len(runs)}: {what}", bold=True)
+        if isinstance(cfg, LoadConfig):
+            report = _run(run_load(s, cfg))
+        elif isinstance(cfg, PipelineConfig):
+            report = _run(run_pipeline(s, cfg, typer.echo))
+        elif isinstance(cfg, RouterConfig):
+            report = _run(run_router(s, cfg, typer.echo))
+        else:
+            report = _run(run_fanout(s, cfg, typer.echo))
+        _finish(report, out)
+    table(reports=out, write_docs=write_docs)

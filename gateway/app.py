@@ -1,0 +1,232 @@
+"""The SSE gateway app: `GET /api/v1/scan/{job_id}/events` plus health, readiness and the demo page.
+
+Connections to Redis are fixed per process whatever the number of clients: one pub/sub connection
+(the Hub) and a small blocking pool for ownership checks and history reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import Counter, Gauge, make_asgi_app
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
+
+from contract import keys
+from contract.events import TERMINAL_STAGES
+from contract.settings import Settings, get_settings
+
+from .hub import Hub, Item
+from .stream import JobStream
+
+log = logging.getLogger("eco2.gateway")
+
+STATIC = Path(__file__).parent / "static"
+CLIENT_NAME = f"eco2-gateway-{os.getpid()}"  # CLIENT LIST shows how few connections a gateway holds
+MAX_JOB_ID_LEN = 128
+
+STREAMS = Gauge("eco2_gateway_streams", "open SSE streams")
+REJECTED = Counter("eco2_gateway_rejected_total", "refused subscriptions", ["code"])
+
+
+class Gateway:
+    """Per-process state: settings, the Redis pool, the pub/sub hub and the stream count."""
+
+    def __init__(self, s: Settings, redis: aioredis.Redis, hub: Hub) -> None:
+        self.s = s
+        self.redis = redis
+        self.hub = hub
+        self.active = 0
+
+    async def read_history(self, job_id: str, after: int) -> list[Item]:
+        raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
+        return [Item.parse(r) for r in raw]  # type: ignore[arg-type]
+
+    async def owner(self, job_id: str) -> tuple[str, int, bool] | None:
+        """(user_id, latest seq, finished) of a job, or None when Redis does not know it."""
+        user, seq, stage, status = await self.redis.hmget(  # type: ignore[misc]
+            keys.state(job_id), ["user_id", "seq", "stage", "status"]
+        )
+        if user is None or seq is None:
+            return None
+        finished = _text(status) == "failed" or _text(stage) in TERMINAL_STAGES
+        return _text(user), int(seq), finished
+
+    def slot(self, release_sub: Callable[[], None]) -> Callable[[], None]:
+        """Count one stream; the returned release is idempotent (generator end or response end)."""
+        self.active += 1
+        STREAMS.inc()
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.active -= 1
+                STREAMS.dec()
+                release_sub()
+
+        return release
+
+
+def _text(v: bytes | str | None) -> str:
+    return v.decode() if isinstance(v, bytes) else (v or "")
+
+
+def _error(code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    REJECTED.labels(str(code)).inc()
+    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+
+
+def _last_seq(value: str | None) -> int:
+    try:
+        return max(int(value or 0), 0)
+    except ValueError:
+        return 0
+
+
+async def _guarded(
+    events: AsyncIterator[ServerSentEvent], release: Callable[[], None]
+) -> AsyncIterator[ServerSentEvent]:
+    """Release the stream's slot however it ends; a Redis failure just ends the stream (the
+    client resumes with Last-Event-ID)."""
+    try:
+        async for ev in events:
+            yield ev
+    except RedisError as exc:
+        log.warning("stream ended by a Redis error: %s", exc)
+    finally:
+        release()
+
+
+def create_app(s: Settings | None = None) -> FastAPI:
+    s = s or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            s.redis_url,
+            max_connections=s.gateway_redis_pool,
+            timeout=10,  # waiting for a free pooled connection
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            client_name=CLIENT_NAME,
+        )
+        redis = aioredis.Redis(connection_pool=pool)
+        hub = Hub(s.redis_url, s.client_queue_size, client_name=CLIENT_NAME)
+        await hub.start()
+        app.state.gw = Gateway(s, redis, hub)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await redis.aclose()
+            await pool.disconnect()
+
+    app = FastAPI(title="eco2 SSE gateway", lifespan=lifespan)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=s.cors_origins,
+        allow_methods=["GET"],
+        allow_headers=["X-User-ID", "Last-Event-ID", "Cache-Control"],
+    )
+    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        gw: Gateway = request.app.state.gw
+        try:
+            redis_ok = bool(await gw.redis.ping())  # type: ignore[misc]
+        except Exception:
+            redis_ok = False
+        ok = redis_ok and gw.hub.connected
+        body = {"redis": redis_ok, "pubsub": gw.hub.connected, "streams": gw.active}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/config.json")
+    async def config() -> dict[str, str]:
+        """What the demo page needs: where to POST scans (the API allows this origin via CORS)."""
+        return {"api_url": s.public_base_url or s.api_url}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/v1/scan/{job_id}/events", response_model=None)
+    async def events(
+        job_id: str,
+        request: Request,
+        x_user_id: Annotated[str | None, Header()] = None,
+        last_event_id: Annotated[str | None, Header()] = None,
+        user: Annotated[
+            str | None,
+            Query(description="user id for browsers' EventSource, which cannot set headers; "
+                  "in a real deployment the auth proxy sets X-User-ID instead"),
+        ] = None,
+    ) -> Response:
+        gw: Gateway = request.app.state.gw
+        uid = x_user_id or user
+        if not uid:
+            return _error(401, "missing X-User-ID")
+        if len(job_id) > MAX_JOB_ID_LEN:
+            return _error(404, "job not found")
+        if gw.active >= s.max_connections:
+            return _error(503, "too many streams on this gateway; retry shortly", {"Retry-After": "1"})
+        sub = gw.hub.subscribe(job_id)  # before any read: nothing published from now on is missed
+        release = gw.slot(lambda: gw.hub.unsubscribe(sub))
+        streaming = False
+        try:
+            try:
+                owner = await gw.owner(job_id)
+                if owner is None:  # a job just submitted may reach Redis a moment after its POST
+                    deadline = time.monotonic() + s.unknown_job_wait_s
+                    while owner is None and time.monotonic() < deadline:
+                        await sub.wait(deadline - time.monotonic())
+                        owner = await gw.owner(job_id)
+                        if owner is None:
+                            sub.drain()  # the stream reads history once it starts anyway
+                            sub.resync = False
+            except RedisError as exc:
+                log.warning("state lookup of %s failed: %s", job_id, exc)
+                return _error(503, "job state unavailable; retry shortly", {"Retry-After": "1"})
+            if owner is None or owner[0] != uid:
+                return _error(404, "job not found")  # the same answer for someone else's job
+            last = _last_seq(last_event_id)
+            if owner[2] and last >= owner[1]:
+                return Response(status_code=204)  # finished and fully delivered: EventSource stops
+            stream = JobStream(
+                job_id,
+                last,
+                sub,
+                gw.read_history,
+                keepalive_s=s.keepalive_s,
+                max_stream_s=s.max_stream_s,
+                gap_wait_s=s.gap_wait_s,
+            )
+            streaming = True
+            return EventSourceResponse(
+                _guarded(stream.events(), release),
+                ping=0,  # the stream sends its own keepalive after keepalive_s of silence
+                send_timeout=max(s.keepalive_s * 2, 5.0),
+                background=BackgroundTask(release),
+            )
+        finally:
+            if not streaming:
+                release()
+
+    return app

@@ -1,0 +1,170 @@
+"""Async SSE client of the gateway: follows a job to its terminal event across disconnects.
+
+Used by `eco2 scan --follow`, the tests and the load benchmarks: it reconnects with
+`Last-Event-ID` after any disconnect, so the caller gets every event once, in order. For many
+concurrent streams pass one shared `httpx.AsyncClient` (see `make_client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TextIO
+
+import httpx
+
+from contract.events import ScanEvent
+
+OnEvent = Callable[[ScanEvent], Awaitable[Any] | Any]
+
+
+class StreamError(RuntimeError):
+    """The gateway refused the stream (401/404) or it could not be resumed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def make_client(max_connections: int | None = None, read_timeout_s: float = 60.0) -> httpx.AsyncClient:
+    """An httpx client for following streams; the read timeout must exceed the keepalive interval."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(10.0, read=read_timeout_s),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+    )
+
+
+async def follow(
+    base_url: str,
+    job_id: str,
+    user_id: str,
+    last_event_id: int | str | None = None,
+    on_event: OnEvent | None = None,
+    *,
+    client: httpx.AsyncClient | None = None,
+    max_retries: int = 20,
+    retry_s: float = 0.25,
+    max_retry_s: float = 5.0,
+) -> list[ScanEvent]:
+    """Every event of the job after `last_event_id`, up to its terminal event.
+
+    Reconnects (with backoff, `max_retries` times in a row without progress) on network errors,
+    a 503 from a full gateway, or a stream that ended early. Raises StreamError on 401/404.
+    """
+    own = client is None
+    http = client or make_client()
+    events: list[ScanEvent] = []
+    last = int(last_event_id) if last_event_id not in (None, "") else 0
+    url = f"{base_url.rstrip('/')}/api/v1/scan/{job_id}/events"
+    failures = 0
+    try:
+        while True:
+            headers = {"X-User-ID": user_id, "Accept": "text/event-stream"}
+            if last:
+                headers["Last-Event-ID"] = str(last)
+            progressed = False
+            try:
+                async with http.stream("GET", url, headers=headers) as resp:
+                    if resp.status_code == 204:
+                        return events  # finished, nothing after last
+                    if resp.status_code in (401, 403, 404):
+                        body = (await resp.aread()).decode(errors="replace")
+                        raise StreamError(f"{resp.status_code} for job {job_id}: {body}", resp.status_code)
+                    if resp.status_code == 200:
+                        async for ev in _parse(resp):
+                            if ev.seq <= last:
+                                continue
+                            events.append(ev)
+                            last = ev.seq
+                            progressed = True
+                            if on_event is not None:
+                                res = on_event(ev)
+                                if inspect.isawaitable(res):
+                                    await res
+                            if ev.terminal:
+                                return events
+            except httpx.TransportError:
+                pass  # disconnected: resume below with Last-Event-ID
+            failures = 0 if progressed else failures + 1
+            if failures > max_retries:
+                raise StreamError(f"job {job_id}: gave up after {max_retries} reconnects at seq {last}")
+            if not progressed:
+                await asyncio.sleep(min(retry_s * 2 ** (failures - 1), max_retry_s))
+    finally:
+        if own:
+            await http.aclose()
+
+
+async def _parse(resp: httpx.Response) -> Any:
+    """ScanEvents of an SSE response (comments and keepalives skipped)."""
+    data: list[str] = []
+    async for line in resp.aiter_lines():
+        if not line:
+            if data:
+                yield ScanEvent.model_validate_json("\n".join(data))
+                data = []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+
+
+# --- rendering for `eco2 scan --follow` -------------------------------------------------------
+
+BAR_WIDTH = 24
+
+
+def render_event(ev: ScanEvent) -> str:
+    """One progress line: bar, percent, stage and status."""
+    filled = round(BAR_WIDTH * ev.progress / 100)
+    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    what = f"{ev.stage} {ev.status}" + (f": {ev.error}" if ev.error else "")
+    return f"[{bar}] {ev.progress:3d}%  {what}"
+
+
+def render_result(result: dict[str, Any] | None) -> str:
+    """The outcome in a few lines: category, answer, steps, reward (or the error)."""
+    if not result:
+        return "(no result)"
+    if result.get("status") == "failed":
+        return f"failed at {result.get('failed_stage') or '?'}: {result.get('error') or 'unknown error'}"
+    lines: list[str] = []
+    c = result.get("classification") or {}
+    levels = ("major_category", "middle_category", "minor_category")
+    category = " / ".join(str(c[k]) for k in levels if c.get(k))
+    if category:
+        lines.append(f"category: {category}")
+    a = result.get("answer") or {}
+    if a.get("user_answer"):
+        lines.append(f"answer:   {a['user_answer']}")
+    for i, step in enumerate(a.get("disposal_steps") or [], 1):
+        lines.append(f"  {i}. {step}")
+    for w in a.get("warnings") or []:
+        lines.append(f"  ! {w}")
+    r = result.get("reward") or {}
+    if r:
+        got = f"granted {r.get('character_name') or r.get('character_code')}" if r.get("granted") else "none"
+        lines.append(f"reward:   {got} ({r.get('reason', '')})")
+    return "\n".join(lines) or "(empty result)"
+
+
+class ProgressPrinter:
+    """An `on_event` callback: a live progress line (rewritten in place on a terminal), then the result."""
+
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+        self.tty = out.isatty()
+
+    def __call__(self, ev: ScanEvent) -> None:
+        line = render_event(ev)
+        if self.tty:
+            self.out.write("\r\x1b[2K" + line + ("\n" if ev.terminal else ""))
+        else:
+            self.out.write(line + "\n")
+        if ev.terminal:
+            self.out.write(render_result(ev.result) + "\n")
+        self.out.flush()

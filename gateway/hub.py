@@ -1,0 +1,207 @@
+"""One Redis pub/sub connection per process, fanned out in-process to per-job subscribers.
+
+The gateway never opens a Redis connection per client (the replaced system's 1 SSE : 21 broker
+connections is what sank it): one connection subscribed to the 4 shard channels, dispatching each
+event to the bounded buffers of that job's streams. Dispatch never blocks: a buffer that is full
+is dropped and its stream told to resync from history, so a slow client only delays itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from contract import keys
+from contract.events import TERMINAL_STAGES
+from contract.topics import EVENTS_PARTITIONS
+
+log = logging.getLogger("eco2.gateway.hub")
+
+RESYNCS = Counter("eco2_gateway_resyncs_total", "streams told to re-read history", ["reason"])
+LIVE = Counter("eco2_gateway_live_events_total", "events received on the pub/sub connection")
+
+PING_EVERY_S = 5.0  # an idle pub/sub connection is pinged this often ...
+SILENT_LIMIT_S = 3 * PING_EVERY_S  # ... and reconnected when nothing (not even PONG) came back
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One event as the gateway handles it: the stored JSON plus what ordering needs."""
+
+    job_id: str
+    seq: int
+    event: str  # SSE event name: the stage, or "error" for a failure
+    terminal: bool
+    data: str  # the event JSON exactly as the router stored it
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Item:
+        data = raw.decode() if isinstance(raw, bytes) else raw
+        d = json.loads(data)
+        failed = d["status"] == "failed"
+        return cls(
+            job_id=d["job_id"],
+            seq=int(d["seq"]),
+            event="error" if failed else d["stage"],
+            terminal=failed or d["stage"] in TERMINAL_STAGES,
+            data=data,
+        )
+
+
+class Subscriber:
+    """A stream's live buffer: bounded; on overflow it is emptied and flagged for a resync."""
+
+    __slots__ = ("job_id", "items", "maxsize", "resync", "_wake")
+
+    def __init__(self, job_id: str, maxsize: int) -> None:
+        self.job_id = job_id
+        self.items: list[Item] = []
+        self.maxsize = maxsize
+        self.resync = False
+        self._wake = asyncio.Event()
+
+    def push(self, item: Item) -> None:
+        if len(self.items) >= self.maxsize:
+            self.items.clear()  # everything dropped here is in the history the resync reads
+            if not self.resync:
+                RESYNCS.labels("overflow").inc()
+            self.resync = True
+        else:
+            self.items.append(item)
+        self._wake.set()
+
+    def mark_resync(self) -> None:
+        self.resync = True
+        self._wake.set()
+
+    def drain(self) -> list[Item]:
+        items, self.items = self.items, []
+        return items
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait until an item or a resync arrives; False on timeout."""
+        if self.items or self.resync:
+            return True
+        self._wake.clear()
+        try:
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+class Hub:
+    def __init__(
+        self, redis_url: str, queue_size: int, shards: int = EVENTS_PARTITIONS, client_name: str | None = None
+    ) -> None:
+        self.redis_url = redis_url
+        self.client_name = client_name
+        self.queue_size = queue_size
+        self.channels = [keys.shard_channel(i) for i in range(shards)]
+        self.subs: dict[str, set[Subscriber]] = {}
+        self.connected = False
+        self._client: aioredis.Redis | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- subscribers (in-process only: no Redis command per client) ---
+
+    def subscribe(self, job_id: str) -> Subscriber:
+        sub = Subscriber(job_id, self.queue_size)
+        self.subs.setdefault(job_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        subs = self.subs.get(sub.job_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self.subs[sub.job_id]
+
+    def _all(self) -> Iterable[Subscriber]:
+        for subs in self.subs.values():
+            yield from subs
+
+    def _dispatch(self, raw: bytes) -> None:
+        LIVE.inc()
+        try:
+            item = Item.parse(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring malformed live event: %s", exc)
+            return
+        for sub in self.subs.get(item.job_id, ()):
+            sub.push(item)
+
+    # --- the one pub/sub connection ---
+
+    async def start(self) -> None:
+        self._client = aioredis.from_url(
+            self.redis_url, max_connections=1, client_name=self.client_name, socket_connect_timeout=5
+        )
+        self._task = asyncio.create_task(self._run(), name="gateway-pubsub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _run(self) -> None:
+        assert self._client is not None
+        delay = 0.2
+        while True:
+            ps = self._client.pubsub()
+            try:
+                await ps.subscribe(*self.channels)
+                last_seen = last_ping = time.monotonic()
+                while True:
+                    msg = await ps.get_message(timeout=1.0)
+                    now = time.monotonic()
+                    if msg is None:
+                        if now - last_seen > SILENT_LIMIT_S:
+                            raise ConnectionError(f"no reply on pub/sub for {now - last_seen:.0f}s")
+                        if now - last_ping >= PING_EVERY_S:
+                            await ps.ping()
+                            last_ping = now
+                        continue
+                    last_seen = now
+                    kind = msg["type"]
+                    if kind == "message":
+                        self._dispatch(msg["data"])
+                    elif kind == "subscribe":
+                        # First subscribe, or redis-py resubscribing after a reconnect: events
+                        # published while we were away are only in history, so every stream resyncs.
+                        if not self.connected:
+                            log.info("pub/sub subscribed to %s", ",".join(self.channels))
+                        self.connected = True
+                        delay = 0.2
+                        self._resync_all("reconnect")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.connected:
+                    log.warning("pub/sub connection lost (%s); reconnecting", exc)
+                self.connected = False
+            finally:
+                with contextlib.suppress(Exception):
+                    await ps.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _resync_all(self, reason: str) -> None:
+        n = 0
+        for sub in self._all():
+            sub.mark_resync()
+            n += 1
+        if n:
+            RESYNCS.labels(reason).inc(n)

@@ -1,0 +1,137 @@
+"""One client's stream of a job: history after Last-Event-ID, then live, once each and in order.
+
+The stream subscribes (in-process) before it reads history, so an event is either in the history
+it reads or arrives live afterwards; duplicates are dropped by seq. Live events can still arrive
+out of order (replays, a resync, a router restart), so events wait in `pending` until the event
+before them has been delivered; a seq missing for `gap_wait_s` is looked up in history once more
+and then skipped, so a stream never stalls on an event that will never come.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from prometheus_client import Counter
+from sse_starlette import ServerSentEvent
+
+from contract.events import FAILED_SEQ, PIPELINE, seq_of
+
+from .hub import Item, Subscriber
+
+SENT = Counter("eco2_gateway_events_sent_total", "events written to SSE clients")
+GAPS = Counter("eco2_gateway_gaps_skipped_total", "seqs given up on after gap_wait_s")
+
+# The seqs of a successful job in order (queued 1, vision 10 11, ..., reward 40 41, done 51).
+ORDER: tuple[int, ...] = (
+    seq_of("queued", "completed"),
+    *(seq_of(stage, status) for stage in PIPELINE for status in ("started", "completed")),
+    seq_of("done", "completed"),
+)
+NEXT: dict[int, int] = {0: ORDER[0], **dict(zip(ORDER, ORDER[1:], strict=False))}
+
+ReadHistory = Callable[[str, int], Awaitable[list[Item]]]
+
+
+def in_order(seq: int, last: int) -> bool:
+    """May `seq` follow `last` directly? A failure may come after anything."""
+    return seq == FAILED_SEQ or last not in NEXT or NEXT[last] == seq
+
+
+class JobStream:
+    def __init__(
+        self,
+        job_id: str,
+        last_seq: int,
+        sub: Subscriber,
+        read_history: ReadHistory,
+        *,
+        keepalive_s: float,
+        max_stream_s: float,
+        gap_wait_s: float,
+    ) -> None:
+        self.job_id = job_id
+        self.last = last_seq
+        self.sub = sub
+        self.read_history = read_history
+        self.keepalive_s = keepalive_s
+        self.max_stream_s = max_stream_s
+        self.gap_wait_s = gap_wait_s
+        self.pending: dict[int, Item] = {}
+        self.done = False
+
+    async def _fill(self) -> None:
+        self.sub.resync = False  # cleared before reading: a later overflow flags it again
+        for item in await self.read_history(self.job_id, self.last):
+            self._add(item)
+
+    def _add(self, item: Item) -> None:
+        if item.seq > self.last and item.seq not in self.pending:
+            self.pending[item.seq] = item
+
+    def _ready(self, force: bool = False) -> list[Item]:
+        out: list[Item] = []
+        for seq in sorted(self.pending):
+            if seq <= self.last:
+                del self.pending[seq]
+                continue
+            if not force and not in_order(seq, self.last):
+                break
+            if force and NEXT.get(self.last, seq) != seq and seq != FAILED_SEQ:
+                GAPS.inc()
+            item = self.pending.pop(seq)
+            out.append(item)
+            self.last = seq
+            if item.terminal:
+                self.done = True
+                break
+        return out
+
+    def _blocked(self) -> bool:
+        return bool(self.pending) and not in_order(min(self.pending), self.last)
+
+    async def events(self) -> AsyncIterator[ServerSentEvent]:
+        clock = time.monotonic
+        deadline = clock() + self.max_stream_s
+        last_write = clock()
+        gap_deadline: float | None = None
+        gap_read_at = -1
+        await self._fill()
+        while True:
+            for item in self._ready():
+                SENT.inc()
+                yield ServerSentEvent(data=item.data, event=item.event, id=str(item.seq))
+                last_write = clock()
+            if self.done:
+                return
+            if self.sub.resync:
+                await self._fill()
+                continue
+            gap_deadline = (gap_deadline or clock() + self.gap_wait_s) if self.pending else None
+            now = clock()
+            if now >= deadline:
+                return  # the client reconnects with Last-Event-ID and continues
+            if gap_deadline is not None and now >= gap_deadline:
+                await self._fill()
+                for item in self._ready(force=True):
+                    SENT.inc()
+                    yield ServerSentEvent(data=item.data, event=item.event, id=str(item.seq))
+                    last_write = clock()
+                if self.done:
+                    return
+                gap_deadline = None
+                continue
+            if now - last_write >= self.keepalive_s:
+                yield ServerSentEvent(comment="keepalive")
+                last_write = now
+                continue
+            wake = min(deadline, gap_deadline or math.inf, last_write + self.keepalive_s)
+            if not await self.sub.wait(wake - now):
+                continue
+            for item in self.sub.drain():
+                self._add(item)
+            if self._blocked() and gap_read_at != self.last:
+                # A live event jumped ahead: the missing ones may be in history (read once per gap).
+                gap_read_at = self.last
+                await self._fill()

@@ -1,0 +1,143 @@
+"""The event router: `scan.events` -> Redis state, history and live pub/sub, in batches.
+
+At-least-once: Faust's `take_events` acks a batch only when the agent asks for the next one, so
+the batch is applied to Redis first. A Redis outage is retried with backoff for as long as it
+lasts (the agent simply stops asking for events); nothing is dropped, and replays are harmless
+because `StateStore.apply` is idempotent. Stopped while a batch still waits for Redis, the
+process exits at once without committing (Faust would otherwise wait on the unacked batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from contract.events import ScanEvent
+from contract.settings import Settings
+from contract.topics import EVENTS
+from contract.trace import from_headers, trace_id
+
+from .app import topic
+from .state import StateStore
+
+log = logging.getLogger("eco2.router")
+
+ROUTED = Counter("eco2_router_events_total", "events applied to Redis", ["result"])  # new | duplicate
+INVALID = Counter("eco2_router_invalid_total", "records on scan.events that are not a ScanEvent")
+BATCH = Histogram(
+    "eco2_router_batch_size",
+    "events per Redis round trip",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+APPLY = Histogram(
+    "eco2_router_apply_seconds",
+    "latency of one batched Redis apply",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+REDIS_ERRORS = Counter("eco2_router_redis_errors_total", "failed Redis applies (retried)")
+
+# Exit code when stopped while holding a batch Redis has not taken: exiting hard keeps Faust
+# from committing the batch's offsets on the way out, so the next router replays it.
+EXIT_UNAPPLIED = 75
+
+
+def parse(events: Sequence[Any]) -> list[ScanEvent]:
+    """The valid ScanEvents of a Faust batch, each logged with its trace id."""
+    out: list[ScanEvent] = []
+    for event in events:
+        tp = from_headers(event.headers)
+        try:
+            ev = ScanEvent.model_validate_json(event.value)
+        except (ValidationError, ValueError) as exc:
+            INVALID.inc()
+            msg = event.message
+            log.error("skipping invalid record %s[%s]@%s trace=%s: %s",
+                      msg.topic, msg.partition, msg.offset, trace_id(tp), exc)
+            continue
+        log.info("route job=%s seq=%s stage=%s status=%s trace=%s",
+                 ev.job_id, ev.seq, ev.stage, ev.status, trace_id(tp))
+        out.append(ev)
+    return out
+
+
+class Stopping(Exception):
+    """The worker is shutting down while a batch is still waiting for Redis."""
+
+
+async def apply_until_done(
+    store: StateStore, events: list[ScanEvent], s: Settings, stopping: Callable[[], bool] = lambda: False
+) -> list[bool]:
+    """Apply one batch, retrying with capped exponential backoff until Redis takes it."""
+    delay = s.retry_backoff_s
+    while True:
+        t0 = time.perf_counter()
+        try:
+            new = await store.apply(events)
+        except Exception as exc:  # any Redis/network failure: wait and try again, never drop
+            REDIS_ERRORS.inc()
+            log.warning("redis apply of %d events failed (%s); retrying in %.1fs", len(events), exc, delay)
+            until = time.monotonic() + delay
+            while time.monotonic() < until:
+                if stopping():
+                    raise Stopping from exc
+                await asyncio.sleep(min(0.2, delay))
+            delay = min(delay * 2, 10.0)
+            continue
+        APPLY.observe(time.perf_counter() - t0)
+        return new
+
+
+def _own_log_handler() -> None:
+    """The Faust worker sets root logging to WARNING; the per-event trace lines are INFO, so the
+    router logger writes to the process's stderr itself."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def register(app: faust.App, s: Settings) -> None:
+    """Define the router agent on `app` (its consumer group is app.conf.id)."""
+    _own_log_handler()
+    stores: list[StateStore] = []
+
+    def store() -> StateStore:
+        if not stores:  # created in the worker's event loop
+            client = aioredis.from_url(  # a hung Redis must fail (and be retried), not block forever
+                s.redis_url,
+                client_name=f"eco2-router-{os.getpid()}",
+                socket_timeout=10,
+                socket_connect_timeout=5,
+            )
+            stores.append(StateStore(client, s.state_ttl_s))
+        return stores[0]
+
+    @app.agent(topic(app, EVENTS), name="eco2-router")
+    async def route(stream: faust.StreamT[bytes]) -> None:
+        batches = stream.take_events(s.router_batch_max, within=s.router_batch_within_s)  # type: ignore[attr-defined]
+        async for batch in batches:
+            events = parse(batch)
+            if not events:
+                continue
+            BATCH.observe(len(events))
+            try:
+                new = await apply_until_done(store(), events, s, lambda: bool(app.should_stop))
+            except (asyncio.CancelledError, Stopping):
+                log.critical("stopped with %d events not yet in Redis; exiting without commit", len(events))
+                logging.shutdown()
+                os._exit(EXIT_UNAPPLIED)
+            fresh = sum(new)
+            ROUTED.labels("new").inc(fresh)
+            ROUTED.labels("duplicate").inc(len(new) - fresh)

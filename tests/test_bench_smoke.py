@@ -1,0 +1,297 @@
+"""Issue 7: the benchmark harness stays runnable. Each benchmark runs tiny (seconds) against the
+stack and must produce its three report files with sane numbers (no speed assertions: speed is what
+the full runs in docs/benchmarks.md report). Plus unit checks of the harness's own arithmetic and wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench import wire
+from bench.load import EXPECTED_SEQS, LoadConfig, check_seqs
+from bench.report import END, START, load_reports, results_section, write_docs
+from bench.stats import percentile
+from contract.settings import Settings
+
+from .conftest import eco2
+
+integration = pytest.mark.integration
+
+
+def report(out: Path, prefix: str) -> dict[str, Any]:
+    """The one report a run wrote into `out`: all three files present, the JSON parsed."""
+    files = sorted(out.glob(f"{prefix}*"))
+    assert {f.suffix for f in files} == {".json", ".md", ".png"}, files
+    for f in files:
+        assert f.stat().st_size > 0, f
+    assert next(f for f in files if f.suffix == ".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads(next(f for f in files if f.suffix == ".json").read_text())  # type: ignore[no-any-return]
+
+
+def latency(s: Settings) -> dict[str, float]:
+    return httpx.get(f"http://{s.model_host}:{s.model_port}/admin/latency").json()  # type: ignore[no-any-return]
+
+
+def verdicts(rep: dict[str, Any]) -> dict[str, str]:
+    return {t["target"]: t["verdict"] for t in rep["targets"]}
+
+
+# --- unit: the harness's arithmetic and wire -------------------------------------------------------
+
+
+def test_expected_sequence_and_seq_check() -> None:
+    assert EXPECTED_SEQS == [1, 10, 11, 20, 21, 30, 31, 40, 41, 51]
+    assert check_seqs(EXPECTED_SEQS, None) == {"lost": 0, "duplicated": 0, "unexpected": 0, "out_of_order": 0}
+    c = check_seqs([1, 10, 11, 11, 20, 30, 31, 40, 41, 51], None)
+    assert (c["lost"], c["duplicated"], c["out_of_order"]) == (1, 1, 0)
+    assert check_seqs([1, 11, 10, 20, 21, 30, 31, 40, 41, 51], None)["out_of_order"] == 1
+    # a job that failed in the rule stage ends with seq 99 after rule started
+    assert check_seqs([1, 10, 11, 20, 99], "rule") == {
+        "lost": 0,
+        "duplicated": 0,
+        "unexpected": 0,
+        "out_of_order": 0,
+    }
+    assert check_seqs([1, 10, 20, 99], "rule")["lost"] == 1
+
+
+def test_ramp_profile_and_percentile() -> None:
+    cfg = LoadConfig(vus=300, ramp_up_s=30, hold_s=120, ramp_down_s=30)
+    assert [round(cfg.target_vus(t)) for t in (0, 15, 30, 100, 150, 165, 180)] == [
+        0,
+        150,
+        300,
+        300,
+        300,
+        150,
+        0,
+    ]
+    assert percentile([1, 2, 3, 4, 5], 50) == 3
+    assert percentile([1, 2, 3, 4], 95) == pytest.approx(3.85)
+    assert percentile([], 95) is None
+
+
+async def test_wire_reads_chunked_sse_split_anywhere_and_keepalive_responses() -> None:
+    """The raw client parses SSE over chunked encoding however the bytes are split, and reuses one
+    connection for several requests."""
+    events = [
+        {"job_id": "j", "seq": s, "ts": 1.0, "stage": "x", "status": "started"} for s in EXPECTED_SEQS[:-1]
+    ]
+    events.append({"job_id": "j", "seq": 51, "ts": 1.0, "stage": "done", "status": "completed"})
+    body = ": keepalive\r\n\r\n" + "".join(
+        f"id: {e['seq']}\r\nevent: x\r\ndata: {json.dumps(e)}\r\n\r\n" for e in events
+    )
+    raw = body.encode()
+    requests: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            requests.append(head)
+            if b"/events" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+                writer.write(b"transfer-encoding: chunked\r\n\r\n")
+                for k in range(0, len(raw), 7):  # 7-byte chunks split lines, CRLFs and JSON
+                    part = raw[k : k + 7]
+                    writer.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                writer.close()
+                return
+            reply = b'{"job_id":"j"}'
+            writer.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: %d\r\n\r\n%s" % (len(reply), reply))
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        conn = wire.Connection("127.0.0.1", port)
+        for _ in range(3):
+            resp = await conn.request("POST", "/api/v1/scan", {"X-User-ID": "u"}, b"{}")
+            assert resp.status == 202 and resp.json() == {"job_id": "j"}
+        assert conn.connects == 1
+        conn.close()
+        f = await wire.follow("127.0.0.1", port, "j", "u", timeout_s=5)
+        assert f.seqs == EXPECTED_SEQS and f.terminal is not None and f.reconnects == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# --- integration: each benchmark, tiny ------------------------------------------------------------
+
+
+@integration
+def test_load_polling_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, Any]) -> None:
+    before = latency(settings)
+    eco2(
+        "bench",
+        "load",
+        "--vus",
+        "3",
+        "--ramp-up",
+        "2",
+        "--hold",
+        "3",
+        "--ramp-down",
+        "1",
+        "--grace",
+        "30",
+        "--poll-interval",
+        "0.5",
+        "--model-latency",
+        "0",
+        "--quiet",
+        "--name",
+        "smoke-polling",
+        "--out",
+        str(tmp_path),
+        timeout=120,
+    )
+    assert latency(settings) == before  # the model's latency is restored
+    rep = report(tmp_path, "smoke-polling")
+    r = rep["results"]
+    assert r["scans_accepted"] >= 3 and r["scan_success_rate"] == 1.0
+    assert r["completion_rate"] == 1.0 and r["jobs_completed"] == r["jobs_submitted"]
+    assert r["reward_rate"] == 1.0
+    assert r["polls_per_job"]["mean"] >= 1
+    assert 0 < r["scan_api_ms"]["p50"] <= r["scan_api_ms"]["p95"] <= r["scan_api_ms"]["max"]
+    assert r["e2e_s"]["p95"] >= r["completion_time_s"]["p50"] > 0
+    assert r["stages"]["history_mismatched_jobs"] == 0
+    assert r["stages"]["history_checked_jobs"] == r["jobs_completed"]
+    assert all(
+        r["stages"]["from_events"][st]["service_s"]["n"] == r["jobs_completed"] for st in ("vision", "reward")
+    )
+    assert verdicts(rep)["completion"] == "PASS"
+    assert rep["series"] and rep["series"][-1]["submitted"] == r["jobs_submitted"]
+    assert r["generator_cpu"]["cpu_s"] >= 0 and "api" in rep["services_cpu"]
+    # the docs table is generated from the reports: our row beside the original's
+    section = results_section(load_reports(tmp_path))
+    assert "| 3 | **ours (polling)** |" in section and "| 300 | original (polling) | 1,732 |" in section
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"intro\n{START}\nold\n{END}\noutro\n")
+    assert write_docs(section, docs) and write_docs(section, docs)
+    assert docs.read_text() == f"intro\n{START}\n{section}{END}\noutro\n"
+
+
+@integration
+def test_load_sse_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, Any]) -> None:
+    if "gateway" not in stack_status:
+        pytest.fail("the SSE gateway is not part of the stack")
+    before = latency(settings)
+    eco2(
+        "bench",
+        "load",
+        "--mode",
+        "sse",
+        "--vus",
+        "3",
+        "--ramp-up",
+        "2",
+        "--hold",
+        "3",
+        "--ramp-down",
+        "1",
+        "--grace",
+        "30",
+        "--model-latency",
+        "0",
+        "--quiet",
+        "--name",
+        "smoke-sse",
+        "--out",
+        str(tmp_path),
+        timeout=120,
+    )
+    assert latency(settings) == before
+    r = report(tmp_path, "smoke-sse")["results"]
+    assert r["completion_rate"] == 1.0 and r["jobs_completed"] >= 3
+    sse = r["sse"]
+    assert sse["jobs_checked"] == r["jobs_completed"]
+    assert sse["events_received"] == len(EXPECTED_SEQS) * r["jobs_completed"]
+    assert (sse["lost"], sse["duplicated"], sse["unexpected"], sse["out_of_order_jobs"]) == (0, 0, 0, 0)
+    assert sse["delivery_ms"]["n"] == sse["events_received"] and sse["delivery_ms"]["p50"] > 0
+    assert r["polls_per_job"] is None
+
+
+@integration
+def test_pipeline_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, Any]) -> None:
+    before = latency(settings)
+    eco2(
+        "bench",
+        "pipeline",
+        "--jobs",
+        "20",
+        "--concurrency",
+        "5",
+        "--timeout",
+        "90",
+        "--name",
+        "smoke-pipe",
+        "--out",
+        str(tmp_path),
+        timeout=150,
+    )
+    assert latency(settings) == before
+    r = report(tmp_path, "smoke-pipe")["results"]
+    assert r["submitted"] == 20 and r["failed_jobs"] == 0
+    for where in ("redis_terminal", "postgres_stored"):
+        assert r[where]["all_done"] and r[where]["jobs"] == 20 and r[where]["jobs_per_s"] > 0
+
+
+@integration
+def test_router_smoke(tmp_path: Path, stack_status: dict[str, Any]) -> None:
+    eco2(
+        "bench",
+        "router",
+        "--events",
+        "1000",
+        "--timeout",
+        "90",
+        "--name",
+        "smoke-router",
+        "--out",
+        str(tmp_path),
+        timeout=200,
+    )
+    r = report(tmp_path, "smoke-router")["results"]
+    d = r["direct"]
+    assert d["events"] == d["new_events"] == 1000 and d["replay_new_events"] == 0 and d["events_per_s"] > 0
+    lag = r["lag_drain"]
+    assert lag["routed"] >= lag["events"] and lag["group_lag_after"] == 0
+    assert lag["stack_router_lag_left"] == 0
+
+
+@integration
+def test_fanout_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, Any]) -> None:
+    eco2(
+        "bench",
+        "fanout",
+        "--clients",
+        "50",
+        "--rate",
+        "250",
+        "--timeout",
+        "60",
+        "--name",
+        "smoke-fanout",
+        "--out",
+        str(tmp_path),
+        timeout=150,
+    )
+    rep = report(tmp_path, "smoke-fanout")
+    r = rep["results"]
+    assert r["connected"] == r["finished"] == 50
+    assert r["events_received"] == 50 * len(EXPECTED_SEQS)
+    assert (r["lost"], r["duplicated"], r["out_of_order_clients"]) == (0, 0, 0)
+    assert r["delivery_ms"]["n"] == 50 * (len(EXPECTED_SEQS) - 1)
+    # Redis connections of the gateway are fixed (pool + one pub/sub), whatever the number of clients.
+    assert 1 <= r["gateway_redis_connections"]["peak"] <= settings.gateway_redis_pool + 1
+    assert r["gateway_kib_per_connection"] is not None
+    assert verdicts(rep)["lost/duplicated events"] == "PASS"

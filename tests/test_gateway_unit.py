@@ -1,0 +1,253 @@
+"""The gateway's ordering logic and the SSE client, without the stack (fake history, mock HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from contract.events import ScanEvent
+from gateway.client import ProgressPrinter, StreamError, follow, render_event, render_result
+from gateway.hub import Hub, Item, Subscriber
+from gateway.stream import ORDER, JobStream
+
+from .gateway_support import full_events, job
+
+JOB = job("alice", "job-1")
+EVENTS = {e.seq: e for e in full_events(JOB)}
+FAILED = full_events(JOB, fail_at="rule")[-1]
+
+
+def item(seq: int) -> Item:
+    ev = FAILED if seq == 99 else EVENTS[seq]
+    return Item.parse(ev.model_dump_json())
+
+
+class FakeHistory:
+    def __init__(self, seqs: list[int]) -> None:
+        self.seqs = set(seqs)
+        self.reads = 0
+
+    async def __call__(self, job_id: str, after: int) -> list[Item]:
+        self.reads += 1
+        return [item(s) for s in sorted(self.seqs) if s > after]
+
+
+def stream(history: FakeHistory, sub: Subscriber, last: int = 0, **kw: float) -> JobStream:
+    opts = {"keepalive_s": 30.0, "max_stream_s": 30.0, "gap_wait_s": 5.0, **kw}
+    return JobStream("job-1", last, sub, history, **opts)
+
+
+async def collect(js: JobStream, feed: list[int | str], delay: float = 0.01) -> list[str | int]:
+    """Run the stream while pushing live seqs (or "resync") into its subscriber."""
+    out: list[str | int] = []
+
+    async def push() -> None:
+        for x in feed:
+            await asyncio.sleep(delay)
+            if x == "resync":
+                js.sub.mark_resync()
+            else:
+                js.sub.push(item(int(x)))
+
+    pusher = asyncio.create_task(push())
+    async with asyncio.timeout(10):
+        async for sse in js.events():
+            out.append(int(sse.id) if sse.id else f"comment:{sse.comment}")
+    pusher.cancel()
+    return out
+
+
+def test_item_names_and_order() -> None:
+    assert ORDER == (1, 10, 11, 20, 21, 30, 31, 40, 41, 51)
+    assert (item(20).event, item(20).terminal) == ("rule", False)
+    assert (item(51).event, item(51).terminal) == ("done", True)
+    assert (item(99).event, item(99).terminal) == ("error", True)
+    assert json.loads(item(11).data)["seq"] == 11
+
+
+async def test_history_then_live_deduplicated() -> None:
+    hist = FakeHistory([1, 10, 11])
+    sub = Subscriber("job-1", 64)
+    # live repeats what history had (published while subscribing), then continues
+    got = await collect(stream(hist, sub), [11, 11, 20, 21, 20, 30, 31, 40, 41, 51])
+    assert got == list(ORDER)
+
+
+async def test_resume_after_last_event_id() -> None:
+    got = await collect(stream(FakeHistory(list(ORDER)), Subscriber("job-1", 64), last=21), [])
+    assert got == [30, 31, 40, 41, 51]
+
+
+async def test_out_of_order_live_is_held_back_until_the_gap_fills() -> None:
+    hist = FakeHistory([1])
+    got = await collect(stream(hist, Subscriber("job-1", 64)), [11, 20, 10, 30, 21, 31, 41, 40, 51])
+    assert got == list(ORDER)
+
+
+async def test_a_gap_that_never_fills_is_skipped_after_gap_wait() -> None:
+    hist = FakeHistory([1])
+    js = stream(hist, Subscriber("job-1", 64), gap_wait_s=0.2)
+    got = await collect(js, [11, 20, 21, 30, 31, 40, 41, 51])
+    # 10 never comes: after gap_wait the stream moves on, in order, to the terminal event
+    assert got == [1, 11, 20, 21, 30, 31, 40, 41, 51]
+    assert hist.reads == 3  # at the start, when 11 jumped ahead, and before giving up on 10
+
+
+async def test_jump_ahead_reads_history_for_the_missing_events() -> None:
+    hist = FakeHistory([1, 10, 11, 20, 21])  # the live events 10..21 were missed (e.g. reconnect)
+    sub = Subscriber("job-1", 64)
+    js = stream(hist, sub)
+    hist_at_start = FakeHistory([1])
+    js.read_history = hist_at_start
+    out: list[int] = []
+
+    async def run() -> None:
+        async for sse in js.events():
+            out.append(int(sse.id or 0))
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0.05)
+    js.read_history = hist
+    sub.push(item(30))  # jumps from 1 to 30: the stream reads history and fills 10..21
+    await asyncio.sleep(0.05)
+    for s in (31, 40, 41, 51):
+        sub.push(item(s))
+    await asyncio.wait_for(task, 5)
+    assert out == list(ORDER)
+
+
+async def test_failure_may_follow_anything_and_closes() -> None:
+    got = await collect(stream(FakeHistory([1, 10, 11]), Subscriber("job-1", 64)), [20, 99, 21])
+    assert got == [1, 10, 11, 20, 99]
+
+
+async def test_overflow_resyncs_from_history() -> None:
+    hist = FakeHistory(list(ORDER))
+    sub = Subscriber("job-1", 2)
+    js = stream(hist, sub)
+    js.read_history = FakeHistory([1])
+    gen = js.events()
+    assert int((await gen.__anext__()).id or 0) == 1
+    for s in ORDER[1:]:  # 9 events into a buffer of 2: overflow, buffer dropped, resync flagged
+        sub.push(item(s))
+    assert sub.resync and not sub.items
+    js.read_history = hist
+    rest = [int(sse.id or 0) async for sse in gen]
+    assert rest == list(ORDER[1:])
+
+
+async def test_keepalive_after_silence_and_max_stream_duration() -> None:
+    js = stream(FakeHistory([1]), Subscriber("job-1", 64), keepalive_s=0.1, max_stream_s=0.35)
+    got = await collect(js, [])
+    assert got[0] == 1
+    assert got[1:] and all(x == "comment:keepalive" for x in got[1:])
+    assert 2 <= len(got[1:]) <= 4
+
+
+async def test_resync_flag_rereads_history() -> None:
+    hist = FakeHistory([1])
+    sub = Subscriber("job-1", 64)
+    js = stream(hist, sub)
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        hist.seqs.update(ORDER)
+        sub.mark_resync()  # e.g. the pub/sub connection came back
+
+    asyncio.create_task(later())
+    got = [int(sse.id or 0) async for sse in js.events()]
+    assert got == list(ORDER)
+
+
+def test_hub_dispatch_is_per_job_and_never_blocks() -> None:
+    hub = Hub("redis://unused", queue_size=3)
+    a, b, other = hub.subscribe("job-1"), hub.subscribe("job-1"), hub.subscribe("job-2")
+    for s in ORDER:
+        hub._dispatch(item(s).data.encode())
+    hub._dispatch(b"not json")
+    assert a.resync and b.resync and not other.items and not other.resync
+    hub.unsubscribe(a)
+    hub.unsubscribe(b)
+    hub.unsubscribe(other)
+    assert hub.subs == {}
+
+
+# --- client ----------------------------------------------------------------------------------
+
+
+def sse(ev: ScanEvent) -> str:
+    return f"event: {ev.stage}\r\nid: {ev.seq}\r\ndata: {ev.model_dump_json()}\r\n\r\n"
+
+
+async def test_client_reconnects_with_last_event_id_and_dedupes() -> None:
+    seen_ids: list[str | None] = []
+    order = list(ORDER)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["X-User-ID"] == "alice"
+        last = request.headers.get("Last-Event-ID")
+        seen_ids.append(last)
+        after = int(last or 0)
+        # Each connection sends 4 events, repeating the last one already delivered, then drops.
+        start = max(order.index(after), 0) if after else 0
+        chunk = order[start:start + 4]
+        body = ": keepalive\r\n\r\n" + "".join(sse(EVENTS[s]) for s in chunk)
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    got: list[int] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        events = await follow(
+            "http://gw", "job-1", "alice", on_event=lambda e: got.append(e.seq), client=client, retry_s=0
+        )
+    assert [e.seq for e in events] == order == got
+    assert seen_ids[0] is None and seen_ids[1] == "20"
+
+
+async def test_client_stops_on_204_and_raises_on_404() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/api/v1/scan/gone/"):
+            return httpx.Response(404, json={"detail": "job not found"})
+        return httpx.Response(204)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        assert await follow("http://gw", "job-1", "alice", last_event_id=51, client=client) == []
+        with pytest.raises(StreamError) as info:
+            await follow("http://gw", "gone", "alice", client=client)
+    assert info.value.status == 404
+
+
+async def test_client_gives_up_after_max_retries() -> None:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(503))) as client:
+        with pytest.raises(StreamError):
+            await follow("http://gw", "job-1", "alice", client=client, max_retries=2, retry_s=0)
+
+
+def test_render() -> None:
+    assert render_event(EVENTS[21]).startswith("[" + "#" * 12 + "-" * 12 + "]  50%  rule completed")
+    text = render_result(EVENTS[51].result)
+    assert "category: recyclable / clear_pet_bottle" in text and "answer:   Rinse it (job-1)." in text
+    assert "  2. crush" in text
+    assert "reward:   granted Petty" in text
+    assert render_result(FAILED.result).startswith("failed at rule: boom")
+
+    class Out:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def write(self, s: str) -> None:
+            self.text += s
+
+        def flush(self) -> None:
+            pass
+
+        def isatty(self) -> bool:
+            return False
+
+    out = Out()
+    printer = ProgressPrinter(out)  # type: ignore[arg-type]
+    for s in ORDER:
+        printer(EVENTS[s])
+    assert out.text.count("\n") >= len(ORDER) + 1 and "100%  done completed" in out.text
