@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = 16384
     image_host_allowlist: list[str] = []  # empty = any public host
     idempotency_ttl_s: int = 24 * 3600
+    api_txn_producers: int = 4  # transactional producers committing job batches in parallel
 
     # Redis state.
     state_ttl_s: int = 24 * 3600

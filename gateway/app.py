@@ -175,8 +175,10 @@ def create_app(s: Settings | None = None) -> FastAPI:
         last_event_id: Annotated[str | None, Header()] = None,
         user: Annotated[
             str | None,
-            Query(description="user id for browsers' EventSource, which cannot set headers; "
-                  "in a real deployment the auth proxy sets X-User-ID instead"),
+            Query(
+                description="user id for browsers' EventSource, which cannot set headers; "
+                "in a real deployment the auth proxy sets X-User-ID instead"
+            ),
         ] = None,
     ) -> Response:
         gw: Gateway = request.app.state.gw

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -82,6 +83,19 @@ def topic(app: faust.App, name: str) -> faust.TopicT:
         value_serializer="raw",
         internal=False,
     )
+
+
+def trace_logger(name: str) -> logging.Logger:
+    """A logger for per-job trace lines. The Faust worker sets root logging to WARNING, so these
+    loggers write to the process's stderr themselves."""
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
 
 
 def quiet_noisy_loggers() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,10 +26,10 @@ from contract.settings import Settings
 from contract.topics import EVENTS
 from contract.trace import from_headers, trace_id
 
-from .app import topic
+from .app import topic, trace_logger
 from .state import StateStore
 
-log = logging.getLogger("eco2.router")
+log = trace_logger("eco2.router")
 
 ROUTED = Counter("eco2_router_events_total", "events applied to Redis", ["result"])  # new | duplicate
 INVALID = Counter("eco2_router_invalid_total", "records on scan.events that are not a ScanEvent")
@@ -61,11 +60,24 @@ def parse(events: Sequence[Any]) -> list[ScanEvent]:
         except (ValidationError, ValueError) as exc:
             INVALID.inc()
             msg = event.message
-            log.error("skipping invalid record %s[%s]@%s trace=%s: %s",
-                      msg.topic, msg.partition, msg.offset, trace_id(tp), exc)
+            log.error(
+                "skipping invalid record %s[%s]@%s trace=%s: %s",
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                trace_id(tp),
+                exc,
+            )
             continue
-        log.info("route job=%s seq=%s stage=%s status=%s trace=%s",
-                 ev.job_id, ev.seq, ev.stage, ev.status, trace_id(tp))
+        # Per event at DEBUG: at 10k events/s an INFO line each would cost the router a core.
+        log.debug(
+            "route job=%s seq=%s stage=%s status=%s trace=%s",
+            ev.job_id,
+            ev.seq,
+            ev.stage,
+            ev.status,
+            trace_id(tp),
+        )
         out.append(ev)
     return out
 
@@ -97,20 +109,8 @@ async def apply_until_done(
         return new
 
 
-def _own_log_handler() -> None:
-    """The Faust worker sets root logging to WARNING; the per-event trace lines are INFO, so the
-    router logger writes to the process's stderr itself."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 def register(app: faust.App, s: Settings) -> None:
     """Define the router agent on `app` (its consumer group is app.conf.id)."""
-    _own_log_handler()
     stores: list[StateStore] = []
 
     def store() -> StateStore:

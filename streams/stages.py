@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -35,9 +34,9 @@ from contract.settings import Settings
 from contract.topics import BY_NAME, DLQ, EVENTS, STAGE_TOPICS, partition_for
 
 from . import metrics, model, rewards, rules
-from .app import topic
+from .app import topic, trace_logger
 
-log = logging.getLogger("eco2.stages")
+log = trace_logger("eco2.stages")
 
 
 class StageFailure(Exception):
@@ -91,12 +90,15 @@ class Pipeline:
         result: ScanResult | None = None,
         error: str | None = None,
     ) -> None:
-        async def build() -> str:
-            return make_event(job, stage, status, result=result, error=error).model_dump_json()
-
-        seq_name = f"event:{stage}:{status}" if status != "failed" else "event:failed"
-        data = await self._memo(job.job_id, seq_name, build)
-        await self._send(EVENTS, job.job_id, data, traceparent)
+        # Building an event is cheap: claim the memo in one round trip (SET NX GET) and send
+        # whichever version was stored first.
+        name = f"event:{stage}:{status}" if status != "failed" else "event:failed"
+        data = make_event(job, stage, status, result=result, error=error).model_dump_json()
+        key = keys.memo(job.job_id, name)
+        previous = await _redis_retry(
+            lambda: self.redis.set(key, data, nx=True, get=True, ex=self.memo_ttl_s)
+        )
+        await self._send(EVENTS, job.job_id, previous.decode() if previous is not None else data, traceparent)
 
     # --- the work of each stage ------------------------------------------------------------
 
