@@ -24,6 +24,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from contract.settings import REPO_ROOT, Settings
+from eco2.stack import redis_argv
 
 from .stats import rss_kib, tree_cpu_s
 
@@ -239,25 +240,7 @@ async def private_redis(s: Settings) -> AsyncIterator[tuple[str, Proc]]:
     stack's gateway (and a load test's events the private gateway). Yields (url, process)."""
     port = free_port()
     d = Path(tempfile.mkdtemp(prefix="eco2-bench-redis-"))
-    argv = [
-        "redis-server",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dir",
-        str(d),
-        "--save",
-        "60 1000",
-        "--appendonly",
-        "no",
-        "--daemonize",
-        "no",
-        "--maxclients",
-        "20000",
-        "--protected-mode",
-        "no",
-    ]
+    argv = redis_argv("127.0.0.1", port, d)
     proc = Proc(f"redis-{port}", argv, {}, s.local_dir / "logs" / "bench" / f"redis-{port}.log").start()
     url = f"redis://127.0.0.1:{port}/0"
     try:

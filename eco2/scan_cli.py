@@ -10,73 +10,46 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from contract.events import PIPELINE, ScanEvent
+from contract.events import ScanEvent
 from contract.settings import Settings, get_settings
+from gateway.client import ProgressPrinter, render_event, render_result
+from gateway.client import follow as follow_stream
 from producers.client import ScanError, submit, wait_result
 
-BAR = 30
 
-
-def _bar(progress: int) -> str:
-    filled = BAR * progress // 100
-    return "[" + "#" * filled + "." * (BAR - filled) + f"] {progress:3d}%"
-
-
-def render_event(ev: ScanEvent, t0: float) -> str:
-    label = {"started": "...", "completed": "ok", "failed": "FAILED"}[ev.status]
-    return f"{time.monotonic() - t0:6.1f}s  {_bar(ev.progress)}  {ev.stage:<7} {label}"
-
-
-def render_result(result: dict[str, Any]) -> list[str]:
-    lines = [""]
-    if result.get("status") == "failed":
-        return lines + [f"scan failed in stage {result.get('failed_stage')}: {result.get('error')}"]
-    cls = result.get("classification") or {}
-    lines.append(
-        f"item:     {cls.get('minor_category')}  ({cls.get('major_category')} / {cls.get('middle_category')})"
+def _poll_line(p: dict[str, Any], t0: float) -> str:
+    """A progress line from a 202 poll, in the same form as the live (SSE) lines."""
+    ev = ScanEvent(
+        event_id="",
+        job_id=p["job_id"],
+        user_id="",
+        stage=p["current_stage"],
+        status="completed",
+        seq=0,
+        ts=0,
+        progress=int(p["progress"]),
     )
-    if cls.get("situation_tags"):
-        lines.append(f"noticed:  {', '.join(cls['situation_tags'])}")
-    answer = result.get("answer") or {}
-    lines.append(f"answer:   {answer.get('user_answer', '')}")
-    for i, step in enumerate(answer.get("disposal_steps") or [], 1):
-        lines.append(f"  {i}. {step}")
-    for w in answer.get("warnings") or []:
-        lines.append(f"  ! {w}")
-    reward = result.get("reward") or {}
-    if reward.get("granted"):
-        lines.append(f"reward:   {reward.get('character_name')} ({reward.get('character_code')})")
-    else:
-        lines.append(f"reward:   none ({reward.get('reason')})")
-    return lines
-
-
-async def _follow_sse(s: Settings, job_id: str, user: str, echo: Any, t0: float) -> None:
-    from gateway.client import follow
-
-    def on_event(ev: ScanEvent) -> None:
-        echo(render_event(ev, t0))
-
-    await follow(s.gateway_url, job_id, user, on_event=on_event)
+    return f"{time.monotonic() - t0:6.1f}s " + render_event(ev)
 
 
 async def run_scan(
-    s: Settings, image_url: str, user: str, user_input: str | None, follow: bool, echo: Any
+    s: Settings, image_url: str, user: str, user_input: str | None, follow: bool, quiet: bool
 ) -> dict[str, Any]:
     t0 = time.monotonic()
+    echo = (lambda _m: None) if quiet else typer.echo
     async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as http:
         accepted = await submit(http, image_url, user, user_input=user_input)
         job_id = accepted["job_id"]
         echo(f"job {job_id} queued ({(time.monotonic() - t0) * 1000:.0f} ms)")
         if follow:
-            await _follow_sse(s, job_id, user, echo, t0)
+            await follow_stream(s.gateway_url, job_id, user, on_event=None if quiet else ProgressPrinter())
         else:
             last: list[str] = [""]
 
             def progress(p: dict[str, Any]) -> None:
                 if p["current_stage"] != last[0]:
                     last[0] = p["current_stage"]
-                    echo(f"{time.monotonic() - t0:6.1f}s  {_bar(p['progress'])}  {p['current_stage']}")
+                    echo(_poll_line(p, t0))
 
             await wait_result(
                 http, job_id, user, interval_s=0.5, on_progress=progress, timeout_s=s.max_stream_s
@@ -96,9 +69,8 @@ def scan(
 ) -> None:
     """Submit one scan and wait for its result."""
     s = get_settings()
-    echo = (lambda _m: None) if as_json else typer.echo
     try:
-        result = asyncio.run(run_scan(s, image_url, user, user_input, follow, echo))
+        result = asyncio.run(run_scan(s, image_url, user, user_input, follow, quiet=as_json))
     except ScanError as exc:
         typer.secho(f"scan refused: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
@@ -110,12 +82,10 @@ def scan(
         raise typer.Exit(1) from exc
     if as_json:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        for line in render_result(result):
-            typer.echo(line)
+    elif not follow:  # --follow already printed the result with the terminal event
+        typer.echo("\n" + render_result(result))
     if result.get("status") != "completed":
         raise typer.Exit(3)
 
 
 DEMO_IMAGE = "https://images.example.com/scans/clear_pet-water-bottle-label_attached.jpg"
-__all__ = ["scan", "DEMO_IMAGE", "PIPELINE"]

@@ -245,29 +245,21 @@ async def _kafka_after_ready(s: Settings) -> None:
 # --- redis -----------------------------------------------------------------------------------
 
 
+def redis_argv(host: str, port: int, data: Path) -> list[str]:
+    """How this project runs redis-server (the stack's, and private ones of tests and benchmarks)."""
+    return [
+        "redis-server",
+        *("--bind", host, "--port", str(port), "--dir", str(data)),
+        *("--save", "60 1000", "--appendonly", "no", "--daemonize", "no"),
+        *("--maxclients", "20000", "--protected-mode", "no"),
+    ]
+
+
 def _redis_argv(s: Settings) -> list[str]:
     u = urlparse(s.redis_url)
     d = data_dir(s) / "redis"
     d.mkdir(parents=True, exist_ok=True)
-    return [
-        "redis-server",
-        "--bind",
-        u.hostname or "127.0.0.1",
-        "--port",
-        str(u.port or 6379),
-        "--dir",
-        str(d),
-        "--save",
-        "60 1000",
-        "--appendonly",
-        "no",
-        "--daemonize",
-        "no",
-        "--maxclients",
-        "20000",
-        "--protected-mode",
-        "no",
-    ]
+    return redis_argv(u.hostname or "127.0.0.1", u.port or 6379, d)
 
 
 # --- postgres --------------------------------------------------------------------------------

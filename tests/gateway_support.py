@@ -30,6 +30,7 @@ from contract import keys, trace
 from contract.events import PIPELINE, ScanEvent, ScanJob, ScanResult, make_event, now
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, partition_for
+from eco2.stack import redis_argv
 from streams.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,8 +57,7 @@ def private_redis_port() -> int:
     port = free_port()
     d = tempfile.mkdtemp(prefix="eco2-test-redis-")
     proc = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", d, "--daemonize", "no", "--protected-mode", "no", "--maxclients", "10000"],
+        redis_argv("127.0.0.1", port, Path(d)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
@@ -110,19 +110,32 @@ def full_events(j: ScanJob, fail_at: str | None = None) -> list[ScanEvent]:
         out.append(make_event(j, stage, "started"))
         if stage == fail_at:
             result = ScanResult(
-                job_id=j.job_id, user_id=j.user_id, status="failed", image_url=j.image_url,
-                error="boom", failed_stage=stage, created_at=j.created_at, finished_at=now(),
+                job_id=j.job_id,
+                user_id=j.user_id,
+                status="failed",
+                image_url=j.image_url,
+                error="boom",
+                failed_stage=stage,
+                created_at=j.created_at,
+                finished_at=now(),
             )
             out.append(make_event(j, stage, "failed", result=result, error="boom"))
             return out
         out.append(make_event(j, stage, "completed"))
     result = ScanResult(
-        job_id=j.job_id, user_id=j.user_id, status="completed", image_url=j.image_url,
+        job_id=j.job_id,
+        user_id=j.user_id,
+        status="completed",
+        image_url=j.image_url,
         classification={"major_category": "recyclable", "middle_category": "clear_pet_bottle"},
-        answer={"user_answer": f"Rinse it ({j.job_id}).", "disposal_steps": ["rinse", "crush"],
-                "warnings": []},
+        answer={
+            "user_answer": f"Rinse it ({j.job_id}).",
+            "disposal_steps": ["rinse", "crush"],
+            "warnings": [],
+        },
         reward={"granted": True, "character_code": "pet", "character_name": "Petty", "reason": "ok"},
-        created_at=j.created_at, finished_at=now(),
+        created_at=j.created_at,
+        finished_at=now(),
     )
     out.append(make_event(j, "done", "completed", result=result))
     return out
@@ -185,8 +198,13 @@ class Proc:
     def start(self) -> None:
         out = open(self.log, "ab")  # noqa: SIM115 - handed to the child
         self.popen = subprocess.Popen(
-            self.argv, cwd=REPO, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            self.argv,
+            cwd=REPO,
+            env={**os.environ, **self.env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         out.close()
 
