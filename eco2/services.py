@@ -21,6 +21,7 @@ APPS.extend(
             port=lambda s: s.model_port,
             ready=http_ready("/health", lambda s: f"http://{s.model_host}:{s.model_port}"),
             argv=_py("simmodel"),
+            nice=10,
             groups=("app",),
         ),
         Service(
@@ -38,6 +39,7 @@ APPS.extend(
             ready=http_ready("/metrics", lambda s: _metrics_url(WORKERS_METRICS_PORT)),
             argv=_py("streams", "worker"),
             env=lambda s: {"ECO2_METRICS_PORT": str(WORKERS_METRICS_PORT)},
+            nice=10,
             groups=("app",),
         ),
     ]
@@ -60,6 +62,7 @@ APPS.append(
         ready=http_ready("/metrics", lambda s: _metrics_url(WRITER_METRICS_PORT)),
         argv=_py("persistence"),
         env=lambda s: {"ECO2_METRICS_PORT": str(WRITER_METRICS_PORT)},
+        nice=10,
         groups=("app",),
     )
 )

@@ -42,6 +42,10 @@ class Service:
     stop_argv: Callable[[Settings], list[str]] | None = None
     pid_file: Callable[[Settings], Path] | None = None
     groups: tuple[str, ...] = field(default=("infra",))
+    # Scheduling niceness. On one shared box, throughput work (stage workers, the writer, the
+    # stand-in for the remote model) yields the CPU to latency-sensitive serving (API, gateway,
+    # router, Kafka), as separate pods with their own CPU requests would in Kubernetes.
+    nice: int = 0
 
 
 class StackError(RuntimeError):
@@ -498,7 +502,7 @@ async def start(s: Settings, svc: Service) -> str:
     else:
         with open(log, "ab") as out:
             child = subprocess.Popen(
-                svc.argv(s),
+                (["nice", "-n", str(svc.nice)] if svc.nice else []) + svc.argv(s),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -41,6 +41,7 @@ def main() -> None:
         log_level="warning",
         access_log=False,
         backlog=4096,
+        timeout_keep_alive=75,  # above the clients' poll/reconnect gaps: no reset races
         timeout_graceful_shutdown=5,
     )
 

@@ -10,4 +10,11 @@ from .api import create_app
 
 if __name__ == "__main__":
     s = get_settings()
-    uvicorn.run(create_app(s), host=s.api_host, port=s.api_port, log_level="warning", backlog=4096)
+    uvicorn.run(
+        create_app(s),
+        host=s.api_host,
+        port=s.api_port,
+        log_level="warning",
+        backlog=4096,
+        timeout_keep_alive=75,
+    )

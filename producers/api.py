@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ from contract import keys, trace
 from contract.events import ScanJob, ScanRequest, make_event, now
 from contract.settings import Settings, get_settings
 from streams import rules
-from streams.state import StateStore
+from streams.state import StateStore, pooled_client
 
 from .jobs import JobWriter
 from .validation import InvalidInput, check_request
@@ -55,7 +56,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.redis = aioredis.from_url(s.redis_url, max_connections=200)
+        app.state.redis = pooled_client(s.redis_url, 64, f"eco2-api-{os.getpid()}")
         app.state.store = StateStore(app.state.redis, s.state_ttl_s)
         app.state.writer = JobWriter(s)
         await app.state.writer.start()

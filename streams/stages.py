@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from contract import keys, trace
@@ -35,6 +35,7 @@ from contract.topics import BY_NAME, DLQ, EVENTS, STAGE_TOPICS, partition_for
 
 from . import metrics, model, rewards, rules
 from .app import topic, trace_logger
+from .state import pooled_client
 
 log = trace_logger("eco2.stages")
 
@@ -55,7 +56,7 @@ class Pipeline:
     def __init__(self, app: faust.App, s: Settings) -> None:
         self.s = s
         self.topics = {name: topic(app, name) for name in [*STAGE_TOPICS.values(), EVENTS, DLQ]}
-        self.redis = aioredis.from_url(s.redis_url, max_connections=64)
+        self.redis = pooled_client(s.redis_url, 64, f"eco2-stages-{os.getpid()}")
         self.api = model.client(s)
         self.memo_ttl_s = s.state_ttl_s
 

@@ -41,6 +41,18 @@ return new
 """
 
 
+def pooled_client(url: str, max_connections: int, name: str) -> aioredis.Redis:
+    """A Redis client whose requests wait for a free pooled connection instead of failing.
+
+    redis-py's default pool raises "Too many connections" once `max_connections` are busy, which
+    under load turned result polls into HTTP 500s; a bounded, blocking pool queues them instead.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=10, client_name=name
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
 class StateStore:
     """Applies events to Redis (one round trip per batch) and reads job state back."""
 
