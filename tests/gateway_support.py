@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from bench.harness import Proc as HelperProc
 from contract import keys, trace
 from contract.events import PIPELINE, ScanEvent, ScanJob, ScanResult, make_event, now
 from contract.settings import Settings
@@ -187,29 +188,10 @@ async def submit(s: Settings, producer: EventProducer, j: ScanJob) -> list[ScanE
 
 
 @dataclass
-class Proc:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log: Path
-    popen: subprocess.Popen[bytes] | None = None
+class Proc(HelperProc):
+    """A process a test started; tests also kill it with a chosen signal (the whole group)."""
+
     extra: dict[str, str] = field(default_factory=dict)
-
-    def start(self) -> None:
-        out = open(self.log, "ab")  # noqa: SIM115 - handed to the child
-        self.popen = subprocess.Popen(
-            self.argv,
-            cwd=REPO,
-            env={**os.environ, **self.env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        out.close()
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.popen is not None and self.popen.poll() is None:
@@ -219,12 +201,6 @@ class Proc:
             except subprocess.TimeoutExpired:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(timeout=10)
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return "(no log)"
 
 
 def log_path(s: Settings, name: str) -> Path:
