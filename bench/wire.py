@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.client import SseDecoder
+
 
 class StaleConnection(ConnectionError):
     """The server had closed a kept-alive connection before we reused it (safe to retry once)."""
@@ -170,7 +172,7 @@ async def _sse_fields(reader: asyncio.StreamReader, headers: dict[str, str]) -> 
     else:
         body = _until_eof(reader)
     pending = b""
-    data: list[str] = []
+    decoder = SseDecoder()
     async for chunk in body:
         pending += chunk
         while True:
@@ -179,16 +181,9 @@ async def _sse_fields(reader: asyncio.StreamReader, headers: dict[str, str]) -> 
                 break
             line = pending[:nl].rstrip(b"\r").decode()
             pending = pending[nl + 1 :]
-            if not line:
-                if data:
-                    yield "\n".join(data)
-                    data = []
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            if name == "data":
-                data.append(value[1:] if value.startswith(" ") else value)
+            data = decoder.feed(line)
+            if data is not None:
+                yield data
 
 
 async def _until_eof(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:

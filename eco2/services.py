@@ -2,92 +2,71 @@
 
 from __future__ import annotations
 
-from .stack import APPS, Service, _py, http_ready  # noqa: F401
+from collections.abc import Callable
 
-# Components add their Service entries to APPS here.
+from contract.settings import Settings
+from persistence.migrate import after_postgres
 
+from .stack import AFTER_POSTGRES, APPS, Service, _py, http_ready
 
-def _metrics_url(port: int) -> str:
-    return f"http://127.0.0.1:{port}"
-
-
+# Local Prometheus ports of the processes that serve no HTTP API of their own.
 WORKERS_METRICS_PORT = 9101
-
-APPS.extend(
-    [
-        Service(
-            name="model",
-            url=lambda s: f"http://{s.model_host}:{s.model_port}",
-            port=lambda s: s.model_port,
-            ready=http_ready("/health", lambda s: f"http://{s.model_host}:{s.model_port}"),
-            argv=_py("simmodel"),
-            nice=10,
-            groups=("app",),
-        ),
-        Service(
-            name="api",
-            url=lambda s: s.api_url,
-            port=lambda s: s.api_port,
-            ready=http_ready("/ready", lambda s: s.api_url),
-            argv=_py("producers"),
-            groups=("app",),
-        ),
-        Service(
-            name="workers",
-            url=lambda s: _metrics_url(WORKERS_METRICS_PORT),
-            port=lambda s: WORKERS_METRICS_PORT,
-            ready=http_ready("/metrics", lambda s: _metrics_url(WORKERS_METRICS_PORT)),
-            argv=_py("streams", "worker"),
-            env=lambda s: {"ECO2_METRICS_PORT": str(WORKERS_METRICS_PORT)},
-            nice=10,
-            groups=("app",),
-        ),
-    ]
-)
-
-# Persistence (issue 5): migrations whenever `stack up` starts Postgres, and the batched writer.
-from persistence.migrate import after_postgres  # noqa: E402
-
-from .stack import AFTER_POSTGRES  # noqa: E402
-
+ROUTER_METRICS_PORT = 9102
 WRITER_METRICS_PORT = 9103
 
-if after_postgres not in AFTER_POSTGRES:
-    AFTER_POSTGRES.append(after_postgres)
-APPS.append(
-    Service(
-        name="writer",
-        url=lambda s: _metrics_url(WRITER_METRICS_PORT),
-        port=lambda s: WRITER_METRICS_PORT,
-        ready=http_ready("/metrics", lambda s: _metrics_url(WRITER_METRICS_PORT)),
-        argv=_py("persistence"),
-        env=lambda s: {"ECO2_METRICS_PORT": str(WRITER_METRICS_PORT)},
-        nice=10,
+
+def _metrics_service(name: str, port: int, argv: Callable[[Settings], list[str]], nice: int = 0) -> Service:
+    """A Kafka consumer process: ready once its metrics endpoint answers on `port`."""
+    url = f"http://127.0.0.1:{port}"
+    return Service(
+        name=name,
+        url=lambda s: url,
+        port=lambda s: port,
+        ready=http_ready("/metrics", lambda s: url),
+        argv=argv,
+        env=lambda s: {"ECO2_METRICS_PORT": str(port)},
+        nice=nice,
         groups=("app",),
     )
-)
 
-# Event router and SSE gateway (issue 4).
-ROUTER_METRICS_PORT = 9102
+
+def _http_service(
+    name: str,
+    url: Callable[[Settings], str],
+    port: Callable[[Settings], int],
+    module: str,
+    probe: str,
+    nice: int = 0,
+) -> Service:
+    return Service(
+        name=name,
+        url=url,
+        port=port,
+        ready=http_ready(probe, url),
+        argv=_py(module),
+        nice=nice,
+        groups=("app",),
+    )
+
+
+# Migrations run whenever `stack up` starts Postgres.
+if after_postgres not in AFTER_POSTGRES:
+    AFTER_POSTGRES.append(after_postgres)
 
 APPS.extend(
     [
-        Service(
-            name="router",
-            url=lambda s: _metrics_url(ROUTER_METRICS_PORT),
-            port=lambda s: ROUTER_METRICS_PORT,
-            ready=http_ready("/metrics", lambda s: _metrics_url(ROUTER_METRICS_PORT)),
-            argv=_py("streams", "router"),
-            env=lambda s: {"ECO2_METRICS_PORT": str(ROUTER_METRICS_PORT)},
-            groups=("app",),
+        _http_service(
+            "model",
+            lambda s: f"http://{s.model_host}:{s.model_port}",
+            lambda s: s.model_port,
+            "simmodel",
+            "/health",
+            nice=10,
         ),
-        Service(
-            name="gateway",
-            url=lambda s: s.gateway_url,
-            port=lambda s: s.gateway_port,
-            ready=http_ready("/health", lambda s: s.gateway_url),
-            argv=_py("gateway"),
-            groups=("app",),
-        ),
+        _http_service("api", lambda s: s.api_url, lambda s: s.api_port, "producers", "/ready"),
+        _metrics_service("workers", WORKERS_METRICS_PORT, _py("streams", "worker"), nice=10),
+        _metrics_service("writer", WRITER_METRICS_PORT, _py("persistence"), nice=10),
+        _metrics_service("router", ROUTER_METRICS_PORT, _py("streams", "router")),
+        _http_service("gateway", lambda s: s.gateway_url, lambda s: s.gateway_port, "gateway", "/health"),
     ]
 )

@@ -97,20 +97,33 @@ async def follow(
             await http.aclose()
 
 
+class SseDecoder:
+    """Turns SSE lines into the `data` of each complete event (comments and other fields skipped).
+
+    Shared by this client (httpx lines) and the load generator (its own raw socket reader)."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        """One line without its newline; returns the event's data when the line ends an event."""
+        if not line:
+            done = "\n".join(self._data) if self._data else None
+            self._data = []
+            return done
+        name, _, value = line.partition(":")
+        if name == "data":  # a comment line (":...") has an empty name
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+
 async def _parse(resp: httpx.Response) -> Any:
     """ScanEvents of an SSE response (comments and keepalives skipped)."""
-    data: list[str] = []
+    decoder = SseDecoder()
     async for line in resp.aiter_lines():
-        if not line:
-            if data:
-                yield ScanEvent.model_validate_json("\n".join(data))
-                data = []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
+        data = decoder.feed(line)
+        if data is not None:
+            yield ScanEvent.model_validate_json(data)
 
 
 # --- rendering for `eco2 scan --follow` -------------------------------------------------------
