@@ -46,6 +46,10 @@ async def watch_progress(page: Page, timeout_s: float) -> list[str]:
             seen.append(pct)
         state = await page.get_attribute("body", "data-state")
         if state in ("done", "failed"):
+            # The page may have moved on between reading the label and the state: read it once more.
+            pct = await page.text_content("#pct")
+            if pct and seen[-1:] != [pct]:
+                seen.append(pct)
             return seen
         await asyncio.sleep(0.05)
     status = await page.text_content("#status")
