@@ -8,7 +8,8 @@ through `PUT /admin/latency`, so tests run at 0 s and load tests at the hosted m
 Fault injection, also from the file name, for tests of the pipeline's error handling:
 - `transientN` (e.g. `transient2-paper.jpg`): the first N calls for that URL and schema get a 503,
 - `permanent`: every call gets a 400 (a request the model will never accept),
-- `gaps`: the answer reports a gap (so no reward is granted).
+- `gaps`: the answer reports a gap (so no reward is granted),
+- `slowN`: the answer call takes N seconds more (one job held in the answer stage among others).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def classify(image_url: str) -> dict[str, Any]:
     else:
         major = _find(words, list(rules.MAJOR_CATEGORIES))
     tags = [t for t in rules.SITUATION_TAGS if _find(words, [t])]
-    noise = ("transient", "permanent", "gaps", *rules.SITUATION_TAGS)
+    noise = ("transient", "permanent", "gaps", "slow", *rules.SITUATION_TAGS)
     minor = " ".join(w.replace("_", " ") for w in words if not w.startswith(noise)) or "item"
     return {
         "major_category": major or "unclassified",
@@ -170,6 +171,9 @@ def create_app(s: Settings | None = None) -> FastAPI:
         lat: Latency = app.state.latency
         if lat.max_s > 0:
             await asyncio.sleep(random.uniform(lat.min_s, max(lat.min_s, lat.max_s)))
+        slow = next((w for w in words if re.fullmatch(r"slow\d+", w)), None)
+        if slow and schema_name == "answer":
+            await asyncio.sleep(int(slow[len("slow") :]))
 
         if "permanent" in words:
             return _error(

@@ -11,6 +11,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from contract.settings import Settings
 from contract.topics import BY_NAME
 
+from . import commits
+
 
 def _read_committed_consumers() -> None:
     """Faust reads read_uncommitted unless it runs exactly-once itself; the scan API writes jobs in
@@ -44,6 +46,7 @@ def broker_credentials(s: Settings) -> faust.SASLCredentials | None:
 
 def create_app(app_id: str, s: Settings) -> faust.App:
     _read_committed_consumers()
+    commits.install()
     datadir = s.local_dir / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
     return faust.App(

@@ -1,0 +1,110 @@
+"""Offset commits that never pass a message still being processed.
+
+Faust (0.15.x) works out the offset to commit from its list of acked offsets plus the "gaps" it
+saw between fetched offsets, and both go wrong when an agent runs many jobs at once
+(faust-streaming issues #606, #312):
+- the gap it records between two fetched messages includes the later message's own offset, so
+  on a topic written in transactions (every record is followed by a commit marker) a later ack
+  fills in an earlier message that is still in flight;
+- a single unacked offset at the head of the partition is taken for a compacted hole, so one
+  slow job at the committed position is committed over as soon as the next one is acked.
+Either way a worker killed at that moment loses the job for good.
+
+The rule here is simpler and holds whatever the holes are: per partition, commit the lowest
+offset fetched and handed to a stream but not yet acked; with none outstanding, one past the
+last offset handed over. Holes (transaction markers, compaction) need no bookkeeping at all.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from faust.transport import consumer as faust_consumer
+
+
+class InFlight:
+    """Per partition: the offsets handed to streams and not yet acked, and the next offset."""
+
+    def __init__(self) -> None:
+        self._outstanding: dict[Any, set[int]] = defaultdict(set)
+        self._next: dict[Any, int] = {}
+
+    def delivered(self, tp: Any, offset: int) -> None:
+        self._outstanding[tp].add(offset)
+        if offset + 1 > self._next.get(tp, -1):
+            self._next[tp] = offset + 1
+
+    def acked(self, tp: Any, offset: int) -> None:
+        outstanding = self._outstanding.get(tp)
+        if outstanding is not None:
+            outstanding.discard(offset)
+
+    def committable(self, tp: Any) -> int | None:
+        """The offset the group may commit for `tp`: everything below it is done."""
+        outstanding = self._outstanding.get(tp)
+        if outstanding:
+            return min(outstanding)
+        return self._next.get(tp)
+
+    def forget(self, tps: Iterable[Any]) -> None:
+        """Partitions revoked or re-assigned: they are read again from the committed offset."""
+        for tp in tps:
+            self._outstanding.pop(tp, None)
+            self._next.pop(tp, None)
+
+
+def install() -> None:
+    """Patch Faust's consumer to commit by `InFlight`; idempotent, applied by `create_app`."""
+    cls: Any = faust_consumer.Consumer
+    if getattr(cls, "_eco2_in_flight_commits", False):
+        return
+    init = cls.__init__
+    revoked, assigned = cls.on_partitions_revoked, cls.on_partitions_assigned
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.in_flight = InFlight()
+        deliver: Callable[[Any], Awaitable[Any]] = self.callback
+
+        async def callback(message: Any) -> Any:
+            # Recorded before a stream can see it, so an ack never comes first. A delivery cut
+            # short (flow stopped for a rebalance) stays outstanding until the partition is
+            # revoked: stalling a commit is safe, passing the message is not.
+            self.in_flight.delivered(message.tp, message.offset)
+            result = await deliver(message)
+            if message.refcount == 0 and not message.acked:
+                self.in_flight.acked(message.tp, message.offset)  # no stream subscribes to it
+            return result
+
+        self.callback = callback
+
+    def new_offset(self: Any, tp: Any) -> int | None:
+        # Acks are read from Faust's own list: its Cython stream iterator appends to it directly
+        # instead of calling Consumer.ack, so there is no method to hook.
+        acked = self._acked[tp]
+        for done in acked:
+            self.in_flight.acked(tp, done)
+        acked.clear()
+        self._acked_index[tp].clear()
+        committable: int | None = self.in_flight.committable(tp)
+        return committable
+
+    async def add_gap(self: Any, tp: Any, offset_from: int, offset_to: int) -> None:
+        return None  # holes need no bookkeeping: see the module docstring
+
+    async def on_revoked(self: Any, tps: Any) -> None:
+        await revoked(self, tps)  # may still commit what finished while it waited
+        self.in_flight.forget(tps)
+
+    async def on_assigned(self: Any, tps: Any, generation_id: int = 0) -> None:
+        self.in_flight.forget(tps)
+        await assigned(self, tps, generation_id)
+
+    cls.__init__ = __init__
+    cls._new_offset = new_offset
+    cls._add_gap = add_gap
+    cls.on_partitions_revoked = on_revoked
+    cls.on_partitions_assigned = on_assigned
+    cls._eco2_in_flight_commits = True
