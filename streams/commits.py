@@ -17,7 +17,7 @@ last offset handed over. Holes (transaction markers, compaction) need no bookkee
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -25,33 +25,44 @@ from faust.transport import consumer as faust_consumer
 
 
 class InFlight:
-    """Per partition: the offsets handed to streams and not yet acked, and the next offset."""
+    """Per partition: the messages handed to streams, in offset order, and the next offset.
+
+    Tracked by message, not offset: after a rebalance the same offset is fetched again while the
+    old copy may still sit in a stream's buffer, where Faust acks it unprocessed (stale
+    generation). Only the newest copy of an offset counts."""
 
     def __init__(self) -> None:
-        self._outstanding: dict[Any, set[int]] = defaultdict(set)
+        self._taken: dict[Any, OrderedDict[int, Any]] = defaultdict(OrderedDict)
         self._next: dict[Any, int] = {}
 
-    def delivered(self, tp: Any, offset: int) -> None:
-        self._outstanding[tp].add(offset)
-        if offset + 1 > self._next.get(tp, -1):
-            self._next[tp] = offset + 1
+    def delivered(self, tp: Any, message: Any) -> None:
+        self._taken[tp][message.offset] = message
+        if message.offset + 1 > self._next.get(tp, -1):
+            self._next[tp] = message.offset + 1
 
-    def acked(self, tp: Any, offset: int) -> None:
-        outstanding = self._outstanding.get(tp)
-        if outstanding is not None:
-            outstanding.discard(offset)
+    def dropped(self, tp: Any, message: Any) -> None:
+        """No stream took it, so nothing will ever ack it (Faust skips it as well)."""
+        offset, taken = message.offset, self._taken.get(tp)
+        if taken is not None and taken.get(offset) is message:
+            del taken[offset]
 
     def committable(self, tp: Any) -> int | None:
-        """The offset the group may commit for `tp`: everything below it is done."""
-        outstanding = self._outstanding.get(tp)
-        if outstanding:
-            return min(outstanding)
+        """The offset the group may commit for `tp`: everything below it is done.
+
+        Offsets arrive in increasing order within one assignment, so the first unacked message
+        in delivery order is the lowest one."""
+        taken = self._taken.get(tp)
+        while taken:
+            offset, message = next(iter(taken.items()))
+            if not message.acked:
+                return offset
+            taken.popitem(last=False)
         return self._next.get(tp)
 
     def forget(self, tps: Iterable[Any]) -> None:
         """Partitions revoked or re-assigned: they are read again from the committed offset."""
         for tp in tps:
-            self._outstanding.pop(tp, None)
+            self._taken.pop(tp, None)
             self._next.pop(tp, None)
 
 
@@ -72,21 +83,19 @@ def install() -> None:
             # Recorded before a stream can see it, so an ack never comes first. A delivery cut
             # short (flow stopped for a rebalance) stays outstanding until the partition is
             # revoked: stalling a commit is safe, passing the message is not.
-            self.in_flight.delivered(message.tp, message.offset)
+            self.in_flight.delivered(message.tp, message)
             result = await deliver(message)
             if message.refcount == 0 and not message.acked:
-                self.in_flight.acked(message.tp, message.offset)  # no stream subscribes to it
+                self.in_flight.dropped(message.tp, message)
             return result
 
         self.callback = callback
 
     def new_offset(self: Any, tp: Any) -> int | None:
-        # Acks are read from Faust's own list: its Cython stream iterator appends to it directly
-        # instead of calling Consumer.ack, so there is no method to hook.
-        acked = self._acked[tp]
-        for done in acked:
-            self.in_flight.acked(tp, done)
-        acked.clear()
+        # Acks are read from each message's `acked` flag: Faust's Cython stream iterator sets it
+        # without calling Consumer.ack, so there is no method to hook. Faust's own list of acked
+        # offsets is now only its signal that there is something to commit.
+        self._acked[tp].clear()
         self._acked_index[tp].clear()
         committable: int | None = self.in_flight.committable(tp)
         return committable
