@@ -46,6 +46,15 @@ def _tokens(image_url: str) -> list[str]:
     return parts
 
 
+def _counted(words: list[str], token: str) -> int | None:
+    """N of the first `{token}N` word of the file name (`transient2` -> 2), if any."""
+    for w in words:
+        m = re.fullmatch(rf"{token}(\d+)", w)
+        if m:
+            return int(m.group(1))
+    return None
+
+
 def _find(words: list[str], names: tuple[str, ...] | list[str]) -> str | None:
     """The first category name that appears in the file name (longest names first)."""
     joined = "_".join(words)
@@ -171,16 +180,16 @@ def create_app(s: Settings | None = None) -> FastAPI:
         lat: Latency = app.state.latency
         if lat.max_s > 0:
             await asyncio.sleep(random.uniform(lat.min_s, max(lat.min_s, lat.max_s)))
-        slow = next((w for w in words if re.fullmatch(r"slow\d+", w)), None)
-        if slow and schema_name == "answer":
-            await asyncio.sleep(int(slow[len("slow") :]))
+        slow_s = _counted(words, "slow")
+        if slow_s is not None and schema_name == "answer":
+            await asyncio.sleep(slow_s)
 
         if "permanent" in words:
             return _error(
                 400, "simulated permanent error: the image cannot be processed", "invalid_request_error"
             )
-        transient = next((w for w in words if re.fullmatch(r"transient\d+", w)), None)
-        if transient and calls[f"{schema_name}:{url}"] <= int(transient[len("transient") :]):
+        transient = _counted(words, "transient")
+        if transient is not None and calls[f"{schema_name}:{url}"] <= transient:
             return _error(503, "simulated transient overload", "server_error")
 
         if schema_name == "classification":
