@@ -16,6 +16,7 @@ import copy
 import importlib
 import importlib.resources
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -49,7 +50,23 @@ from contract.topics import (
 from eco2.topics_yaml import CLUSTER, TOPICS_YAML, render
 
 DEPLOY = REPO_ROOT / "deploy"
-CRDS = REPO_ROOT.parent / "shared" / "crds"
+
+
+def _find_crds() -> Path:
+    """`shared/crds` beside the repo (as CI has it), else `ECO2_SHARED_DIR`, else beside the
+    local repository this one was cloned from (a clone made elsewhere, e.g. in /tmp)."""
+    candidates = [REPO_ROOT.parent / "shared"]
+    if os.environ.get("ECO2_SHARED_DIR"):
+        candidates.append(Path(os.environ["ECO2_SHARED_DIR"]))
+    origin = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "remote", "get-url", "origin"], capture_output=True, text=True
+    ).stdout.strip()
+    if origin and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / "shared")
+    return next((c / "crds" for c in candidates if (c / "crds").is_dir()), candidates[0] / "crds")
+
+
+CRDS = _find_crds()
 K8S_VERSION = "1.33"  # the Kubernetes minor the built-in kinds are validated for
 IMAGE = "eco2-streams"
 CRD_GROUPS = ("kafka.strimzi.io", "keda.sh")
@@ -125,7 +142,7 @@ def _strict(node: Any) -> Any:
 def crd_schemas() -> dict[tuple[str, str], Doc]:
     """(apiVersion, kind) -> strict openAPIV3Schema, for every served version of every CRD."""
     if not CRDS.is_dir():
-        pytest.fail(f"CRDs not found at {CRDS} (shared/crds beside the repo)")
+        pytest.fail(f"CRDs not found at {CRDS} (shared/crds beside the repo, or set ECO2_SHARED_DIR)")
     out: dict[tuple[str, str], Doc] = {}
     for path in sorted(CRDS.glob("*/*.yaml")):
         for crd in load_docs(path):
