@@ -17,7 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ECO2_", extra="ignore")
+    # `.eco2.env` at the repo root (git-ignored) overrides defaults for every process of a checkout,
+    # e.g. other ports so that two checkouts run two stacks side by side; real env vars win.
+    model_config = SettingsConfigDict(env_prefix="ECO2_", extra="ignore", env_file=REPO_ROOT / ".eco2.env")
 
     # Where the local stack keeps binaries, data, logs and pids.
     local_dir: Path = REPO_ROOT / ".local"
@@ -62,6 +64,10 @@ class Settings(BaseSettings):
     stage_max_retries: int = 3
     retry_backoff_s: float = 0.5
     metrics_port: int = 9100  # 0 disables the Prometheus endpoint
+    # Local stack: where `eco2 stack up` serves each consumer process's metrics (ECO2_METRICS_PORT).
+    workers_metrics_port: int = 9101
+    router_metrics_port: int = 9102
+    writer_metrics_port: int = 9103
 
     # Scan API input limits.
     max_image_url_len: int = 2048

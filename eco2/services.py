@@ -9,22 +9,22 @@ from persistence.migrate import after_postgres
 
 from .stack import AFTER_POSTGRES, APPS, Service, _py, http_ready
 
-# Local Prometheus ports of the processes that serve no HTTP API of their own.
-WORKERS_METRICS_PORT = 9101
-ROUTER_METRICS_PORT = 9102
-WRITER_METRICS_PORT = 9103
 
+def _metrics_service(
+    name: str, port: Callable[[Settings], int], argv: Callable[[Settings], list[str]], nice: int = 0
+) -> Service:
+    """A Kafka consumer process (no HTTP API of its own): ready once its metrics endpoint answers."""
 
-def _metrics_service(name: str, port: int, argv: Callable[[Settings], list[str]], nice: int = 0) -> Service:
-    """A Kafka consumer process: ready once its metrics endpoint answers on `port`."""
-    url = f"http://127.0.0.1:{port}"
+    def url(s: Settings) -> str:
+        return f"http://127.0.0.1:{port(s)}"
+
     return Service(
         name=name,
-        url=lambda s: url,
-        port=lambda s: port,
-        ready=http_ready("/metrics", lambda s: url),
+        url=url,
+        port=port,
+        ready=http_ready("/metrics", url),
         argv=argv,
-        env=lambda s: {"ECO2_METRICS_PORT": str(port)},
+        env=lambda s: {"ECO2_METRICS_PORT": str(port(s))},
         nice=nice,
         groups=("app",),
     )
@@ -64,9 +64,9 @@ APPS.extend(
             nice=10,
         ),
         _http_service("api", lambda s: s.api_url, lambda s: s.api_port, "producers", "/ready"),
-        _metrics_service("workers", WORKERS_METRICS_PORT, _py("streams", "worker"), nice=10),
-        _metrics_service("writer", WRITER_METRICS_PORT, _py("persistence"), nice=10),
-        _metrics_service("router", ROUTER_METRICS_PORT, _py("streams", "router")),
+        _metrics_service("workers", lambda s: s.workers_metrics_port, _py("streams", "worker"), nice=10),
+        _metrics_service("writer", lambda s: s.writer_metrics_port, _py("persistence"), nice=10),
+        _metrics_service("router", lambda s: s.router_metrics_port, _py("streams", "router")),
         _http_service("gateway", lambda s: s.gateway_url, lambda s: s.gateway_port, "gateway", "/health"),
     ]
 )

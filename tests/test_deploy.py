@@ -587,10 +587,10 @@ def test_secrets_outside_the_repo_are_documented() -> None:
                     assert f"--from-literal={ref['key']}=" in ops, f"document the key {ref['key']}"
 
 
-HTTP_PORTS = {  # command -> the Settings default the component listens on
-    "producers": Settings().api_port,
-    "gateway": Settings().gateway_port,
-    "simmodel": Settings().model_port,
+HTTP_PORTS = {  # command -> the Settings default the component listens on (not a local override)
+    "producers": Settings.model_fields["api_port"].default,
+    "gateway": Settings.model_fields["gateway_port"].default,
+    "simmodel": Settings.model_fields["model_port"].default,
 }
 HTTP_APPS = {"producers": "producers.api", "gateway": "gateway.app", "simmodel": "simmodel.server"}
 

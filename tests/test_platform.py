@@ -136,6 +136,15 @@ async def test_postgres_round_trip(settings: Settings, stack_status, uid):
         await conn.close()
 
 
+def _free_port() -> int:
+    """A loopback port nothing listens on now (so several stacks' test runs never collide)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 async def test_kafka_restart_keeps_data(settings: Settings, tmp_path: Path):
     """`down` then `up` keeps Kafka's data. Runs on a second broker of its own (other ports, own
     data dir) so the shared stack the other tests use is never interrupted."""
@@ -145,8 +154,8 @@ async def test_kafka_restart_keeps_data(settings: Settings, tmp_path: Path):
     (local / home.name).symlink_to(home)  # reuse the resolved jars
     env = {
         "ECO2_LOCAL_DIR": str(local),
-        "ECO2_KAFKA_BOOTSTRAP": "127.0.0.1:29092",
-        "ECO2_KAFKA_CONTROLLER_PORT": "29093",
+        "ECO2_KAFKA_BOOTSTRAP": f"127.0.0.1:{_free_port()}",
+        "ECO2_KAFKA_CONTROLLER_PORT": str(_free_port()),
     }
     own = settings.model_copy(update={"kafka_bootstrap": env["ECO2_KAFKA_BOOTSTRAP"]})
     try:
@@ -161,7 +170,7 @@ async def test_kafka_restart_keeps_data(settings: Settings, tmp_path: Path):
 
         assert "stopped" in eco2("stack", "down", "--only", "kafka", env=env).stdout
         status = json.loads(eco2("stack", "status", "--json", env=env).stdout)["services"]
-        assert status["kafka"] == {"url": "127.0.0.1:29092", "up": False}
+        assert status["kafka"] == {"url": env["ECO2_KAFKA_BOOTSTRAP"], "up": False}
         assert "started" in eco2("stack", "up", "--only", "kafka", env=env).stdout
         assert (
             json.loads(eco2("stack", "status", "--json", env=env).stdout)["services"]["kafka"]["up"] is True
@@ -208,7 +217,7 @@ def test_port_taken_by_a_stranger_is_a_clear_error(tmp_path: Path):
 def test_missing_java_is_a_clear_error(tmp_path: Path):
     env = {
         "ECO2_LOCAL_DIR": str(tmp_path),
-        "ECO2_KAFKA_BOOTSTRAP": "127.0.0.1:29192",
+        "ECO2_KAFKA_BOOTSTRAP": f"127.0.0.1:{_free_port()}",
         "PATH": str(Path(sys.executable).parent) + ":/usr/bin/nonexistent",
     }
     out = eco2("stack", "up", "--only", "kafka", env=env, check=False)
