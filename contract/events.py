@@ -23,6 +23,16 @@ TERMINAL_STAGES = ("done", "failed")
 
 Status = Literal["started", "completed", "failed"]
 
+# SSE `event:` names. A failure is `failed`, never `error`: EventSource dispatches its own
+# connection errors as `error`, so a client could not tell a failed job from a network blip.
+FAILED_EVENT = "failed"
+SSE_EVENTS: tuple[str, ...] = (*STAGES, FAILED_EVENT)
+
+
+def sse_event_name(stage: str, status: str) -> str:
+    """The SSE `event:` name of an event: its stage, or `failed` for the terminal failure."""
+    return FAILED_EVENT if status == "failed" else stage
+
 
 def seq_of(stage: str, status: str) -> int:
     if status == "failed":
@@ -101,8 +111,8 @@ class ScanEvent(BaseModel):
 
     @property
     def sse_event(self) -> str:
-        """The SSE `event:` name: the stage, or `error` for a failure."""
-        return "error" if self.status == "failed" else self.stage
+        """The SSE `event:` name: the stage, or `failed` for a failure."""
+        return sse_event_name(self.stage, self.status)
 
 
 def make_event(

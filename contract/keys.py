@@ -14,8 +14,11 @@ def history(job_id: str) -> str:
 
 
 def idempotency(user_id: str, key: str) -> str:
-    """Per-user idempotency key -> job_id."""
-    return f"scan:idem:{user_id}:{key}"
+    """Per-user idempotency key -> job_id and the request's fingerprint.
+
+    The user id is length-prefixed, so no (user, key) pair spells another's entry: with a plain
+    `{user}:{key}`, user `a:b` + key `c` and user `a` + key `b:c` shared one key."""
+    return f"scan:idem:{len(user_id)}:{user_id}:{key}"
 
 
 def shard_channel(shard: int) -> str:

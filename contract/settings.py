@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KAFKA_VERSION = "4.3.1"  # the Kafka that Strimzi 1.2 deploys by default; pinned only here
@@ -74,7 +75,8 @@ class Settings(BaseSettings):
     max_user_input_len: int = 1000
     max_body_bytes: int = 16384
     image_host_allowlist: list[str] = []  # empty = any public host
-    idempotency_ttl_s: int = 24 * 3600
+    idempotency_ttl_s: int = 24 * 3600  # how long an X-Idempotency-Key is remembered
+    max_idempotency_key_len: int = 200
     api_txn_producers: int = 4  # transactional producers committing job batches in parallel
 
     # Redis state.
@@ -90,6 +92,13 @@ class Settings(BaseSettings):
     client_queue_size: int = 64  # live events buffered per client before it is resynced from history
     unknown_job_wait_s: float = 3.0  # a just-submitted job may reach Redis a moment after the POST
     gap_wait_s: float = 2.0  # how long a stream holds events back waiting for a missing seq
+    # Signed stream URLs (contract/stream_token.py): the POST's stream_url carries a JWT for the
+    # job and its owner. Empty secret = one random key per checkout in .local/stream-token.key;
+    # in Kubernetes every API and gateway pod gets the same key from a Secret.
+    stream_token_secret: SecretStr = SecretStr("")
+    stream_token_ttl_s: int = 900
+    # Development only: `?user=NAME` authenticates a stream (anyone could claim any user).
+    gateway_allow_user_query: bool = False
 
     # Event router (scan.events -> Redis).
     router_group: str = "eco2-router"  # = contract.topics.ROUTER_GROUP; tests run their own group

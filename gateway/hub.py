@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from contract import keys
-from contract.events import TERMINAL_STAGES
+from contract.events import FAILED_EVENT, TERMINAL_STAGES
 from contract.topics import EVENTS_PARTITIONS
 
 log = logging.getLogger("eco2.gateway.hub")
@@ -38,7 +38,7 @@ class Item:
 
     job_id: str
     seq: int
-    event: str  # SSE event name: the stage, or "error" for a failure
+    event: str  # SSE event name: the stage, or "failed" for a failure
     terminal: bool
     data: str  # the event JSON exactly as the router stored it
 
@@ -50,7 +50,7 @@ class Item:
         return cls(
             job_id=d["job_id"],
             seq=int(d["seq"]),
-            event="error" if failed else d["stage"],
+            event=FAILED_EVENT if failed else d["stage"],
             terminal=failed or d["stage"] in TERMINAL_STAGES,
             data=data,
         )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
@@ -16,14 +18,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from contract import keys, trace
+from contract import keys, stream_token, trace
 from contract.events import ScanJob, ScanRequest, make_event, now
 from contract.settings import Settings, get_settings
 from streams import rules
 from streams.state import StateStore, pooled_client
 
+from . import openapi
 from .jobs import JobWriter
 from .validation import InvalidInput, check_request
 
@@ -32,20 +35,19 @@ LATENCY = Histogram(
     "eco2_api_seconds", "scan API latency", ["route"], buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 )
 
-UserHeader = Annotated[str | None, Header(alias="X-User-ID")]
-IdemHeader = Annotated[str | None, Header(alias="X-Idempotency-Key")]
+UserHeader = Annotated[str | None, Header(alias="X-User-ID")]  # set by the auth proxy; see openapi.py
 
 
-class ScanAccepted(BaseModel):
-    job_id: str
-    status: str
-    stream_url: str
-    result_url: str
+HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
 
-def error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
+def error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
 
+
+IdemHeader = Annotated[str | None, Header(alias="X-Idempotency-Key")]  # documented in openapi.py
 
 # Results of finished jobs that left the Redis cache come from Postgres (persistence/).
 ResultFallback = Callable[[str], Awaitable[dict[str, Any] | None]]
@@ -71,13 +73,17 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         title="eco2 scan API",
         version="1",
         lifespan=lifespan,
-        description="Submit a waste photo for classification; follow it over SSE; read its result.",
+        description="Submit a waste photo for classification; follow it over SSE (the gateway's "
+        "`GET /api/v1/scan/{job_id}/events`, see `stream_url`); read its result. Every error is a "
+        "JSON `ApiError`.",
     )
+    openapi.install(app, s)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=s.cors_origins,
         allow_methods=["GET", "POST"],
         allow_headers=["X-User-ID", "X-Idempotency-Key", "Content-Type", "Last-Event-ID"],
+        expose_headers=["Location", "Retry-After"],
     )
 
     @app.middleware("http")
@@ -96,10 +102,20 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         details = [
             {"field": ".".join(str(p) for p in e["loc"][1:]), "problem": e["msg"]} for e in exc.errors()
         ]
-        return error(400, "invalid_request", "the request body is not a valid scan request", details=details)
+        return error(400, "invalid_request", "the request is not a valid scan request", details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Framework errors (unparsable body, unknown path, wrong method) as ApiError too."""
+        code = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
+        return error(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.post(
-        "/api/v1/scan", status_code=202, response_model=ScanAccepted, responses={400: {}, 401: {}, 413: {}}
+        "/api/v1/scan",
+        status_code=202,
+        response_model=None,
+        responses=openapi.submit_responses(s),
+        operation_id="submitScan",
     )
     async def submit(
         body: ScanRequest, request: Request, user: UserHeader = None, idem: IdemHeader = None
@@ -114,17 +130,32 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             return error(400, exc.code, exc.message, field=exc.field)
         redis: aioredis.Redis = request.app.state.redis
         job_id = uuid.uuid4().hex
+        if idem is not None and not 0 < len(idem) <= s.max_idempotency_key_len:
+            return error(
+                400,
+                "invalid_idempotency_key",
+                f"X-Idempotency-Key must be 1 to {s.max_idempotency_key_len} characters",
+            )
         idem_key = keys.idempotency(user, idem) if idem else None
         if idem_key:
-            if len(idem) > 200:  # type: ignore[arg-type]
-                return error(
-                    400, "idempotency_key_too_long", "X-Idempotency-Key is longer than 200 characters"
-                )
+            fingerprint = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
             # SET NX is the atomic claim: of two concurrent POSTs only one creates a job.
-            existing = await redis.set(idem_key, job_id, nx=True, get=True, ex=s.idempotency_ttl_s)
+            existing = await redis.set(
+                idem_key, f"{job_id} {fingerprint}", nx=True, get=True, ex=s.idempotency_ttl_s
+            )
             if existing is not None:
+                first_job, _, first_fingerprint = _text(existing).partition(" ")
+                if first_fingerprint and first_fingerprint != fingerprint:
+                    REQUESTS.labels("submit", "409").inc()
+                    return error(
+                        409,
+                        "idempotency_key_reused",
+                        "X-Idempotency-Key was used with a different request body; "
+                        "use a new key for a new scan",
+                        job_id=first_job,
+                    )
                 REQUESTS.labels("submit", "202").inc()
-                return JSONResponse(_accepted(s, _text(existing)), status_code=202)
+                return _accepted(s, first_job, user)
         job = ScanJob(
             job_id=job_id,
             user_id=user,
@@ -147,7 +178,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         await request.app.state.store.apply([queued])
         REQUESTS.labels("submit", "202").inc()
         LATENCY.labels("submit").observe(time.perf_counter() - t0)
-        return JSONResponse(_accepted(s, job_id), status_code=202, headers={"traceparent": tp})
+        return _accepted(s, job_id, user, {"traceparent": tp})
 
     @app.get("/api/v1/scan/categories")
     async def categories() -> dict[str, Any]:
@@ -158,7 +189,12 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             ]
         }
 
-    @app.get("/api/v1/scan/{job_id}/result", responses={200: {}, 202: {}, 401: {}, 404: {}})
+    @app.get(
+        "/api/v1/scan/{job_id}/result",
+        response_model=None,
+        responses=openapi.result_responses(),
+        operation_id=openapi.RESULT_OPERATION,
+    )
     async def result(job_id: str, request: Request, user: UserHeader = None) -> JSONResponse:
         t0 = time.perf_counter()
         if not user:
@@ -185,7 +221,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
                 "progress": state["progress"],
             },
             status_code=202,
-            headers={"Retry-After": "2"},
+            headers={"Retry-After": "2", "Location": _result_url(s, job_id)},
         )
 
     @app.get("/health")
@@ -220,14 +256,23 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     return app
 
 
-def _accepted(s: Settings, job_id: str) -> dict[str, str]:
-    base = s.public_base_url.rstrip("/")
-    return ScanAccepted(
+def _result_url(s: Settings, job_id: str) -> str:
+    return f"{s.public_base_url.rstrip('/')}/api/v1/scan/{job_id}/result"
+
+
+def _accepted(s: Settings, job_id: str, user: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The 202 of a POST: where to follow the job (with a stream token) and where its result is."""
+    token = stream_token.issue(s, job_id, user)
+    body = openapi.ScanAccepted(
         job_id=job_id,
         status="queued",
-        stream_url=f"{base}/api/v1/scan/{job_id}/events",
-        result_url=f"{base}/api/v1/scan/{job_id}/result",
-    ).model_dump()
+        stream_url=f"{s.public_base_url.rstrip('/')}/api/v1/scan/{job_id}/events?"
+        + urlencode({stream_token.QUERY_PARAM: token}),
+        result_url=_result_url(s, job_id),
+    )
+    return JSONResponse(
+        body.model_dump(), status_code=202, headers={"Location": body.result_url, **(headers or {})}
+    )
 
 
 def _text(value: bytes | str | bool) -> str:

@@ -8,7 +8,10 @@ are refused whether written as a name, an IPv4/IPv6 literal or a numeric shortcu
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit
 
 from contract.events import ScanRequest
@@ -16,6 +19,39 @@ from contract.settings import Settings
 
 _BLOCKED_NAMES = ("localhost", "metadata.google.internal", "metadata", "instance-data")
 _BLOCKED_SUFFIXES = (".localhost", ".internal", ".local", ".localdomain", ".home.arpa")
+
+# The published shape of image_url (OpenAPI `pattern`), enforced here as well, so the schema says
+# exactly what is accepted: http(s), a DNS host name with an alphabetic top-level label (no IP
+# literals, no credentials), an optional port, then anything without whitespace or control
+# characters. Written for both Python's re and ECMAScript (no flags, no lookarounds).
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_TAIL = r"(?::[0-9]{1,5})?(?:[/?#][^\s\u0000-\u001f\u007f]*)?$"
+
+
+def _ci(text: str) -> str:
+    """A host name or word as a case-insensitive regex without flags (JSON Schema patterns have
+    none); host names hold only letters, digits, `-` and `.`."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else "\\." if c == "." else c for c in text)
+
+
+def image_url_pattern(s: Settings) -> str:
+    return _url_regex(tuple(s.image_host_allowlist)).pattern
+
+
+@lru_cache(maxsize=8)
+def _url_regex(allowlist: tuple[str, ...]) -> re.Pattern[str]:
+    if allowlist:
+        hosts = "|".join(_ci(h.lower().strip(".")) for h in allowlist)
+        host = f"(?:{_LABEL}\\.)*(?:{hosts})"
+    else:
+        host = f"(?:{_LABEL}\\.)+[A-Za-z]{{2,63}}"
+    return re.compile(f"^{_ci('http')}[sS]?://{host}{_TAIL}")
+
+
+def internal_host_pattern() -> str:
+    """Matches URLs whose host ends in a suffix reserved for internal names (schema `not`)."""
+    suffixes = "|".join(_ci(x.lstrip(".")) for x in _BLOCKED_SUFFIXES)
+    return f"^[^:]+://(?:[^/?#:]*\\.)?(?:{suffixes})(?::[0-9]*)?(?:[/?#]|$)"
 
 
 class InvalidInput(ValueError):
@@ -57,7 +93,7 @@ def check_image_url(url: str, s: Settings) -> str:
         raise InvalidInput(
             "image_url_too_long", f"image_url is longer than {s.max_image_url_len} characters", "image_url"
         )
-    parts = urlsplit(url.strip())
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise InvalidInput("image_url_scheme", "image_url must be an http(s) URL", "image_url")
     host = (parts.hostname or "").lower().rstrip(".")
@@ -76,7 +112,14 @@ def check_image_url(url: str, s: Settings) -> str:
     ip = _literal_ip(host)
     if ip is not None and _internal(ip):
         raise InvalidInput("image_url_internal", f"image host {host!r} is a non-public address", "image_url")
-    return url.strip()
+    if not _url_regex(tuple(s.image_host_allowlist)).fullmatch(url):
+        raise InvalidInput(
+            "image_url_format",
+            "image_url must be http(s)://host.name[:port][/path] with a DNS host name (no IP address), "
+            "without whitespace or control characters",
+            "image_url",
+        )
+    return url
 
 
 def check_request(req: ScanRequest, s: Settings) -> ScanRequest:
@@ -94,3 +137,33 @@ def check_request(req: ScanRequest, s: Settings) -> ScanRequest:
             "model",
         )
     return req.model_copy(update={"image_url": url})
+
+
+def request_schema(s: Settings) -> dict[str, Any]:
+    """The JSON Schema of a scan request with every limit `check_request` enforces."""
+    return {
+        "type": "object",
+        "title": "ScanRequest",
+        "required": ["image_url"],
+        "properties": {
+            "image_url": {
+                "type": "string",
+                "maxLength": s.max_image_url_len,
+                "pattern": image_url_pattern(s),
+                "not": {"pattern": internal_host_pattern()},
+                "description": "http(s) URL of the photo. The host must be a public DNS name "
+                "(no IP literals, no credentials, no internal suffix such as .local or .internal"
+                + (f"; one of {', '.join(s.image_host_allowlist)} or below" if s.image_host_allowlist else "")
+                + ").",
+                "examples": ["https://images.example.com/scans/clear_pet-bottle-label_attached.jpg"],
+            },
+            "user_input": {
+                "anyOf": [{"type": "string", "maxLength": s.max_user_input_len}, {"type": "null"}],
+                "description": "what the user says about the item",
+            },
+            "model": {
+                "anyOf": [{"type": "string", "enum": list(s.supported_models)}, {"type": "null"}],
+                "description": f"the vision model; default {s.vision_model}",
+            },
+        },
+    }

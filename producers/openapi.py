@@ -1,0 +1,206 @@
+"""The scan API's published contract: response models, error examples, links and the request schema.
+
+FastAPI derives most of `/openapi.json` from the routes; this module adds what it cannot know: the
+request limits `validation.py` enforces, one documented error body per status with an example,
+`Location`/`Retry-After` headers and the links from a POST's `job_id` to the result and the
+gateway's event stream (what a client, or schemathesis' stateful phase, follows next).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, Field
+
+from contract.events import SSE_EVENTS, ScanResult
+from contract.settings import Settings
+
+from .validation import request_schema
+
+RESULT_OPERATION = "getScanResult"
+EVENTS_OPERATION = "streamScanEvents"  # the gateway's operation (gateway/openapi.py)
+EVENTS_PATH_POINTER = "/paths/~1api~1v1~1scan~1{job_id}~1events/get"
+
+
+class ScanAccepted(BaseModel):
+    job_id: str = Field(description="the job's id (32 hex digits)")
+    status: Literal["queued"]
+    stream_url: str = Field(
+        description="the job's SSE stream on the gateway, with a short-lived `token` bound to the "
+        "job and the caller: open it with EventSource as it is"
+    )
+    result_url: str = Field(description="where the result appears (also the `Location` header)")
+
+
+class ScanProgress(BaseModel):
+    job_id: str
+    status: Literal["processing"]
+    current_stage: str = Field(description="the stage of the latest event: " + ", ".join(SSE_EVENTS[:-1]))
+    progress: int = Field(ge=0, le=100)
+
+
+class FieldProblem(BaseModel):
+    field: str
+    problem: str
+
+
+class ApiError(BaseModel):
+    """Every error of the scan API: a machine-readable code and a sentence for people."""
+
+    error: str = Field(description="machine-readable code, e.g. image_url_internal")
+    message: str
+    field: str | None = Field(default=None, description="the request field at fault, if one is")
+    details: list[FieldProblem] | None = None
+    job_id: str | None = Field(default=None, description="409: the job the key already names")
+
+
+def _error(description: str, examples: dict[str, tuple[str, str]], **extra: Any) -> dict[str, Any]:
+    """A documented error response: the ApiError schema plus one example per code."""
+    return {
+        "model": ApiError,
+        "description": description,
+        "content": {
+            "application/json": {
+                "examples": {
+                    name: {"value": {"error": code, "message": message}}
+                    for name, (code, message) in examples.items()
+                }
+            }
+        },
+        **extra,
+    }
+
+
+RETRY_AFTER = {"description": "seconds to wait before asking again", "schema": {"type": "integer"}}
+TRACEPARENT = {
+    "description": "W3C trace context of the job (also on its Kafka messages)",
+    "schema": {"type": "string", "pattern": "^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"},
+}
+UNAUTHENTICATED = _error(
+    "no X-User-ID header (the auth proxy sets it)",
+    {"unauthenticated": ("unauthenticated", "the X-User-ID header is required")},
+)
+
+
+def submit_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
+    location = {"description": "the result URL (= result_url)", "schema": {"type": "string"}}
+    return {
+        202: {
+            "description": "queued: the job and its `queued` event are committed to Kafka. A repeat "
+            "with the same X-Idempotency-Key and body returns the same job.",
+            "headers": {"Location": location, "traceparent": TRACEPARENT},
+            "links": {
+                "GetResult": {
+                    "operationId": RESULT_OPERATION,
+                    "parameters": {"job_id": "$response.body#/job_id"},
+                    "description": "poll the result of the job just queued",
+                },
+                "FollowEvents": {
+                    "operationRef": f"{_gateway(s)}/openapi.json#{EVENTS_PATH_POINTER}",
+                    "parameters": {"job_id": "$response.body#/job_id"},
+                    "description": "follow the job's progress on the SSE gateway (or open stream_url, "
+                    "which carries the token)",
+                    "server": {"url": _gateway(s)},
+                },
+            },
+        },
+        400: _error(
+            "invalid input; `error` names the problem, `field` the field",
+            {
+                "scheme": ("image_url_scheme", "image_url must be an http(s) URL"),
+                "internal": ("image_url_internal", "image host '10.0.0.1' is a non-public address"),
+                "format": ("image_url_format", "image_url must be http(s)://host.name[:port][/path] ..."),
+                "too_long": ("image_url_too_long", f"image_url is longer than {s.max_image_url_len} chars"),
+                "model": ("unknown_model", f"unknown model 'x'; supported: {', '.join(s.supported_models)}"),
+                "body": ("invalid_request", "the request body is not a valid scan request"),
+            },
+        ),
+        401: UNAUTHENTICATED,
+        413: _error(
+            f"the body is larger than {s.max_body_bytes} bytes",
+            {"too_large": ("body_too_large", f"request body is larger than {s.max_body_bytes} bytes")},
+        ),
+        409: _error(
+            "the X-Idempotency-Key was already used by this user with a different body",
+            {"reused": ("idempotency_key_reused", "X-Idempotency-Key was used with a different body")},
+        ),
+        503: _error(
+            "Kafka did not take the job; nothing was queued, retry (the same X-Idempotency-Key is safe)",
+            {"unavailable": ("unavailable", "could not queue the scan: KafkaConnectionError")},
+        ),
+    }
+
+
+def result_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"model": ScanResult, "description": "the final result (completed or failed)"},
+        202: {
+            "model": ScanProgress,
+            "description": "still running: poll again after Retry-After seconds",
+            "headers": {
+                "Retry-After": RETRY_AFTER,
+                "Location": {"description": "this result URL", "schema": {"type": "string"}},
+            },
+        },
+        401: UNAUTHENTICATED,
+        404: _error(
+            "no such job, or not the caller's (the two are indistinguishable)",
+            {"not_found": ("not_found", "no such scan")},
+        ),
+    }
+
+
+def _gateway(s: Settings) -> str:
+    return (s.public_base_url or s.gateway_url).rstrip("/")
+
+
+def install(app: FastAPI, s: Settings) -> None:
+    """Replace FastAPI's generated document with the completed one (built once, then cached)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            _complete(doc, s)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+USER_HEADER = {
+    "type": "string",
+    "minLength": 1,
+    "description": "the caller's user id, set by the auth proxy after it authenticated the user "
+    "(a missing header is a 401)",
+}
+
+
+def _complete(doc: dict[str, Any], s: Settings) -> None:
+    for ops in doc.get("paths", {}).values():
+        for op in ops.values():
+            for param in op.get("parameters", []):
+                if param["name"] == "X-User-ID":
+                    param.update(required=True, schema=USER_HEADER, description=USER_HEADER["description"])
+            # Invalid input is a 400 ApiError here (see api.invalid), never FastAPI's 422 shape.
+            if "422" in op.get("responses", {}) and "ValidationError" in str(op["responses"]["422"]):
+                del op["responses"]["422"]
+    submit = doc["paths"]["/api/v1/scan"]["post"]
+    for param in submit.get("parameters", []):
+        if param["name"] == "X-Idempotency-Key":
+            param["schema"] = {"type": "string", "minLength": 1, "maxLength": s.max_idempotency_key_len}
+            param["description"] = (
+                "makes the POST safe to retry: the same key with the same body returns the same job "
+                f"for {s.idempotency_ttl_s} s after its first use; the same key with another body "
+                "is a 409. Keys are per user."
+            )
+    submit["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": request_schema(s)}},
+    }
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError", "ScanRequest"):
+        schemas.pop(name, None)
