@@ -15,18 +15,21 @@ from pathlib import Path
 from typing import Annotated
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import FastAPI, Header, Request, Security
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyQuery
 from prometheus_client import Counter, Gauge, make_asgi_app
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
-from contract import keys
+from contract import keys, stream_token
 from contract.events import TERMINAL_STAGES
+from contract.openapi import install_openapi
 from contract.settings import Settings, get_settings
 
+from . import openapi
 from .hub import Hub, Item
 from .stream import JobStream
 
@@ -34,7 +37,14 @@ log = logging.getLogger("eco2.gateway")
 
 STATIC = Path(__file__).parent / "static"
 CLIENT_NAME = f"eco2-gateway-{os.getpid()}"  # CLIENT LIST shows how few connections a gateway holds
-MAX_JOB_ID_LEN = 128
+
+# The token of the POST's stream_url, the way a browser's EventSource authenticates (no headers).
+STREAM_TOKEN = APIKeyQuery(
+    name=stream_token.QUERY_PARAM,
+    scheme_name="StreamToken",
+    description="the JWT in the scan API's stream_url, bound to one job and its owner",
+    auto_error=False,
+)
 
 STREAMS = Gauge("eco2_gateway_streams", "open SSE streams")
 REJECTED = Counter("eco2_gateway_rejected_total", "refused subscriptions", ["code"])
@@ -134,7 +144,13 @@ def create_app(s: Settings | None = None) -> FastAPI:
             await redis.aclose()
             await pool.disconnect()
 
-    app = FastAPI(title="eco2 SSE gateway", lifespan=lifespan)
+    app = FastAPI(
+        title="eco2 SSE gateway",
+        version="1",
+        lifespan=lifespan,
+        description="Live progress of scan jobs as Server-Sent Events (see streamScanEvents).",
+    )
+    install_openapi(app, lambda doc: openapi.complete(doc, s))
     app.add_middleware(
         CORSMiddleware,
         allow_origins=s.cors_origins,
@@ -147,7 +163,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=openapi.READY_RESPONSES)
     async def ready(request: Request) -> JSONResponse:
         gw: Gateway = request.app.state.gw
         try:
@@ -158,7 +174,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
         body = {"redis": redis_ok, "pubsub": gw.hub.connected, "streams": gw.active}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/config.json")
+    @app.get("/config.json", include_in_schema=False)
     async def config() -> dict[str, str]:
         """What the demo page needs: where to POST scans (the API allows this origin via CORS)."""
         return {"api_url": s.public_base_url or s.api_url}
@@ -167,25 +183,34 @@ def create_app(s: Settings | None = None) -> FastAPI:
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/api/v1/scan/{job_id}/events", response_model=None)
+    @app.get(
+        "/api/v1/scan/{job_id}/events",
+        response_model=None,
+        responses=openapi.events_responses(s),
+        operation_id=openapi.EVENTS_OPERATION,
+        summary="Follow a scan's progress (SSE)",
+    )
     async def events(
         job_id: str,
         request: Request,
-        x_user_id: Annotated[str | None, Header()] = None,
-        last_event_id: Annotated[str | None, Header()] = None,
-        user: Annotated[
-            str | None,
-            Query(
-                description="user id for browsers' EventSource, which cannot set headers; "
-                "in a real deployment the auth proxy sets X-User-ID instead"
-            ),
+        x_user_id: Annotated[
+            str | None, Header(alias="X-User-ID", description="the caller, set by the auth proxy")
         ] = None,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+        token: Annotated[str | None, Security(STREAM_TOKEN)] = None,
     ) -> Response:
         gw: Gateway = request.app.state.gw
-        uid = x_user_id or user
+        uid = x_user_id
+        if not uid and token is not None:
+            try:
+                uid = stream_token.verify(s, token, job_id).user_id
+            except stream_token.InvalidToken as exc:
+                return _error(401, f"invalid stream token: {exc}")
+        if not uid and s.gateway_allow_user_query:
+            uid = request.query_params.get("user")  # development only (ECO2_GATEWAY_ALLOW_USER_QUERY)
         if not uid:
-            return _error(401, "missing X-User-ID")
-        if len(job_id) > MAX_JOB_ID_LEN:
+            return _error(401, "missing X-User-ID or stream token")
+        if len(job_id) > openapi.MAX_JOB_ID_LEN:
             return _error(404, "job not found")
         if gw.active >= s.max_connections:
             return _error(503, "too many streams on this gateway; retry shortly", {"Retry-After": "1"})

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract import keys, stream_token, trace
 from contract.events import ScanJob, ScanRequest, make_event, now
+from contract.openapi import install_openapi
 from contract.settings import Settings, get_settings
 from streams import rules
 from streams.state import StateStore, pooled_client
@@ -77,7 +78,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         "`GET /api/v1/scan/{job_id}/events`, see `stream_url`); read its result. Every error is a "
         "JSON `ApiError`.",
     )
-    openapi.install(app, s)
+    install_openapi(app, lambda doc: openapi.complete(doc, s))
     app.add_middleware(
         CORSMiddleware,
         allow_origins=s.cors_origins,
@@ -108,7 +109,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Framework errors (unparsable body, unknown path, wrong method) as ApiError too."""
         code = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
-        return error(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        return error(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
 
     @app.post(
         "/api/v1/scan",
@@ -228,7 +229,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=openapi.READY_RESPONSES)
     async def ready(request: Request) -> JSONResponse:
         checks = {"redis": False, "kafka": False}
         try:

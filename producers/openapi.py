@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from contract.events import SSE_EVENTS, ScanResult
@@ -54,6 +52,17 @@ class ApiError(BaseModel):
     field: str | None = Field(default=None, description="the request field at fault, if one is")
     details: list[FieldProblem] | None = None
     job_id: str | None = Field(default=None, description="409: the job the key already names")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, bool] = Field(description="redis, kafka")
+
+
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": Readiness, "description": "Redis and Kafka answer"},
+    503: {"model": Readiness, "description": "Redis or Kafka does not answer"},
+}
 
 
 def _error(description: str, examples: dict[str, tuple[str, str]], **extra: Any) -> dict[str, Any]:
@@ -156,21 +165,6 @@ def _gateway(s: Settings) -> str:
     return (s.public_base_url or s.gateway_url).rstrip("/")
 
 
-def install(app: FastAPI, s: Settings) -> None:
-    """Replace FastAPI's generated document with the completed one (built once, then cached)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            doc = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-            _complete(doc, s)
-            app.openapi_schema = doc
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 USER_HEADER = {
     "type": "string",
     "minLength": 1,
@@ -179,7 +173,7 @@ USER_HEADER = {
 }
 
 
-def _complete(doc: dict[str, Any], s: Settings) -> None:
+def complete(doc: dict[str, Any], s: Settings) -> None:
     for ops in doc.get("paths", {}).values():
         for op in ops.values():
             for param in op.get("parameters", []):

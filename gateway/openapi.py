@@ -1,0 +1,145 @@
+"""The gateway's published contract: the SSE operation, its event names, ids, auth and statuses.
+
+FastAPI cannot describe a stream; this module writes down what a client may rely on, so the app
+team (and schemathesis) can check the gateway against it. The event names come from
+`contract.events`, so the document and the stream cannot disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from contract.events import FAILED_EVENT, FAILED_SEQ, SSE_EVENTS, STAGES, ScanEvent
+from contract.settings import Settings
+
+EVENTS_OPERATION = "streamScanEvents"
+
+
+class GatewayError(BaseModel):
+    """Every refusal of the gateway (FastAPI's shape)."""
+
+    detail: str
+
+
+def _refusal(description: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": GatewayError,
+        "description": description,
+        "content": {"application/json": {"example": {"detail": detail}}},
+        **extra,
+    }
+
+
+def stream_description(s: Settings) -> str:
+    stages = ", ".join(f"`{x}`" for x in STAGES)
+    return f"""The job's progress as Server-Sent Events, from `Last-Event-ID` to its terminal event.
+
+**Who may follow.** The job's owner: either the auth proxy's `X-User-ID` header, or the `token`
+query parameter of the `stream_url` the scan API returned (a JWT bound to this job and user, valid
+{s.stream_token_ttl_s} s; EventSource cannot set headers, so browsers use it). A missing or
+invalid token is a 401; someone else's job or an unknown one is the same 404.
+
+**Events.** Each event is `event: NAME`, `id: SEQ`, `data: EVENT-JSON` (the ScanEvent on
+`scan.events`). NAME is the stage ({stages}) or `{FAILED_EVENT}` for the job's failure; never
+`error`, which EventSource reserves for its own connection errors. SEQ is the event's position in
+the job: queued 1, each stage's `started` 10*n and `completed` 10*n+1, done 51, {FAILED_EVENT}
+{FAILED_SEQ}. Every seq is delivered once and in order, whatever the reconnects.
+
+**Terminal events.** `done` (success, carries the result) and `{FAILED_EVENT}` (carries the failed
+result and `error`) end the stream; the server closes it after them.
+
+**Reconnecting.** Send `Last-Event-ID` (EventSource does this by itself): the stream resumes after
+that seq. A finished job with nothing after it answers 204, which stops EventSource.
+
+**Keepalive.** After {s.keepalive_s:g} s without an event the server writes the comment
+`: keepalive`. A stream is closed after {s.max_stream_s:g} s at the latest; reconnect to go on.
+"""
+
+
+def events_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
+    example = (
+        'event: queued\nid: 1\ndata: {"event_id": "…:1", "stage": "queued", "status": "completed", …}\n\n'
+        ": keepalive\n\n"
+        'event: done\nid: 51\ndata: {"stage": "done", "status": "completed", "result": {…}, …}\n\n'
+    )
+    return {
+        200: {
+            "description": f"the event stream; event names: {', '.join(SSE_EVENTS)}. The schema "
+            "describes one event (as OpenAPI 3.2's itemSchema does); `data` is a ScanEvent.",
+            "content": {"text/event-stream": {"schema": EVENT_SCHEMA, "example": example}},
+        },
+        204: {"description": "the job is finished and nothing follows Last-Event-ID: do not reconnect"},
+        401: _refusal(
+            "neither X-User-ID nor a valid token (missing, malformed, tampered, expired, another job's)",
+            "missing X-User-ID or stream token",
+        ),
+        404: _refusal("no such job, or not the caller's (the two are indistinguishable)", "job not found"),
+        503: _refusal(
+            "the gateway is full or cannot read the job's state; retry after Retry-After seconds",
+            "too many streams on this gateway; retry shortly",
+            headers={"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}},
+        ),
+    }
+
+
+class Readiness(BaseModel):
+    redis: bool
+    pubsub: bool
+    streams: int
+
+
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": Readiness, "description": "Redis and the pub/sub connection answer"},
+    503: {"model": Readiness, "description": "Redis or the pub/sub connection is down"},
+}
+
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "id", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": list(SSE_EVENTS)},
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event's seq"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/ScanEvent"},
+        },
+    },
+}
+
+
+def complete(doc: dict[str, Any], s: Settings) -> None:
+    """Fill in what the route cannot say: parameter schemas and the token security scheme."""
+    op = doc["paths"]["/api/v1/scan/{job_id}/events"]["get"]
+    op["description"] = stream_description(s)
+    # Either credential will do: the token (a security scheme) or the auth proxy's X-User-ID.
+    op["security"] = [*op.get("security", []), {}]
+    op["responses"]["200"]["content"].pop("application/json", None)
+    if s.gateway_allow_user_query:
+        op["parameters"].append(
+            {
+                "name": "user",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "DEVELOPMENT ONLY (ECO2_GATEWAY_ALLOW_USER_QUERY): the caller's user id",
+            }
+        )
+    for param in op.get("parameters", []):
+        name = param["name"]
+        if name == "Last-Event-ID":
+            param["description"] = "the seq of the last event received; not a number counts as 0"
+        elif name == "job_id":
+            param["schema"] = {"type": "string", "minLength": 1, "maxLength": MAX_JOB_ID_LEN}
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ScanEvent"] = ScanEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for ops in doc["paths"].values():
+        for o in ops.values():
+            o.get("responses", {}).pop("422", None)  # the gateway validates nothing FastAPI's way
+
+
+MAX_JOB_ID_LEN = 128
