@@ -12,7 +12,7 @@ import typer
 
 from contract.events import ScanEvent
 from contract.settings import Settings, get_settings
-from gateway.client import ProgressPrinter, render_event, render_result
+from gateway.client import ProgressPrinter, render_event, render_result, token_of
 from gateway.client import follow as follow_stream
 from producers.client import ScanError, submit, wait_result
 
@@ -42,7 +42,14 @@ async def run_scan(
         job_id = accepted["job_id"]
         echo(f"job {job_id} queued ({(time.monotonic() - t0) * 1000:.0f} ms)")
         if follow:
-            await follow_stream(s.gateway_url, job_id, user, on_event=None if quiet else ProgressPrinter())
+            # As the app does: the stream URL's token, not the user id, authenticates the stream.
+            await follow_stream(
+                s.gateway_url,
+                job_id,
+                None,
+                token=token_of(accepted["stream_url"]),
+                on_event=None if quiet else ProgressPrinter(),
+            )
         else:
             last: list[str] = [""]
 

@@ -12,9 +12,11 @@ import inspect
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
+from contract import stream_token
 from contract.events import ScanEvent
 
 OnEvent = Callable[[ScanEvent], Awaitable[Any] | Any]
@@ -36,13 +38,20 @@ def make_client(max_connections: int | None = None, read_timeout_s: float = 60.0
     )
 
 
+def token_of(stream_url: str) -> str | None:
+    """The stream token in a POST's `stream_url` (None when it has none)."""
+    values = parse_qs(urlsplit(stream_url).query).get(stream_token.QUERY_PARAM)
+    return values[0] if values else None
+
+
 async def follow(
     base_url: str,
     job_id: str,
-    user_id: str,
+    user_id: str | None,
     last_event_id: int | str | None = None,
     on_event: OnEvent | None = None,
     *,
+    token: str | None = None,
     client: httpx.AsyncClient | None = None,
     max_retries: int = 20,
     retry_s: float = 0.25,
@@ -50,18 +59,24 @@ async def follow(
 ) -> list[ScanEvent]:
     """Every event of the job after `last_event_id`, up to its terminal event.
 
-    Reconnects (with backoff, `max_retries` times in a row without progress) on network errors,
-    a 503 from a full gateway, or a stream that ended early. Raises StreamError on 401/404.
+    Authenticates as `user_id` (the auth proxy's X-User-ID) or with the stream `token` of the
+    POST's stream_url. Reconnects (with backoff, `max_retries` times in a row without progress) on
+    network errors, a 503 from a full gateway, or a stream that ended early. Raises StreamError on
+    401/404.
     """
     own = client is None
     http = client or make_client()
     events: list[ScanEvent] = []
     last = int(last_event_id) if last_event_id not in (None, "") else 0
     url = f"{base_url.rstrip('/')}/api/v1/scan/{job_id}/events"
+    if token:
+        url += "?" + urlencode({stream_token.QUERY_PARAM: token})
     failures = 0
     try:
         while True:
-            headers = {"X-User-ID": user_id, "Accept": "text/event-stream"}
+            headers = {"Accept": "text/event-stream"}
+            if user_id:
+                headers["X-User-ID"] = user_id
             if last:
                 headers["Last-Event-ID"] = str(last)
             progressed = False

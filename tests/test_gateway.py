@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import signal
@@ -12,7 +13,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 
+from contract import stream_token
 from contract.events import ScanEvent
 from contract.settings import Settings
 from gateway.client import follow, make_client
@@ -66,10 +69,12 @@ def dumps(events: list[ScanEvent]) -> list[dict[str, object]]:
 async def read_raw(
     url: str, user: str, stop_after_seq: int | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, str]:
-    """Raw SSE text of one connection (closed after `stop_after_seq` if given)."""
+    """Raw SSE text of one connection (closed after `stop_after_seq` if given); no X-User-ID
+    header when `user` is empty."""
     text = ""
+    sent = {**({"X-User-ID": user} if user else {}), **(headers or {})}
     async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=30)) as client:
-        async with client.stream("GET", url, headers={"X-User-ID": user, **(headers or {})}) as resp:
+        async with client.stream("GET", url, headers=sent) as resp:
             if resp.status_code != 200:
                 return resp.status_code, (await resp.aread()).decode()
             async for line in resp.aiter_lines():
@@ -127,7 +132,7 @@ async def test_sse_format_and_resume_with_last_event_id(
     await delete_jobs(settings, [j.job_id])
 
 
-async def test_failed_job_ends_with_an_error_event(
+async def test_failed_job_ends_with_a_failed_event(
     settings: Settings, gw_producer: EventProducer, gw_router: Proc, gw_gateway: str, uid: str
 ) -> None:
     j = job(uid)
@@ -135,7 +140,8 @@ async def test_failed_job_ends_with_an_error_event(
     got = await follow(gw_gateway, j.job_id, uid)
     assert seqs(got) == [1, 10, 99]
     code, text = await read_raw(stream_url(gw_gateway, j.job_id), uid, headers={"Last-Event-ID": "10"})
-    assert code == 200 and "event: error" in text and "id: 99" in text
+    # `failed`, not `error`: EventSource reports its own connection errors as `error`.
+    assert code == 200 and "event: failed" in text and "id: 99" in text and "event: error" not in text
     await delete_jobs(settings, [j.job_id])
 
 
@@ -229,9 +235,60 @@ async def test_ownership_and_auth(
     assert no_user.status_code == 401 and no_user.json()["detail"]
     assert other.status_code == 404 and unknown.status_code == 404
     assert other.json() == unknown.json()  # someone else's job looks exactly like no job
-    # The browser's EventSource cannot set headers: ?user= is accepted for the demo page.
-    code, text = await read_raw(url + f"?user={uid}", "", stop_after_seq=1)
-    assert code == 200 and "id: 1" in text
+    # A bare ?user= is no identity: anyone could claim anyone (ECO2_GATEWAY_ALLOW_USER_QUERY off).
+    code, text = await read_raw(url + f"?user={uid}", "")
+    assert code == 401 and "data:" not in text
+    await delete_jobs(settings, [j.job_id])
+
+
+def tampered(token: str, **claims: object) -> str:
+    """`token` with its payload changed and its signature kept."""
+    head, payload, sig = token.split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    body.update(claims)
+    raw = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+    return f"{head}.{raw}.{sig}"
+
+
+async def test_stream_token_opens_exactly_its_own_stream(
+    settings: Settings, gw_producer: EventProducer, gw_router: Proc, gw_gateway: str, uid: str
+) -> None:
+    """The token of a POST's stream_url is the browser's credential: bound to the job and the
+    user, short-lived and signed; anything else gets 401/404 and never the stream."""
+    j, other_job = job(uid), job(uid)
+    await gw_producer.send_all(full_events(j))
+    await gw_producer.send_all(full_events(other_job))
+    url = stream_url(gw_gateway, j.job_id)
+    good = stream_token.issue(settings, j.job_id, uid)
+    other_secret = settings.model_copy(update={"stream_token_secret": SecretStr("another-key-" * 4)})
+    refused = {
+        "no token": ("", 401),
+        "another job's token": (stream_token.issue(settings, other_job.job_id, uid), 401),
+        "another user's token": (stream_token.issue(settings, j.job_id, f"mallory-{uid}"), 404),
+        "expired": (stream_token.issue(settings, j.job_id, uid, now=time.time() - 2 * 3600), 401),
+        "tampered user": (tampered(stream_token.issue(settings, j.job_id, "mallory"), sub=uid), 401),
+        "tampered job": (tampered(stream_token.issue(settings, other_job.job_id, uid), job=j.job_id), 401),
+        "signed with another key": (stream_token.issue(other_secret, j.job_id, uid), 401),
+        "not a JWT": ("garbage", 401),
+    }
+    for name, (token, status) in refused.items():
+        code, text = await read_raw(f"{url}?token={token}", "")
+        assert (code, "data:" in text) == (status, False), f"{name}: {code} {text[:200]}"
+    # The valid token alone (no X-User-ID) streams the whole job, resuming like any client.
+    got = await follow(gw_gateway, j.job_id, None, token=good)
+    assert seqs(got) == FULL
+    assert seqs(await follow(gw_gateway, j.job_id, None, token=good, last_event_id=31)) == FULL[-3:]
+    await delete_jobs(settings, [j.job_id, other_job.job_id])
+
+
+@env(ECO2_GATEWAY_ALLOW_USER_QUERY="true")
+async def test_user_query_only_behind_the_development_setting(
+    settings: Settings, gw_producer: EventProducer, gw_router: Proc, extra_gateway: str, uid: str
+) -> None:
+    j = job(uid)
+    await gw_producer.send_all(full_events(j))
+    code, text = await read_raw(stream_url(extra_gateway, j.job_id) + f"?user={uid}", "")
+    assert code == 200 and "id: 51" in text
     await delete_jobs(settings, [j.job_id])
 
 
@@ -326,7 +383,10 @@ async def test_health_ready_cors_and_config(gw_gateway: str, settings: Settings)
                 "Access-Control-Request-Headers": "X-User-ID, Last-Event-ID",
             },
         )
-        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", "http://app.example")
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in (
+            "*",
+            "http://app.example",
+        )
         assert (await client.get(gw_gateway + "/config.json")).json()["api_url"] == settings.api_url
         page = await client.get(gw_gateway + "/")
         assert page.status_code == 200 and "EventSource" in page.text

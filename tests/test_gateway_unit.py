@@ -64,7 +64,7 @@ def test_item_names_and_order() -> None:
     assert ORDER == (1, 10, 11, 20, 21, 30, 31, 40, 41, 51)
     assert (item(20).event, item(20).terminal) == ("rule", False)
     assert (item(51).event, item(51).terminal) == ("done", True)
-    assert (item(99).event, item(99).terminal) == ("error", True)
+    assert (item(99).event, item(99).terminal) == ("failed", True)  # never EventSource's `error`
     assert json.loads(item(11).data)["seq"] == 11
 
 

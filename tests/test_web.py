@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from playwright.async_api import Page, async_playwright
 
+from contract import stream_token
 from contract.settings import Settings
 
 from .gateway_support import EventProducer, Proc, delete_jobs, full_events, job, submit
@@ -68,7 +69,7 @@ async def test_page_shows_progress_to_the_final_stage(
 ) -> None:
     j = job(uid)
     rest = await submit(settings, gw_producer, j)
-    await page.goto(f"{gw_gateway}/?job={j.job_id}&user={uid}")
+    await page.goto(f"{gw_gateway}/?job={j.job_id}&token={stream_token.issue(settings, j.job_id, uid)}")
     producing = asyncio.create_task(gw_producer.send_all(rest, gap_s=0.4))
     seen = await watch_progress(page, 60)
     await producing
@@ -86,7 +87,7 @@ async def test_page_shows_a_failure(
 ) -> None:
     j = job(uid)
     await gw_producer.send_all(full_events(j, fail_at="answer"))
-    await page.goto(f"{gw_gateway}/?job={j.job_id}&user={uid}")
+    await page.goto(f"{gw_gateway}/?job={j.job_id}&token={stream_token.issue(settings, j.job_id, uid)}")
     await watch_progress(page, 30)
     assert await page.get_attribute("body", "data-state") == "failed"
     assert "failed at answer: boom" in (await page.text_content("#status") or "")
