@@ -25,7 +25,9 @@ _BLOCKED_SUFFIXES = (".localhost", ".internal", ".local", ".localdomain", ".home
 # literals, no credentials), an optional port, then anything without whitespace or control
 # characters. Written for both Python's re and ECMAScript (no flags, no lookarounds).
 _LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_TAIL = r"(?::[0-9]{1,5})?(?:[/?#][^\s\u0000-\u001f\u007f]*)?$"
+# Whitespace and control characters spelled out: `\s` differs between Python and ECMAScript.
+_BLANK = r"\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_TAIL = rf"(?::[0-9]{{1,5}})?(?:[/?#][^{_BLANK}]*)?$"
 
 
 def _ci(text: str) -> str:
@@ -122,7 +124,19 @@ def check_image_url(url: str, s: Settings) -> str:
     return url
 
 
+def _check_unicode(req: ScanRequest) -> None:
+    """JSON may escape lone surrogates (`"\\udc00"`); they are no text and cannot go to Kafka."""
+    for field in ("image_url", "user_input", "model"):
+        value: str | None = getattr(req, field)
+        try:
+            if value is not None:
+                value.encode()
+        except UnicodeEncodeError:
+            raise InvalidInput("invalid_text", f"{field} is not valid Unicode text", field) from None
+
+
 def check_request(req: ScanRequest, s: Settings) -> ScanRequest:
+    _check_unicode(req)
     url = check_image_url(req.image_url, s)
     if req.user_input is not None and len(req.user_input) > s.max_user_input_len:
         raise InvalidInput(
