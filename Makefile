@@ -4,14 +4,24 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ECO2 := $(BIN)/eco2
 STAMP := $(VENV)/.installed
+# Node tools the tests drive (official AsyncAPI parser, a standards-following EventSource).
+NODE_DIR := .local/node
+NODE_STAMP := $(NODE_DIR)/.installed
 
 .PHONY: install demo test lint unit up down bench
 
-install: $(STAMP)
+install: $(STAMP) $(NODE_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js 18+ (Debian: nodejs npm)"; exit 1; }
+	@mkdir -p $(NODE_DIR)
+	cp tests/node/package.json tests/node/package-lock.json $(NODE_DIR)/
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error
 	@touch $@
 
 up: install

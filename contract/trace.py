@@ -6,7 +6,8 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+PATTERN = r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$"
+_TRACEPARENT = re.compile(PATTERN)
 HEADER = "traceparent"
 
 

@@ -14,6 +14,7 @@ from contract.settings import get_settings
 
 from . import stack
 from .bench_cli import bench_app
+from .contract_cli import contract
 from .db import db_app
 from .dlq import dlq_app
 from .install import InstallError
@@ -25,6 +26,7 @@ stack_app = typer.Typer(help="Run the local stack (Kafka, Redis, Postgres and th
 deploy_app = typer.Typer(help="Kubernetes manifests.")
 app.add_typer(stack_app, name="stack")
 app.command("scan")(scan)
+app.command("contract")(contract)
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(state_app, name="state")
 app.add_typer(db_app, name="db")

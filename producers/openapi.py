@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from contract import trace
 from contract.events import SSE_EVENTS, ScanResult
 from contract.settings import Settings
 
@@ -85,7 +86,7 @@ def _error(description: str, examples: dict[str, tuple[str, str]], **extra: Any)
 RETRY_AFTER = {"description": "seconds to wait before asking again", "schema": {"type": "integer"}}
 TRACEPARENT = {
     "description": "W3C trace context of the job (also on its Kafka messages)",
-    "schema": {"type": "string", "pattern": "^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"},
+    "schema": {"type": "string", "pattern": trace.PATTERN},
 }
 UNAUTHENTICATED = _error(
     "no X-User-ID header (the auth proxy sets it)",

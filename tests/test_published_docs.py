@@ -1,0 +1,51 @@
+"""docs/contracts/ is what the code and contract/ generate now, and the AsyncAPI document passes
+the official AsyncAPI parser."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from contract import topics, trace
+from contract.events import SSE_EVENTS
+from contract.settings import Settings
+from eco2 import contract_cli
+
+from .node_tools import run_node
+
+
+def test_committed_documents_match_the_code() -> None:
+    drift = [str(p.relative_to(contract_cli.REPO_ROOT)) for p in contract_cli.stale()]
+    assert drift == [], f"{drift} differ from what the code generates: run `eco2 contract` and commit"
+
+
+def test_asyncapi_passes_the_official_parser(settings: Settings) -> None:
+    proc = run_node(settings, "validate_asyncapi.mjs", str(contract_cli.ASYNCAPI_DOC))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["version"] == "3.0.0" and summary["problems"] == []
+    assert summary["channels"] == [t.name for t in topics.TOPICS] + ["/api/v1/scan/{job_id}/events"]
+
+
+def test_asyncapi_says_what_contract_says() -> None:
+    doc = yaml.safe_load(contract_cli.ASYNCAPI_DOC.read_text())
+    by_topic = {c["address"]: c for c in doc["channels"].values()}
+    for spec in topics.TOPICS:
+        kafka = by_topic[spec.name]["bindings"]["kafka"]
+        assert kafka["partitions"] == spec.partitions
+        assert kafka["topicConfiguration"]["retention.ms"] == int(spec.config["retention.ms"])
+    headers = doc["components"]["schemas"]["KafkaHeaders"]
+    assert headers["required"] == [trace.HEADER] and headers["properties"][trace.HEADER]["pattern"]
+    groups = {
+        g
+        for op in doc["operations"].values()
+        if op["action"] == "receive"
+        for g in op["bindings"]["kafka"]["groupId"]["enum"]
+    }
+    assert {topics.ROUTER_GROUP, topics.WRITER_GROUP, topics.stage_group(["vision"])} <= groups
+    messages = doc["components"]["messages"]
+    stream = doc["channels"]["ScanEventStream"]["messages"].values()
+    names = sorted(messages[m["$ref"].rsplit("/", 1)[1]]["name"] for m in stream)
+    assert names == sorted(SSE_EVENTS)
+    assert "error" not in SSE_EVENTS
