@@ -12,6 +12,8 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import jwt
 
@@ -36,9 +38,12 @@ def secret(s: Settings) -> str:
     """The signing key: `ECO2_STREAM_TOKEN_SECRET`, else one random key per checkout kept in
     `.local/stream-token.key` (every process of the local stack reads the same file)."""
     configured = s.stream_token_secret.get_secret_value()
-    if configured:
-        return configured
-    path = s.local_dir / "stream-token.key"
+    return configured or _local_key(s.local_dir / "stream-token.key")
+
+
+@lru_cache(maxsize=8)
+def _local_key(path: Path) -> str:
+    """Read once per process (every stream and every POST needs it)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
