@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ async def api(settings: Settings, zero_latency_model: str):  # type: ignore[no-u
         yield http
 
 
-def schemathesis(url: str, tmp_path: Path, *args: str, config: str = "") -> None:
+def schemathesis(url: str, tmp_path: Path, *args: str, config: str = "") -> str:
     cfg = tmp_path / "schemathesis.toml"
     cfg.write_text(config)
     proc = subprocess.run(
@@ -45,15 +46,18 @@ def schemathesis(url: str, tmp_path: Path, *args: str, config: str = "") -> None
     )
     assert proc.returncode == 0, f"schemathesis found problems:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     assert "No issues found" in proc.stdout, proc.stdout[-3000:]
+    return proc.stdout
 
 
 async def test_schemathesis_finds_nothing_in_the_scan_api(
     settings: Settings, zero_latency_model: str, tmp_path: Path, uid: str
 ) -> None:
     """The stateful phase follows the POST's links to the result operation."""
-    await asyncio.to_thread(
+    out = await asyncio.to_thread(
         schemathesis, f"{settings.api_url}/openapi.json", tmp_path, "-H", f"X-User-ID: st-{uid}"
     )
+    links = re.search(r"API Links:\s+(\d+) covered", out)
+    assert links and int(links.group(1)) >= 1, out[-3000:]
 
 
 async def test_schemathesis_finds_nothing_in_the_gateway(
