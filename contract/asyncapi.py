@@ -33,8 +33,9 @@ REF = "#/components/schemas/{model}"
 _PRODUCERS = {
     STAGE_TOPICS["vision"]: "the scan API (one Kafka transaction with the job's queued event)",
     EVENTS: "the scan API (queued) and every stage worker (started/completed/failed)",
-    DLQ: "the stage workers, for jobs they give up on",
-    PERSISTENCE_DLQ: "the Postgres writer, for records it can never store",
+    DLQ: "the stage workers, for jobs they give up on (`eco2 dlq replay` re-produces one to its stage topic)",
+    PERSISTENCE_DLQ: "the Postgres writer, for records it can never store (`eco2 dlq replay` "
+    "re-produces one to scan.events)",
 }
 
 

@@ -181,7 +181,10 @@ def create_app(s: Settings | None = None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        # The page's URL carries a stream token (?job=&token=): never send it on as a Referer.
+        return FileResponse(
+            STATIC / "index.html", media_type="text/html", headers={"Referrer-Policy": "no-referrer"}
+        )
 
     @app.get(
         "/api/v1/scan/{job_id}/events",

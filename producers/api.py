@@ -146,7 +146,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             )
             if existing is not None:
                 first_job, _, first_fingerprint = _text(existing).partition(" ")
-                if first_fingerprint and first_fingerprint != fingerprint:
+                if first_fingerprint != fingerprint:
                     REQUESTS.labels("submit", "409").inc()
                     return error(
                         409,

@@ -184,6 +184,16 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
             if "422" in op.get("responses", {}) and "ValidationError" in str(op["responses"]["422"]):
                 del op["responses"]["422"]
     submit = doc["paths"]["/api/v1/scan"]["post"]
+    submit.setdefault("parameters", []).append(
+        {
+            "name": "traceparent",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "W3C trace context to continue; when it is not a valid traceparent the "
+            "job starts a new trace (see the 202's traceparent header)",
+        }
+    )
     for param in submit.get("parameters", []):
         if param["name"] == "X-Idempotency-Key":
             param["schema"] = {"type": "string", "minLength": 1, "maxLength": s.max_idempotency_key_len}
