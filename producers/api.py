@@ -36,8 +36,9 @@ LATENCY = Histogram(
     "eco2_api_seconds", "scan API latency", ["route"], buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 )
 
-UserHeader = Annotated[str | None, Header(alias="X-User-ID")]  # set by the auth proxy; see openapi.py
-
+# Both headers are documented (required, limits, lifetime) by openapi.complete.
+UserHeader = Annotated[str | None, Header(alias="X-User-ID")]  # set by the auth proxy
+IdemHeader = Annotated[str | None, Header(alias="X-Idempotency-Key")]
 
 HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
@@ -47,8 +48,6 @@ def error(
 ) -> JSONResponse:
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
 
-
-IdemHeader = Annotated[str | None, Header(alias="X-Idempotency-Key")]  # documented in openapi.py
 
 # Results of finished jobs that left the Redis cache come from Postgres (persistence/).
 ResultFallback = Callable[[str], Awaitable[dict[str, Any] | None]]
