@@ -111,8 +111,7 @@ def submit_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
                     "operationRef": f"{_gateway(s)}/openapi.json#{EVENTS_PATH_POINTER}",
                     "parameters": {"job_id": "$response.body#/job_id"},
                     "description": "follow the job's progress on the SSE gateway (or open stream_url, "
-                    "which carries the token)",
-                    "server": {"url": _gateway(s)},
+                    "which carries the token); the gateway's document, so its server",
                 },
             },
         },

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import openapi_spec_validator
 import yaml
 
 from contract import topics, trace
@@ -18,6 +19,13 @@ from .node_tools import run_node
 def test_committed_documents_match_the_code() -> None:
     drift = [str(p.relative_to(contract_cli.REPO_ROOT)) for p in contract_cli.stale()]
     assert drift == [], f"{drift} differ from what the code generates: run `eco2 contract` and commit"
+
+
+def test_openapi_documents_are_valid_openapi() -> None:
+    for path in (contract_cli.API_DOC, contract_cli.GATEWAY_DOC):
+        doc = json.loads(path.read_text())
+        assert doc["openapi"].startswith("3.1")
+        openapi_spec_validator.validate(doc)
 
 
 def test_asyncapi_passes_the_official_parser(settings: Settings) -> None:
