@@ -98,6 +98,7 @@ def submit_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
     location = {"description": "the result URL (= result_url)", "schema": {"type": "string"}}
     return {
         202: {
+            "model": ScanAccepted,
             "description": "queued: the job and its `queued` event are committed to Kafka. A repeat "
             "with the same X-Idempotency-Key and body returns the same job.",
             "headers": {"Location": location, "traceparent": TRACEPARENT},
@@ -110,8 +111,8 @@ def submit_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
                 "FollowEvents": {
                     "operationRef": f"{_gateway(s)}/openapi.json#{EVENTS_PATH_POINTER}",
                     "parameters": {"job_id": "$response.body#/job_id"},
-                    "description": "follow the job's progress on the SSE gateway (or open stream_url, "
-                    "which carries the token); the gateway's document, so its server",
+                    "description": "follow the job's progress on the SSE gateway (its own document "
+                    "and server), or simply open stream_url, which carries the token",
                 },
             },
         },
@@ -202,6 +203,7 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
                 "is a 409. Keys are per user."
             )
     submit["requestBody"] = {
+        "description": f"at most {s.max_body_bytes} bytes; a larger body is a 413 whatever it holds",
         "required": True,
         "content": {"application/json": {"schema": request_schema(s)}},
     }
