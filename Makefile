@@ -8,9 +8,12 @@ STAMP := $(VENV)/.installed
 NODE_DIR := .local/node
 NODE_STAMP := $(NODE_DIR)/.installed
 
-.PHONY: install demo test lint unit up down bench
+.PHONY: install node-tools demo test lint unit up down bench
 
-install: $(STAMP) $(NODE_STAMP)
+install: $(STAMP)
+
+# Only the tests need them (make test / make unit), not the stack or the demo.
+node-tools: $(NODE_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
-	@command -v npm >/dev/null || { echo "npm not found: install Node.js 18+ (Debian: nodejs npm)"; exit 1; }
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js 20+ with npm (Debian: nodejs npm)"; exit 1; }
 	@mkdir -p $(NODE_DIR)
 	cp tests/node/package.json tests/node/package-lock.json $(NODE_DIR)/
 	npm ci --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error
@@ -38,11 +41,11 @@ lint: install
 	$(BIN)/mypy .
 
 # pytest exits 5 when it collected nothing: that must fail, not pass silently.
-test: up lint
+test: up lint node-tools
 	@$(BIN)/pytest -q -rfE; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-unit: install
+unit: install node-tools
 	$(BIN)/pytest -q -m "not integration"
 
 # The full benchmark runs of docs/benchmarks.md (about 30 minutes; not part of `make test`).

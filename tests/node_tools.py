@@ -1,4 +1,4 @@
-"""Runs the Node tools of tests/node/ (installed into .local/node by `make install`)."""
+"""Runs the Node tools of tests/node/ (installed into .local/node by `make node-tools`, part of `make test`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ SCRIPTS = Path(__file__).resolve().parent / "node"
 def node_dir(s: Settings) -> Path:
     d = s.local_dir / "node"
     if shutil.which("node") is None or not (d / "node_modules").is_dir():
-        raise AssertionError(f"node or {d}/node_modules missing: run `make install` (npm ci --prefix {d})")
+        raise AssertionError(f"node or {d}/node_modules missing: run `make node-tools` (npm ci --prefix {d})")
     return d
 
 

@@ -1,5 +1,5 @@
 // Follows one SSE URL with the `eventsource` package (a WhatWG-following EventSource, installed
-// into $ECO2_NODE_DIR by `make install`) the way a browser app would: a listener per event name
+// into $ECO2_NODE_DIR by `make node-tools`) the way a browser app would: a listener per event name
 // in $SSE_EVENTS, an `error` listener, close on `done` or `failed`. Prints what it saw as JSON.
 import { createRequire } from "node:module";
 import { resolve } from "node:path";

@@ -1,5 +1,5 @@
 // Validates an AsyncAPI document with the official parser (@asyncapi/parser, installed into
-// $ECO2_NODE_DIR by `make install`). Prints a JSON summary; exits 1 on any error diagnostic.
+// $ECO2_NODE_DIR by `make node-tools`). Prints a JSON summary; exits 1 on any error diagnostic.
 import { createRequire } from "node:module";
 import { resolve } from "node:path";
 import { pathToFileURL } from "node:url";
