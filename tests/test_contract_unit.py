@@ -111,3 +111,15 @@ async def test_client_follows_with_the_token_alone() -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         got = await follow("http://gw", "job-1", None, token=token_of(url), client=client)
     assert [e.seq for e in got] == [e.seq for e in events]
+
+
+def test_every_400_code_the_api_can_answer_is_documented() -> None:
+    """Each InvalidInput code in validation.py and each 400 code in api.py has an example."""
+    from producers import api, openapi, validation
+
+    source = Path(validation.__file__).read_text() + Path(api.__file__).read_text()
+    codes = set(re.findall(r'InvalidInput\(\s*"([a-z_]+)"', source))
+    codes |= set(re.findall(r'error\(\s*400,\s*"([a-z_]+)"', source))
+    examples = openapi.submit_responses(Settings.model_construct())[400]["content"]["application/json"]
+    documented = {e["value"]["error"] for e in examples["examples"].values()}
+    assert len(codes) >= 10 and codes <= documented, codes - documented
