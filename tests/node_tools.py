@@ -1,4 +1,4 @@
-"""Runs the Node tools of tests/node/ (installed into .local/node by `make node-tools`, part of `make test`)."""
+"""Runs the Node tools of tests/node/ (put into .local/node by `make node-tools`, run by make test)."""
 
 from __future__ import annotations
 
