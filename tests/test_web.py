@@ -95,6 +95,20 @@ async def test_page_shows_a_failure(
     await delete_jobs(settings, [j.job_id])
 
 
+async def test_page_with_someone_elses_token_shows_a_refused_stream(
+    settings: Settings, gw_producer: EventProducer, gw_router: Proc, gw_gateway: str, page: Page, uid: str
+) -> None:
+    """A token for another user opens no stream: the page's EventSource gets a connection error
+    (never an event) and stops."""
+    j = job(uid)
+    await gw_producer.send_all(full_events(j))
+    await page.goto(f"{gw_gateway}/?job={j.job_id}&token={stream_token.issue(settings, j.job_id, 'mallory')}")
+    await watch_progress(page, 30)
+    assert "stream refused" in (await page.text_content("#status") or "")
+    assert await page.evaluate("window.eco2Log") == []
+    await delete_jobs(settings, [j.job_id])
+
+
 async def test_page_submits_a_real_scan(
     settings: Settings,
     stack_status: dict[str, dict[str, object]],
