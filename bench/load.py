@@ -83,6 +83,9 @@ class Job:
     vu: int
     t0: float  # wall clock just before the POST
     m0: float  # monotonic just before the POST
+    n: int = 0  # the VU's iteration number
+    kind: str = ""  # what the client does (the soak's shares: resume, abandon, ...); "" = follow
+    fault: str = ""  # the simulated model's fault token in the image name (soak), "" = none
     job_id: str | None = None
     status: str = "running"  # completed | failed | timeout | error | interrupted | rejected
     post_s: float | None = None
@@ -168,11 +171,11 @@ class LoadRun:
             conn.close()
 
     async def iteration(self, conn: wire.Connection, user: str, i: int, n: int) -> None:
-        job = Job(vu=i, t0=time.time(), m0=time.monotonic())
+        job = Job(vu=i, n=n, t0=time.time(), m0=time.monotonic())
         self.jobs.append(job)
         self.in_flight += 1
         try:
-            body = json.dumps({"image_url": image_url(i, n)}).encode()
+            body = json.dumps({"image_url": self.image_for(job)}).encode()
             headers = {"X-User-ID": user, "Content-Type": "application/json"}
             try:
                 resp = await conn.request("POST", "/api/v1/scan", headers, body)
@@ -192,7 +195,7 @@ class LoadRun:
             if self.cfg.mode == "polling":
                 await self._poll(conn, job, user)
             else:
-                await self._follow(job, user)
+                await self._follow(job, user, conn)
         except asyncio.CancelledError:
             job.status = "interrupted"
             raise
@@ -200,6 +203,10 @@ class LoadRun:
             self.in_flight -= 1
             if job.status == "running":
                 job.status = "error"
+
+    def image_for(self, job: Job) -> str:
+        """The image this iteration scans (the soak adds fault tokens)."""
+        return image_url(job.vu, job.n)
 
     def _rejected(self, job: Job, why: str) -> None:
         job.status = "rejected"
@@ -230,10 +237,18 @@ class LoadRun:
                 job.error = f"result HTTP {resp.status}"
                 return
 
-    async def _follow(self, job: Job, user: str) -> None:
+    async def _follow(self, job: Job, user: str, conn: wire.Connection) -> None:
+        self._followed(job, await self._stream(job, user))
+
+    async def _stream(self, job: Job, user: str, **kw: Any) -> wire.Follow:
+        """The job's SSE stream within its timeout (`kw`: wire.follow's client behaviours)."""
         assert job.job_id is not None
         remaining = job.m0 + self.cfg.job_timeout_s - time.monotonic()
-        f = await wire.follow(*self.gw, job.job_id, user, timeout_s=remaining, on_event=self._on_event)
+        return await wire.follow(
+            *self.gw, job.job_id, user, timeout_s=remaining, on_event=self._on_event, **kw
+        )
+
+    def _followed(self, job: Job, f: wire.Follow) -> None:
         job.seqs = f.seqs
         job.reconnects = f.reconnects
         if f.terminal is None:
@@ -462,9 +477,9 @@ class LoadRun:
         }
         if cfg.mode == "sse":
             checks = [
-                check_seqs(j.seqs or [], j.failed_stage)
+                check_seqs(j.seqs, j.failed_stage)
                 for j in accepted
-                if j.status in ("completed", "failed")
+                if j.status in ("completed", "failed") and j.seqs is not None  # None: not followed
             ]
             dup_unfinished = sum(
                 len(j.seqs) - len(set(j.seqs))

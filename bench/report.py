@@ -107,7 +107,12 @@ def _services(report: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     kind = report.get("kind")
-    body = _load_md(report) if kind == "load" else _micro_md(report)
+    if kind == "soak":
+        from .soak import markdown as soak_md
+
+        body = soak_md(report)
+    else:
+        body = _load_md(report) if kind == "load" else _micro_md(report)
     return "\n".join(body) + "\n"
 
 

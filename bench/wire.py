@@ -204,13 +204,18 @@ async def follow(
     on_event: OnEvent | None = None,
     max_reconnects: int = 20,
     path_prefix: str = "/api/v1/scan",
+    drop_after: int | None = None,
+    stop_after: int | None = None,
 ) -> Follow:
     """Follow a job's SSE stream to its terminal event, resuming with Last-Event-ID after drops.
 
     Every event received is recorded as received (no de-duplication here: the caller checks the
-    seq list, so a gateway that repeats or skips events shows up)."""
+    seq list, so a gateway that repeats or skips events shows up). A client misbehaving as phones
+    do: `drop_after` N events the first connection is closed and resumed (a lost network);
+    `stop_after` N events the client walks away for good (error "abandoned")."""
     out = Follow()
     last = 0
+    dropped = False
     path = f"{path_prefix}/{job_id}/events"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -234,6 +239,9 @@ async def follow(
                     if status == 503:  # gateway full: retry like EventSource would
                         raise ConnectionError(out.error)
                     return out
+                if stop_after == 0:
+                    out.error = "abandoned"
+                    return out
                 async for data in _sse_fields(reader, rhead):
                     now = time.time()
                     ev = json.loads(data)
@@ -248,7 +256,13 @@ async def follow(
                         out.terminal = ev
                         out.error = None
                         return out
-                out.error = "stream ended before the terminal event"
+                    if stop_after is not None and len(out.seqs) >= stop_after:
+                        out.error = "abandoned"
+                        return out
+                    if drop_after is not None and not dropped and len(out.seqs) >= drop_after:
+                        dropped = True
+                        break
+                out.error = "dropped by the client" if dropped else "stream ended before the terminal event"
         except TimeoutError:
             out.error = f"no terminal event after {timeout_s:.0f}s"
             return out

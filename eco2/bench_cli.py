@@ -84,6 +84,69 @@ def load(
     _finish(_run(run_load(get_settings(), cfg)), out)
 
 
+@bench_app.command("soak")
+def soak(
+    duration: Annotated[
+        str, typer.Option("--duration", help="how long the load runs: 90s, 10m, 1h (bare number = s)")
+    ] = "60m",
+    vus: Annotated[int, typer.Option("--vus", help="virtual users at the hold")] = 300,
+    ramp_up: Annotated[
+        float | None, typer.Option("--ramp-up", help="seconds from 0 to --vus (default min(60, 10%))")
+    ] = None,
+    ramp_down: Annotated[
+        float | None, typer.Option("--ramp-down", help="seconds from --vus to 0 (default min(30, 10%))")
+    ] = None,
+    sample_every: Annotated[float, typer.Option("--sample-every", help="seconds between samples")] = 10.0,
+    model_latency: Annotated[
+        str,
+        typer.Option("--model-latency", help="simulated model seconds per call MIN,MAX for the run, or keep"),
+    ] = "5,10",
+    resume: Annotated[float, typer.Option("--resume", help="share of streams dropped and resumed")] = 0.10,
+    abandon: Annotated[float, typer.Option("--abandon", help="share of streams abandoned")] = 0.05,
+    permanent: Annotated[
+        float, typer.Option("--permanent", help="share of jobs with a permanent fault")
+    ] = 0.02,
+    transient: Annotated[float, typer.Option("--transient", help="share of jobs with two 503s")] = 0.02,
+    gaps: Annotated[float, typer.Option("--gaps", help="share of jobs whose answer has gaps")] = 0.03,
+    poll_interval: Annotated[
+        float, typer.Option("--poll-interval", help="abandoned streams: seconds between result polls")
+    ] = 2.5,
+    drain_timeout: Annotated[
+        float, typer.Option("--drain-timeout", help="max seconds for the consumer lag to reach 0 after")
+    ] = 120.0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines")] = False,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """Hold the SSE scenario (with resumes, abandoned streams and model faults) and judge whether
+    anything grows: RSS, fds, asyncio tasks, Redis keys, lag, storage (bench/soak.py)."""
+    from bench.harness import parse_latency
+    from bench.soak import SoakConfig, parse_duration, run_soak
+
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    cfg = SoakConfig(
+        duration_s=seconds,
+        vus=vus,
+        ramp_up_s=ramp_up if ramp_up is not None else min(60.0, seconds / 10),
+        ramp_down_s=ramp_down if ramp_down is not None else min(30.0, seconds / 10),
+        sample_every_s=sample_every,
+        model_latency=parse_latency(model_latency),
+        resume_share=resume,
+        abandon_share=abandon,
+        permanent_share=permanent,
+        transient_share=transient,
+        gaps_share=gaps,
+        poll_interval_s=poll_interval,
+        drain_timeout_s=drain_timeout,
+        name=name,
+        progress=not quiet,
+    )
+    _finish(_run(run_soak(get_settings(), cfg, typer.echo)), out)
+
+
 @bench_app.command("pipeline")
 def pipeline(
     jobs: Annotated[int, typer.Option("--jobs", help="jobs to submit")] = 2000,

@@ -27,6 +27,7 @@ from starlette.background import BackgroundTask
 from contract import keys, stream_token
 from contract.events import TERMINAL_STAGES
 from contract.openapi import install_openapi
+from contract.runtime_metrics import track_event_loop
 from contract.settings import Settings, get_settings
 
 from . import openapi
@@ -125,6 +126,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        track_event_loop()
         pool = aioredis.BlockingConnectionPool.from_url(
             s.redis_url,
             max_connections=s.gateway_redis_pool,

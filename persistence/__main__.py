@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 
+from contract.runtime_metrics import track_event_loop
 from contract.settings import get_settings
 
 from .metrics import serve_metrics
@@ -16,6 +17,7 @@ from .writer import Writer
 async def _run() -> None:
     s = get_settings()
     serve_metrics(s.metrics_port)
+    track_event_loop()
     task = asyncio.create_task(Writer(s).run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

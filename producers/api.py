@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from contract import keys, stream_token, trace
 from contract.events import ScanJob, ScanRequest, make_event, now
 from contract.openapi import install_openapi
+from contract.runtime_metrics import track_event_loop
 from contract.settings import Settings, get_settings
 from streams import rules
 from streams.state import StateStore, pooled_client
@@ -58,6 +59,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        track_event_loop()
         app.state.redis = pooled_client(s.redis_url, 64, f"eco2-api-{os.getpid()}")
         app.state.store = StateStore(app.state.redis, s.state_ttl_s)
         app.state.writer = JobWriter(s)

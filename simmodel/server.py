@@ -20,14 +20,18 @@ import random
 import re
 import time
 import uuid
-from collections import Counter
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlparse
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
 from pydantic import BaseModel
 
+from contract.runtime_metrics import track_event_loop
 from contract.settings import Settings, get_settings
 from streams import rules
 
@@ -37,6 +41,34 @@ _TOKEN_SPLIT = re.compile(r"[^a-z0-9_]+")
 class Latency(BaseModel):
     min_s: float
     max_s: float
+
+
+class CallCounts:
+    """Calls per (schema, image URL), as `transientN` needs them, plus the total.
+
+    Bounded: every scan has its own URL, so an unbounded counter grew by two entries per scan for
+    as long as the server ran (an hour's soak: ~130,000 entries). The least recently called URLs
+    are forgotten first; a transient fault needs its count only for the seconds of its retries."""
+
+    def __init__(self, max_urls: int = 20_000) -> None:
+        self.max_urls = max_urls
+        self.total = 0
+        self._per_url: OrderedDict[str, int] = OrderedDict()
+
+    def add(self, key: str) -> int:
+        """Count one call of `key`; returns its count so far."""
+        self.total += 1
+        n = self._per_url.pop(key, 0) + 1
+        self._per_url[key] = n
+        while len(self._per_url) > self.max_urls:
+            self._per_url.popitem(last=False)
+        return n
+
+    def __len__(self) -> int:
+        return len(self._per_url)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**self._per_url, "total": self.total}
 
 
 def _tokens(image_url: str) -> list[str]:
@@ -138,10 +170,17 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 def create_app(s: Settings | None = None) -> FastAPI:
     s = s or get_settings()
-    app = FastAPI(title="eco2 simulated model", version="1")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        track_event_loop()
+        yield
+
+    app = FastAPI(title="eco2 simulated model", version="1", lifespan=lifespan)
     app.state.latency = Latency(min_s=s.sim_latency_min_s, max_s=s.sim_latency_max_s)
-    calls: Counter[str] = Counter()
+    calls = CallCounts()
     app.state.calls = calls
+    app.mount("/metrics", make_asgi_app())
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -158,7 +197,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
 
     @app.get("/admin/stats")
     async def stats() -> dict[str, int]:
-        return dict(calls)
+        return calls.as_dict()
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -174,8 +213,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
         ctx = _json_context(messages) if schema_name == "answer" else {}
         url = image_url or str(ctx.get("image_url", ""))
         words = _tokens(url)
-        calls[f"{schema_name}:{url}"] += 1
-        calls["total"] += 1
+        n_calls = calls.add(f"{schema_name}:{url}")
 
         lat: Latency = app.state.latency
         if lat.max_s > 0:
@@ -189,7 +227,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
                 400, "simulated permanent error: the image cannot be processed", "invalid_request_error"
             )
         transient = _counted(words, "transient")
-        if transient is not None and calls[f"{schema_name}:{url}"] <= transient:
+        if transient is not None and n_calls <= transient:
             return _error(503, "simulated transient overload", "server_error")
 
         if schema_name == "classification":

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from contract.events import PIPELINE
+from contract.runtime_metrics import track_event_loop
 from contract.settings import get_settings
 from contract.topics import stage_group
 
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
 
         register_router(app, s)
     serve_metrics(s.metrics_port)
+
+    @app.task
+    async def export_task_count() -> None:  # runs once the worker's event loop is up
+        track_event_loop()
 
     from faust.worker import Worker
 

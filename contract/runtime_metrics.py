@@ -1,0 +1,49 @@
+"""Process metrics every Python component exports beside its own: the asyncio task count.
+
+A task leaked per connection or per job (sse-starlette 3.1.1 leaked one watcher task per SSE
+connection: sse-starlette #152) shows as a task count that keeps climbing under steady load, long
+before memory or CPU give it away; `eco2 bench soak` samples this gauge from every component.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+ASYNCIO_TASKS = "eco2_asyncio_tasks"  # the metric's name; the soak and dashboards read it
+
+
+class _LoopTasks(Collector):
+    """Counts the unfinished tasks of the tracked event loops at scrape time (the scrape may run
+    in prometheus-client's own HTTP thread: `asyncio.all_tasks(loop)` is safe from there)."""
+
+    def __init__(self) -> None:
+        self.loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        total = 0
+        for loop in list(self.loops):
+            if not loop.is_closed():
+                total += len(asyncio.all_tasks(loop))
+        yield GaugeMetricFamily(ASYNCIO_TASKS, "asyncio tasks not yet done in this process", value=total)
+
+
+_collector: _LoopTasks | None = None
+_lock = threading.Lock()
+
+
+def track_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Export `eco2_asyncio_tasks` for `loop` (default: the running one). Idempotent."""
+    global _collector
+    loop = loop or asyncio.get_running_loop()
+    with _lock:
+        if _collector is None:
+            _collector = _LoopTasks()
+            REGISTRY.register(_collector)
+        _collector.loops.add(loop)
