@@ -185,19 +185,19 @@ def _metric(text: str, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def _dir_bytes(path: Path) -> int:
+def _segment_bytes(path: Path) -> int:
+    """Bytes of a partition's log segments (`.log`; the index files are preallocated and sparse)."""
     total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
+    for f in path.glob("*.log"):
+        try:
+            total += f.stat().st_size
+        except OSError:
+            pass
     return total
 
 
 def kafka_log_bytes(logs: Path, topics: Iterable[str]) -> dict[str, int]:
-    """Bytes on disk per topic (all its partition directories) in the broker's log.dirs."""
+    """Log segment bytes per topic (all its partitions) in the broker's log.dirs."""
     want = set(topics)
     out = dict.fromkeys(want, 0)
     try:
@@ -207,7 +207,7 @@ def kafka_log_bytes(logs: Path, topics: Iterable[str]) -> dict[str, int]:
     for e in entries:
         topic, _, part = e.name.rpartition("-")
         if e.is_dir() and topic in want and part.isdigit():
-            out[topic] += _dir_bytes(Path(e.path))
+            out[topic] += _segment_bytes(Path(e.path))
     return out
 
 
@@ -676,6 +676,7 @@ def judge(
         "growth": series,
         "idle": back,
         "growth_fit": [round(t0, 1), round(t1, 1)],
+        "growth_judged": fit_ok,
         "redis_keys": keys_verdict,
     }
 
@@ -798,6 +799,7 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             "windows": verdict["windows"],
             "growth": verdict["growth"],
             "growth_fit": verdict["growth_fit"],
+            "growth_judged": verdict["growth_judged"],
             "idle": verdict["idle"],
             "idle_before": idle_before,
             "idle_after": idle_after,
@@ -898,7 +900,11 @@ def markdown(report: dict[str, Any]) -> list[str]:
             "last window",
             f"{w['last_stats']['throughput_jpm']} jobs/min, E2E p95 {w['last_stats']['e2e_p95_s']} s",
         ],
-        ["lag after the run", f"{r['lag_after'].get('lag')} (waited {r['lag_after'].get('waited_s')} s)"],
+        [
+            "consumer lag after the run",
+            ", ".join(f"{g} {n}" for g, n in (r["lag_after"].get("lag") or {}).items())
+            + f" (after {r['lag_after'].get('waited_s')} s)",
+        ],
     ]
     if r.get("sse"):
         sse = r["sse"]
@@ -912,7 +918,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
             f"{g['first']:g} -> {g['last']:g}",
             f"{g['slope_per_h']:+g}",
             f"{g['limit_per_h']:g}",
-            "flat" if g["flat"] else "**GROWING**",
+            ("flat" if g["flat"] else "**GROWING**") if r["growth_judged"] else "(span too short)",
         ]
         for col, g in sorted(r["growth"].items(), key=lambda kv: (kv[0].split(":", 1)[1], kv[0]))
     ]
