@@ -66,8 +66,8 @@ async def one_round(url: str, store: StateStore, uid: str) -> None:
     for j in live:  # the first three events now, the rest while clients are connected
         await store.apply(full_events(j)[:3])
 
-    async def follow(j_id: str, **kw: int) -> wire.Follow:
-        return await wire.follow(*gw, j_id, uid, timeout_s=30, **kw)
+    async def follow(j_id: str, drop_after: int | None = None, stop_after: int | None = None) -> wire.Follow:
+        return await wire.follow(*gw, j_id, uid, timeout_s=30, drop_after=drop_after, stop_after=stop_after)
 
     clients = [asyncio.create_task(follow(j.job_id)) for j in live[:PER_KIND]]
     clients += [asyncio.create_task(follow(j.job_id, drop_after=2)) for j in live[PER_KIND : 2 * PER_KIND]]

@@ -1,0 +1,317 @@
+"""Issue 16: the soak harness. Its judge on synthetic data (a growing series is caught, a flat one
+passes, each failure mode of the stack is named), the client behaviours on the wire, the bounded
+model call counts, and a 20-second smoke soak against the stack so the harness cannot rot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench import wire
+from bench.load import EXPECTED_SEQS, Job
+from bench.soak import (
+    KEYS_PER_JOB_MAX,
+    SoakConfig,
+    SoakRun,
+    growth,
+    judge,
+    kafka_log_bytes,
+    parse_duration,
+    slope_per_hour,
+    windows,
+)
+from contract.settings import Settings
+from simmodel.server import CallCounts, _counted, _tokens, classify, create_app
+
+from .conftest import eco2
+
+FAILED_AT_VISION = [1, 10, 99]
+
+
+# --- unit: arithmetic ------------------------------------------------------------------------------
+
+
+def test_duration_slope_and_windows() -> None:
+    assert [parse_duration(x) for x in ("20s", "90", "10m", "1h", "1.5m")] == [20, 90, 600, 3600, 90]
+    with pytest.raises(ValueError):
+        parse_duration("ten minutes")
+    assert slope_per_hour([(0, 100.0), (1800, 110.0), (3600, 120.0)]) == pytest.approx(20.0)
+    assert slope_per_hour([(0, 5.0), (10, 5.0), (20, 5.0)]) == 0
+    assert slope_per_hour([(0, 1.0), (10, 2.0)]) is None  # too few points
+    long = windows(100, 3600)
+    assert long["window_s"] == 600 and long["rule"] == "first/last 10 min"
+    assert long["first"] == [100, 700] and long["last"] == [3000, 3600]
+    short = windows(90, 570)
+    assert short["window_s"] == 160 and "third" in short["rule"]
+    assert short["first"] == [90, 250] and short["last"] == [410, 570]
+
+
+def test_growth_against_tolerance() -> None:
+    flat = [{"t": t, "rss_mib:api": 100.0 + (t % 20) / 10} for t in range(0, 600, 10)]
+    g = growth(flat, "rss_mib:api", 0, 600)
+    assert g is not None and g["flat"] and g["limit_per_h"] == 32  # max(10% of ~100, 32 MiB)
+    leak = [{"t": t, "tasks:gateway": 20 + t // 10} for t in range(0, 600, 10)]  # 1 task per 10 s
+    g = growth(leak, "tasks:gateway", 0, 600)
+    assert g is not None and not g["flat"] and g["slope_per_h"] == pytest.approx(360)
+
+
+def _job(n: int, t: float, status: str = "completed", fault: str = "", kind: str = "") -> Job:
+    j = Job(vu=n, t0=0.0, m0=t - 15.0, n=n, kind=kind, fault=fault)
+    j.job_id = f"j{n}"
+    j.status = status
+    j.done_m = t
+    j.e2e_s = 15.0
+    if status == "completed":
+        j.seqs = list(EXPECTED_SEQS)
+    else:
+        j.seqs, j.failed_stage = list(FAILED_AT_VISION), "vision"
+    return j
+
+
+def _inputs(**over: Any) -> dict[str, Any]:
+    cfg = SoakConfig(duration_s=900, vus=10, ramp_up_s=60, ramp_down_s=30)
+    jobs = [_job(i, 30 + i * 0.5) for i in range(1700)]  # ~2 jobs/s, all the way
+    jobs.append(_job(5000, 400, status="failed", fault="permanent"))
+    rows = [
+        {"t": t, "rss_mib:api": 80.0, "fds:api": 30, "tasks:gateway": 40, "tasks:generator": t}
+        for t in range(0, 900, 10)
+    ]
+    idle = [{"tasks:gateway": 5, "fds:gateway": 18}]
+    scans = {
+        "start": {"by_prefix": {"scan:state": 10}, "no_ttl": 0, "max_ttl_s": 86000, "checked": 10},
+        "end": {
+            "by_prefix": {"scan:state": 1711, "scan:history": 1701, "scan:memo": 1701 * 12},
+            "no_ttl": 0,
+            "max_ttl_s": 86399,
+            "checked": 600,
+        },
+    }
+    base: dict[str, Any] = {
+        "jobs": jobs,
+        "start_m": 0.0,
+        "cfg": cfg,
+        "rows": rows,
+        "idle_before": idle,
+        "idle_after": idle,
+        "key_scans": scans,
+        "lag_after": {"lag": {"eco2-router": 0}, "zero": True, "waited_s": 2.0},
+        "state_ttl_s": 86400,
+    }
+    base.update(over)
+    return base
+
+
+def verdicts(out: dict[str, Any]) -> dict[str, str]:
+    return {t["target"].split(",")[0].split(" ")[0]: t["verdict"] for t in out["targets"]}
+
+
+def test_judge_passes_a_steady_run_and_names_each_failure() -> None:
+    ok = verdicts(judge(**_inputs()))
+    assert set(ok.values()) == {"PASS"}, ok  # the generator's own growth is not judged
+    # a gateway leaking a task every 10 s
+    rows = [{"t": t, "tasks:gateway": 40 + t // 10} for t in range(0, 900, 10)]
+    assert verdicts(judge(**_inputs(rows=rows)))["tasks"] == "MISS"
+    # tasks not back at idle after the run
+    assert verdicts(judge(**_inputs(idle_after=[{"tasks:gateway": 60}])))["asyncio"] == "MISS"
+    # a stream with a lost and a repeated event
+    jobs = _inputs()["jobs"]
+    jobs[10].seqs = [1, 10, 11, 11, 20, 21, 30, 31, 40, 51]
+    assert verdicts(judge(**_inputs(jobs=jobs)))["SSE"] == "MISS"
+    # a permanent fault that completed, or too many normal jobs failing: completion
+    bad = _inputs()["jobs"]
+    for j in bad[:5]:
+        j.status = "timeout"
+    assert verdicts(judge(**_inputs(jobs=bad)))["completion"] == "MISS"
+    # keys without a TTL, or more keys per job than a job can leave
+    scans = _inputs()["key_scans"]
+    scans["end"]["no_ttl"] = 3
+    assert verdicts(judge(**_inputs(key_scans=scans)))["Redis"] == "MISS"
+    scans = _inputs()["key_scans"]
+    scans["end"]["by_prefix"]["scan:memo"] = 1701 * (KEYS_PER_JOB_MAX["scan:memo"] + 2)
+    assert verdicts(judge(**_inputs(key_scans=scans)))["Redis"] == "MISS"
+    # lag left after the run
+    lag = {"lag": {"eco2-router": 0, "eco2-writer": 7}, "zero": False, "waited_s": 120}
+    assert verdicts(judge(**_inputs(lag_after=lag)))["consumer"] == "MISS"
+    # throughput falling by a quarter in the last window
+    slow = [j for j in _inputs()["jobs"] if not (600 <= j.done_m < 870 and j.n % 4 == 0)]
+    assert verdicts(judge(**_inputs(jobs=slow)))["throughput"] == "MISS"
+
+
+def test_short_runs_are_not_extrapolated() -> None:
+    cfg = SoakConfig(duration_s=20, vus=4, ramp_up_s=2, ramp_down_s=2)
+    out = judge(**_inputs(cfg=cfg, jobs=[_job(i, 3 + i * 0.2) for i in range(60)]))
+    v = {t["target"]: t["verdict"] for t in out["targets"]}
+    assert v["rss_mib flat per process"] == v["tasks flat per process"] == "n/a"
+    assert v["throughput, last vs first window"] == "n/a"
+
+
+# --- unit: the client behaviours and the model's faults ------------------------------------------
+
+
+def test_plan_shares_are_deterministic_and_urls_carry_the_fault_tokens() -> None:
+    cfg = SoakConfig(resume_share=0.1, abandon_share=0.05, permanent_share=0.02, transient_share=0.02)
+    run = SoakRun(Settings(), cfg, out=lambda _: None)
+    jobs = [Job(vu=v, n=n, t0=0, m0=0) for v in range(50) for n in range(40)]
+    urls = [run.image_for(j) for j in jobs]
+    assert [run.plan(j) for j in jobs[:50]] == [run.plan(j) for j in jobs[:50]]
+    kinds = [j.kind for j in jobs]
+    assert 0.07 < kinds.count("resume") / len(jobs) < 0.13
+    assert 0.03 < kinds.count("abandon") / len(jobs) < 0.07
+    assert len(set(urls)) == len(urls)  # unique per run: the model counts transient faults per URL
+    for j, url in zip(jobs, urls, strict=True):
+        words = _tokens(url)
+        assert ("permanent" in words) == (j.fault == "permanent")
+        assert (_counted(words, "transient") == 2) == (j.fault == "transient2")
+        assert ("gaps" in words) == (j.fault == "gaps")
+        assert classify(url)["middle_category"] != "unknown"  # still a recyclable item
+
+
+async def test_wire_drop_and_resume_and_abandon() -> None:
+    events: list[dict[str, Any]] = [
+        {"job_id": "j", "seq": s, "ts": 1.0, "stage": "x", "status": "started"} for s in EXPECTED_SEQS
+    ]
+    events[-1]["stage"] = "done"
+    last_ids: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        last = next((int(x.split(": ")[1]) for x in head.split("\r\n") if x.startswith("Last-Event-ID")), 0)
+        last_ids.append(str(last))
+        body = "".join(f"id: {e['seq']}\ndata: {json.dumps(e)}\n\n" for e in events if int(e["seq"]) > last)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n" + body.encode())
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        f = await wire.follow("127.0.0.1", port, "j", "u", timeout_s=5, drop_after=3)
+        assert f.seqs == EXPECTED_SEQS and f.reconnects == 1 and f.terminal is not None
+        assert last_ids == ["0", "11"]  # resumed after the third event
+        f = await wire.follow("127.0.0.1", port, "j", "u", timeout_s=5, stop_after=2)
+        assert f.seqs == EXPECTED_SEQS[:2] and f.terminal is None and f.error == "abandoned"
+        f = await wire.follow("127.0.0.1", port, "j", "u", timeout_s=5, stop_after=0)
+        assert f.seqs == [] and f.error == "abandoned"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_model_call_counts_are_bounded() -> None:
+    c = CallCounts(max_urls=3)
+    assert [c.add("a"), c.add("a"), c.add("b")] == [1, 2, 1]
+    for k in "cdef":
+        c.add(k)
+    assert len(c) == 3 and c.total == 7 and "a" not in c.as_dict()
+
+
+async def test_model_server_forgets_old_urls_but_counts_transient_faults() -> None:
+    """Without the bound the server kept an entry per scanned URL forever (grew for a soak's
+    whole hour); a transient fault is still counted per URL across its retries."""
+    app = create_app(Settings(sim_latency_min_s=0, sim_latency_max_s=0))
+
+    def body(url: str) -> dict[str, Any]:
+        content = [{"type": "image_url", "image_url": {"url": url}}]
+        return {
+            "model": "m",
+            "messages": [{"role": "user", "content": content}],
+            "response_format": {"json_schema": {"name": "classification"}},
+        }
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://m") as http:
+        app.state.calls.max_urls = 50
+        for i in range(200):
+            r = await http.post("/v1/chat/completions", json=body(f"https://x/clear_pet-{i}.jpg"))
+            assert r.status_code == 200
+        codes = [
+            (
+                await http.post("/v1/chat/completions", json=body("https://x/transient2-glass_bottle.jpg"))
+            ).status_code
+            for _ in range(3)
+        ]
+        stats = (await http.get("/admin/stats")).json()
+    assert codes == [503, 503, 200]
+    assert len(app.state.calls) <= 50 and stats["total"] == 203
+
+
+def test_kafka_log_bytes_counts_segments_only(tmp_path: Path) -> None:
+    for part in ("scan.events-0", "scan.events-1", "scan.dlq-0", "other-0"):
+        d = tmp_path / part
+        d.mkdir()
+        (d / "00000000000000000000.log").write_bytes(b"x" * 100)
+        with open(d / "00000000000000000000.index", "wb") as f:
+            f.truncate(10 * 2**20)  # preallocated, sparse: not data
+    assert kafka_log_bytes(tmp_path, ["scan.events", "scan.dlq", "scan.rule"]) == {
+        "scan.events": 200,
+        "scan.dlq": 100,
+        "scan.rule": 0,
+    }
+
+
+# --- integration: a 20-second soak ----------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_soak_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, Any]) -> None:
+    before = httpx.get(f"http://{settings.model_host}:{settings.model_port}/admin/latency").json()
+    eco2(
+        "bench",
+        "soak",
+        "--duration",
+        "20s",
+        "--vus",
+        "4",
+        "--model-latency",
+        "0.1,0.3",
+        "--sample-every",
+        "2",
+        *("--resume", "0.3", "--abandon", "0.2", "--permanent", "0.1", "--transient", "0.1", "--gaps", "0.1"),
+        "--drain-timeout",
+        "60",
+        "--quiet",
+        "--name",
+        "smoke-soak",
+        "--out",
+        str(tmp_path),
+        timeout=180,
+    )
+    assert httpx.get(f"http://{settings.model_host}:{settings.model_port}/admin/latency").json() == before
+    files = sorted(tmp_path.glob("smoke-soak*"))
+    assert {f.suffix for f in files} == {".json", ".md", ".png"}
+    assert next(f for f in files if f.suffix == ".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = json.loads(next(f for f in files if f.suffix == ".json").read_text())
+    assert rep["kind"] == "soak"
+    r = rep["results"]
+    assert r["jobs_submitted"] >= 10
+    # every client behaviour and fault path ran
+    assert set(r["by_client_kind"]) == {"follow", "resume", "abandon"}, r["by_client_kind"]
+    assert {"permanent:failed", "transient2:completed", "gaps:completed", "none:completed"} <= set(
+        r["outcomes"]
+    ), r["outcomes"]
+    v = {t["target"]: t["verdict"] for t in rep["targets"]}
+    for target in (
+        "completion",
+        "SSE lost/duplicated events",
+        "asyncio tasks back at idle after the run",
+        "Redis keys bounded by the TTL",
+        "consumer lag back to zero after the run",
+    ):
+        assert v[target] == "PASS", (target, rep["targets"])
+    # the watched series are all there, for every process
+    cols = set().union(*(row.keys() for row in rep["series"]))
+    for proc in ("api", "workers", "router", "writer", "gateway", "model"):
+        assert {f"rss_mib:{proc}", f"fds:{proc}", f"cpu_pct:{proc}", f"tasks:{proc}"} <= cols, proc
+    assert {"rss_mib:kafka", "rss_mib:redis", "rss_mib:postgres", "gateway_streams"} <= cols
+    assert {"redis_used_mib", "redis_keys", "redis_keys:scan:state", "lag:eco2-router"} <= cols
+    assert {"kafka_mib:scan.events", "pg_mib:scans"} <= cols
+    assert max(row.get("gateway_streams") or 0 for row in rep["series"]) >= 1
+    md = next(f for f in files if f.suffix == ".md").read_text()
+    assert "## Growth per process" in md and "## Redis keys" in md
