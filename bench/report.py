@@ -108,7 +108,7 @@ def _services(report: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     kind = report.get("kind")
     if kind == "soak":
-        from .soak import markdown as soak_md
+        from .soak_verdict import markdown as soak_md
 
         body = soak_md(report)
     else:

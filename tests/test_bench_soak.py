@@ -14,17 +14,9 @@ import pytest
 
 from bench import wire
 from bench.load import EXPECTED_SEQS, Job
-from bench.soak import (
-    KEYS_PER_JOB_MAX,
-    SoakConfig,
-    SoakRun,
-    growth,
-    judge,
-    kafka_log_bytes,
-    parse_duration,
-    slope_per_hour,
-    windows,
-)
+from bench.soak import SoakConfig, SoakRun, parse_duration
+from bench.soak_sampler import kafka_log_bytes
+from bench.soak_verdict import KEYS_PER_JOB_MAX, growth, judge, slope_per_hour, windows
 from contract.settings import Settings
 from simmodel.server import CallCounts, _counted, _tokens, classify, create_app
 

@@ -1,0 +1,419 @@
+"""What the soak concludes from its samples and jobs (`judge`, pure: unit-tested on synthetic
+data), and its markdown report."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .load import Job, check_seqs
+from .stats import percentile
+
+if TYPE_CHECKING:
+    from .soak import SoakConfig
+
+APP_PROCESSES = ("api", "workers", "router", "writer", "gateway", "model")
+# Redis keys one job may leave: state, history, and memos (8 started/completed events, done or
+# failed, 4 stage outputs). Idempotency keys only with X-Idempotency-Key, which the soak never sends.
+KEYS_PER_JOB_MAX = {"scan:state": 1, "scan:history": 1, "scan:memo": 13, "scan:idem": 1}
+
+# Growth tolerances, per hour of the fitted slope over the steady part of the run: a series is
+# "flat" when it grows by at most max(relative x its median, absolute) per hour.
+TOLERANCE: dict[str, tuple[float, float, str]] = {
+    "rss_mib": (0.10, 32.0, "MiB"),
+    "fds": (0.05, 10.0, "fds"),
+    "tasks": (0.05, 50.0, "tasks"),
+}
+# After the run has drained, tasks and fds of the app processes are back at their idle level
+# before the run, within max(relative, absolute).
+IDLE_SLACK = (0.05, 5.0)
+GROWTH_MIN_SPAN_S = 120.0  # a shorter fit is not extrapolated to an hour
+WINDOW_MAX_S = 600.0  # the first/last window compared: 10 minutes, or a third of a shorter steady part
+
+
+def expected_outcome(job: Job) -> str:
+    return "failed" if job.fault == "permanent" else "completed"
+
+
+def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, value) points, in value per hour."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    if sxx == 0:
+        return None
+    sxy = sum((p[0] - mx) * (p[1] - my) for p in points)
+    return sxy / sxx * 3600.0
+
+
+def windows(steady_from: float, steady_to: float) -> dict[str, Any]:
+    """The first and last window of the steady part: 10 minutes each, or thirds when shorter."""
+    span = max(steady_to - steady_from, 0.0)
+    w = min(WINDOW_MAX_S, span / 3)
+    rule = "first/last 10 min" if w == WINDOW_MAX_S else "first/last third of the steady part"
+    return {
+        "steady": [round(steady_from, 1), round(steady_to, 1)],
+        "first": [round(steady_from, 1), round(steady_from + w, 1)],
+        "last": [round(steady_to - w, 1), round(steady_to, 1)],
+        "window_s": round(w, 1),
+        "rule": rule,
+    }
+
+
+def _median(xs: list[float]) -> float:
+    return percentile(xs, 50) or 0.0
+
+
+def growth(rows: list[dict[str, Any]], col: str, t0: float, t1: float) -> dict[str, Any] | None:
+    """Fitted growth per hour of one series over [t0, t1] and its verdict against TOLERANCE."""
+    kind = col.split(":", 1)[0]
+    pts = [(r["t"], float(r[col])) for r in rows if t0 <= r["t"] <= t1 and r.get(col) is not None]
+    slope = slope_per_hour(pts)
+    if slope is None:
+        return None
+    rel, absolute, unit = TOLERANCE[kind]
+    med = _median([v for _, v in pts])
+    limit = max(rel * med, absolute)
+    return {
+        "median": round(med, 1),
+        "first": pts[0][1],
+        "last": pts[-1][1],
+        "slope_per_h": round(slope, 2),
+        "limit_per_h": round(limit, 1),
+        "unit": unit,
+        "flat": slope <= limit,
+    }
+
+
+def _pct_change(first: float | None, last: float | None) -> float | None:
+    if first is None or last is None or first == 0:
+        return None
+    return (last - first) / first
+
+
+def _window_stats(jobs: list[Job], start_m: float, w: list[float]) -> dict[str, Any]:
+    done = [
+        j
+        for j in jobs
+        if j.done_m is not None and j.status == "completed" and w[0] <= j.done_m - start_m < w[1]
+    ]
+    minutes = max(w[1] - w[0], 1e-6) / 60.0
+    e2e = [j.e2e_s for j in done if j.e2e_s is not None]
+    return {
+        "completed": len(done),
+        "throughput_jpm": round(len(done) / minutes, 1),
+        "e2e_p95_s": None if not e2e else round(percentile(e2e, 95) or 0.0, 3),
+    }
+
+
+def _idle(rows: list[dict[str, Any]], col: str) -> float | None:
+    vals = [r[col] for r in rows if r.get(col) is not None]
+    return _median(vals) if vals else None
+
+
+def judge(
+    *,
+    jobs: list[Job],
+    start_m: float,
+    cfg: SoakConfig,
+    rows: list[dict[str, Any]],
+    idle_before: list[dict[str, Any]],
+    idle_after: list[dict[str, Any]],
+    key_scans: dict[str, dict[str, Any]],
+    lag_after: dict[str, Any],
+    state_ttl_s: int,
+) -> dict[str, Any]:
+    """Every verdict of the soak from what was measured (pure: unit-tested on synthetic data)."""
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, goal: str, measured: Any, ok: bool | None) -> None:
+        verdict = "n/a" if ok is None else ("PASS" if ok else "MISS")
+        targets.append({"target": name, "goal": goal, "measured": measured, "verdict": verdict})
+
+    accepted = [j for j in jobs if j.job_id is not None]
+    as_expected = [j for j in accepted if j.status == expected_outcome(j)]
+    rate = len(as_expected) / len(accepted) if accepted else None
+    add(
+        "completion",
+        ">= 99.9% of jobs reach their expected end (permanent faults: failed; others: completed)",
+        None if rate is None else f"{100 * rate:.2f}% ({len(as_expected):,} / {len(accepted):,})",
+        None if rate is None else rate >= 0.999,
+    )
+    followed = [
+        j for j in accepted if j.status in ("completed", "failed") and j.seqs is not None
+    ]  # abandoned streams are not checked: their client left on purpose
+    checks = [check_seqs(j.seqs or [], j.failed_stage) for j in followed]
+    lost = sum(c["lost"] + c["unexpected"] for c in checks)
+    dup = sum(c["duplicated"] for c in checks)
+    resumed = sum(1 for j in followed if j.kind == "resume")
+    add(
+        "SSE lost/duplicated events",
+        "0 (incl. streams resumed with Last-Event-ID)",
+        f"{lost} lost / {dup} duplicated over {len(followed):,} streams ({resumed:,} resumed)",
+        (lost + dup == 0) if followed else None,
+    )
+
+    # Steady part: after the ramp-up plus one E2E p95 (VUs' first iterations), until the ramp-down.
+    e2e_all = [j.e2e_s for j in accepted if j.status == "completed" and j.e2e_s is not None]
+    warm = percentile(e2e_all, 95) or 0.0
+    steady_to = cfg.duration_s - cfg.ramp_down_s
+    win = windows(cfg.ramp_up_s + warm, steady_to)
+    first = _window_stats(jobs, start_m, win["first"])
+    last = _window_stats(jobs, start_m, win["last"])
+    ok_window = win["window_s"] >= 30 and first["completed"] >= 10
+    d_thr = _pct_change(first["throughput_jpm"], last["throughput_jpm"])
+    add(
+        "throughput, last vs first window",
+        f"within 5% ({win['rule']}, {win['window_s']:g} s each)",
+        f"{first['throughput_jpm']} -> {last['throughput_jpm']} jobs/min"
+        + ("" if d_thr is None else f" ({100 * d_thr:+.1f}%)"),
+        None if d_thr is None or not ok_window else abs(d_thr) <= 0.05,
+    )
+    d_e2e = _pct_change(first["e2e_p95_s"], last["e2e_p95_s"])
+    add(
+        "E2E p95, last vs first window",
+        f"within 5% ({win['rule']})",
+        f"{first['e2e_p95_s']} -> {last['e2e_p95_s']} s"
+        + ("" if d_e2e is None else f" ({100 * d_e2e:+.1f}%)"),
+        None if d_e2e is None or not ok_window else abs(d_e2e) <= 0.05,
+    )
+
+    # Growth of every process series, fitted from the end of the first window to the end of the
+    # steady part: during the first window pools, allocators and the JVM heap still grow to their
+    # working size. Too short a span to extrapolate to an hour is not judged.
+    t0, t1 = win["first"][1], win["steady"][1]
+    fit_ok = t1 - t0 >= GROWTH_MIN_SPAN_S
+    series: dict[str, dict[str, Any]] = {}
+    cols = sorted({c for r in rows for c in r if c.split(":", 1)[0] in TOLERANCE})
+    for col in cols:
+        g = growth(rows, col, t0, t1)
+        if g is not None:
+            series[col] = g
+    judged = {c: g for c, g in series.items() if c.split(":", 1)[1] != "generator"}
+    for kind, (rel, absolute, unit) in TOLERANCE.items():
+        mine = {c: g for c, g in judged.items() if c.startswith(kind + ":")}
+        bad = [
+            f"{c.split(':', 1)[1]} {g['slope_per_h']:+g} {unit}/h" for c, g in mine.items() if not g["flat"]
+        ]
+        worst = max(mine.items(), key=lambda kv: kv[1]["slope_per_h"] / kv[1]["limit_per_h"], default=None)
+        measured = (
+            "; ".join(bad)
+            if bad
+            else (
+                f"all flat; steepest {worst[0].split(':', 1)[1]} {worst[1]['slope_per_h']:+g} {unit}/h"
+                if worst
+                else None
+            )
+        )
+        add(
+            f"{kind} flat per process",
+            f"fitted growth <= max({rel:.0%} of median, {absolute:g} {unit}) per hour",
+            measured if fit_ok else f"fit span {t1 - t0:.0f} s < {GROWTH_MIN_SPAN_S:g} s: not judged",
+            None if not mine or not fit_ok else not bad,
+        )
+
+    # Tasks of the app processes back at their idle level once the run has drained (fds are
+    # shown too, not judged: connection pools to Redis, Kafka and the model legitimately stay
+    # open at the size the load needed; their growth under load is judged above).
+    back: dict[str, dict[str, Any]] = {}
+    for kind in ("tasks", "fds"):
+        for proc in APP_PROCESSES:
+            col = f"{kind}:{proc}"
+            before, after = _idle(idle_before, col), _idle(idle_after, col)
+            if before is None or after is None:
+                continue
+            limit = before + max(IDLE_SLACK[0] * before, IDLE_SLACK[1])
+            back[col] = {"before": before, "after": after, "limit": round(limit, 1), "ok": after <= limit}
+    judged_idle = {c: v for c, v in back.items() if c.startswith("tasks:")}
+    bad_idle = [f"{c} {v['before']:g} -> {v['after']:g}" for c, v in judged_idle.items() if not v["ok"]]
+    add(
+        "asyncio tasks back at idle after the run",
+        f"<= idle before + max({IDLE_SLACK[0]:.0%}, {IDLE_SLACK[1]:g}) per app process",
+        "; ".join(bad_idle) or (f"all {len(judged_idle)} processes back" if judged_idle else None),
+        None if not judged_idle else not bad_idle,
+    )
+
+    # Redis keys: every key expires, none outlives the TTL, and each job adds a bounded number.
+    keys_verdict: dict[str, Any] = {}
+    start, end = key_scans.get("start"), key_scans.get("end")
+    if start and end:
+        added = {
+            p: end["by_prefix"].get(p, 0) - start["by_prefix"].get(p, 0)
+            for p in set(start["by_prefix"]) | set(end["by_prefix"])
+        }
+        per_job = {p: round(n / len(accepted), 2) for p, n in added.items()} if accepted else {}
+        over = [p for p, k in per_job.items() if k > KEYS_PER_JOB_MAX.get(p, 0)]
+        minutes = max(cfg.duration_s / 60.0, 1e-6)
+        ceiling = sum(max(n, 0) for n in added.values()) / minutes * (state_ttl_s / 60.0)
+        keys_verdict = {
+            "added": added,
+            "per_job": per_job,
+            "per_job_max": KEYS_PER_JOB_MAX,
+            "no_ttl_keys": end["no_ttl"],
+            "max_ttl_s": end["max_ttl_s"],
+            "ttl_s": state_ttl_s,
+            "ceiling_at_this_rate": round(ceiling),
+        }
+        ok = not over and end["no_ttl"] == 0 and (end["max_ttl_s"] or 0) <= state_ttl_s
+        add(
+            "Redis keys bounded by the TTL",
+            "every key has a TTL <= state TTL; keys per job <= "
+            + ", ".join(f"{p} {n}" for p, n in KEYS_PER_JOB_MAX.items()),
+            f"{end['no_ttl']} keys without TTL (of {end['checked']} checked); per job "
+            + ", ".join(f"{p} {k:g}" for p, k in sorted(per_job.items()))
+            + f"; level at this rate after one TTL ({state_ttl_s / 3600:g} h): ~{ceiling:,.0f} keys",
+            ok,
+        )
+    add(
+        "consumer lag back to zero after the run",
+        f"every group at 0 within {cfg.drain_timeout_s:g} s",
+        ", ".join(f"{g} {n}" for g, n in (lag_after.get("lag") or {}).items())
+        + (f" after {lag_after.get('waited_s')} s" if lag_after.get("lag") is not None else ""),
+        None if lag_after.get("lag") is None else lag_after.get("zero", False),
+    )
+    return {
+        "targets": targets,
+        "windows": {**win, "warm_up_s": round(warm, 1), "first_stats": first, "last_stats": last},
+        "growth": series,
+        "idle": back,
+        "growth_fit": [round(t0, 1), round(t1, 1)],
+        "growth_judged": fit_ok,
+        "redis_keys": keys_verdict,
+    }
+
+
+# --- markdown ------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> list[str]:
+    from .report import _machine, _table, _targets, _v
+
+    c, r = report["config"], report["results"]
+    lat = c["model_latency"]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(report["started_at"]))
+    w = r["windows"]
+    lines = [
+        f"# Soak `{report['name']}` ({when})",
+        "",
+        f"- Scenario: {c['vus']} VUs for {c['duration_s']:g} s (ramp up {c['ramp_up_s']:g} s, down "
+        f"{c['ramp_down_s']:g} s), each VU loops POST scan -> follow its SSE stream -> repeat; "
+        f"{c['resume_share']:.0%} of streams dropped mid-job and resumed with Last-Event-ID, "
+        f"{c['abandon_share']:.0%} abandoned (result fetched from the API instead); model faults "
+        f"permanent {c['permanent_share']:.0%}, transient2 {c['transient_share']:.0%}, "
+        f"gaps {c['gaps_share']:.0%}.",
+        f"- Simulated model latency: {lat['min_s']:g}-{lat['max_s']:g} s per call.",
+        f"- Sampled every {c['sample_every_s']:g} s; Redis keys by prefix every "
+        f"{c['key_scan_every'] * c['sample_every_s']:g} s.",
+        f"- Windows compared: {w['rule']} ({w['window_s']:g} s each); steady part {w['steady'][0]:g}-"
+        f"{w['steady'][1]:g} s (after ramp-up + one E2E p95 of warm-up, {w['warm_up_s']:g} s).",
+        f"- Machine: {_machine(report['machine'])}.",
+        "",
+    ]
+    lines += _targets(report)
+    rows = [
+        [
+            "jobs submitted / completed / failed",
+            f"{r['jobs_submitted']:,} / {r['jobs_completed']:,} / {r['jobs_failed']:,}",
+        ],
+        ["jobs by outcome", ", ".join(f"{k} {v:,}" for k, v in sorted(r["jobs_by_status"].items()))],
+        ["by client behaviour", ", ".join(f"{k} {v:,}" for k, v in sorted(r["by_client_kind"].items()))],
+        ["by model fault: outcome", ", ".join(f"{k} {v:,}" for k, v in sorted(r["outcomes"].items()))],
+        ["throughput, whole run", f"{_v(r['throughput_jpm'], '', 0)} jobs/min"],
+        [
+            "first window",
+            f"{w['first_stats']['throughput_jpm']} jobs/min, E2E p95 {w['first_stats']['e2e_p95_s']} s",
+        ],
+        [
+            "last window",
+            f"{w['last_stats']['throughput_jpm']} jobs/min, E2E p95 {w['last_stats']['e2e_p95_s']} s",
+        ],
+        [
+            "consumer lag after the run",
+            ", ".join(f"{g} {n}" for g, n in (r["lag_after"].get("lag") or {}).items())
+            + f" (after {r['lag_after'].get('waited_s')} s)",
+        ],
+    ]
+    if r.get("sse"):
+        sse = r["sse"]
+        rows.append(["SSE events / reconnects", f"{sse['events_received']:,} / {sse['reconnects']:,}"])
+    lines += ["## Results", "", *_table(["metric", "value"], rows), ""]
+    grows = [
+        [
+            col.split(":", 1)[1],
+            col.split(":", 1)[0],
+            _v(g["median"]),
+            f"{g['first']:g} -> {g['last']:g}",
+            f"{g['slope_per_h']:+g}",
+            f"{g['limit_per_h']:g}",
+            ("flat" if g["flat"] else "**GROWING**") if r["growth_judged"] else "(span too short)",
+        ]
+        for col, g in sorted(r["growth"].items(), key=lambda kv: (kv[0].split(":", 1)[1], kv[0]))
+    ]
+    lines += [
+        "## Growth per process (least-squares slope)",
+        "",
+        f"Fitted over {r['growth_fit'][0]:g}-{r['growth_fit'][1]:g} s: the steady part after its first "
+        "window (pools, allocators and the JVM heap grow to their working size first). The generator "
+        "keeps every job for this report, so its own growth is expected and not judged.",
+        "",
+        *_table(
+            ["process", "series", "median", "first -> last", "slope per hour", "tolerance per hour", ""],
+            grows,
+        ),
+        "",
+    ]
+    idle = [
+        [
+            c,
+            _v(v["before"]),
+            _v(v["after"]),
+            _v(v["limit"]),
+            ("ok" if v["ok"] else "**NOT BACK**") if c.startswith("tasks:") else "(pools; not judged)",
+        ]
+        for c, v in r["idle"].items()
+    ]
+    if idle:
+        lines += [
+            "## Idle before vs after the run",
+            "",
+            *_table(["series", "before", "after", "limit", ""], idle),
+            "",
+        ]
+    k = r.get("redis_keys") or {}
+    if k:
+        lines += [
+            "## Redis keys",
+            "",
+            *_table(
+                ["prefix", "added during the run", "per job", "max per job"],
+                [
+                    [p, _v(n), _v(k["per_job"].get(p)), _v(k["per_job_max"].get(p))]
+                    for p, n in sorted(k["added"].items())
+                ],
+            ),
+            "",
+            f"Keys without a TTL: {k['no_ttl_keys']}; longest TTL seen {k['max_ttl_s']} s "
+            f"(state TTL {k['ttl_s']} s). At this submission rate the key count levels off after "
+            f"one TTL at about {k['ceiling_at_this_rate']:,} keys.",
+            "",
+        ]
+    end_row: dict[str, Any] = next((x for x in reversed(report["series"]) if x.get("phase") != "idle"), {})
+    first_row: dict[str, Any] = next((x for x in report["series"] if x.get("phase") != "idle"), {})
+    store = [
+        [col.split(":", 1)[1], _v(first_row.get(col)), _v(end_row.get(col))]
+        for col in sorted(end_row)
+        if col.split(":", 1)[0] in ("kafka_mib", "pg_mib")
+        and not col.split(":", 1)[1].startswith("__cluster")
+    ]
+    if store:
+        lines += [
+            "## Storage (grows with jobs until retention; reported, not judged)",
+            "",
+            *_table(["topic / table", "MiB at start", "MiB at end"], store),
+            "",
+        ]
+    lines += ["Time series of every sample: the `series` of the JSON report; plotted in the PNG."]
+    return lines
