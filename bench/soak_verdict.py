@@ -164,22 +164,17 @@ def judge(
     first = _window_stats(jobs, start_m, win["first"])
     last = _window_stats(jobs, start_m, win["last"])
     ok_window = win["window_s"] >= 30 and first["completed"] >= 10
-    d_thr = _pct_change(first["throughput_jpm"], last["throughput_jpm"])
-    add(
-        "throughput, last vs first window",
-        f"within 5% ({win['rule']}, {win['window_s']:g} s each)",
-        f"{first['throughput_jpm']} -> {last['throughput_jpm']} jobs/min"
-        + ("" if d_thr is None else f" ({100 * d_thr:+.1f}%)"),
-        None if d_thr is None or not ok_window else abs(d_thr) <= 0.05,
-    )
-    d_e2e = _pct_change(first["e2e_p95_s"], last["e2e_p95_s"])
-    add(
-        "E2E p95, last vs first window",
-        f"within 5% ({win['rule']})",
-        f"{first['e2e_p95_s']} -> {last['e2e_p95_s']} s"
-        + ("" if d_e2e is None else f" ({100 * d_e2e:+.1f}%)"),
-        None if d_e2e is None or not ok_window else abs(d_e2e) <= 0.05,
-    )
+    for what, key, unit, extra in (
+        ("throughput", "throughput_jpm", " jobs/min", f", {win['window_s']:g} s each"),
+        ("E2E p95", "e2e_p95_s", " s", ""),
+    ):
+        d = _pct_change(first[key], last[key])
+        add(
+            f"{what}, last vs first window",
+            f"within 5% ({win['rule']}{extra})",
+            f"{first[key]} -> {last[key]}{unit}" + ("" if d is None else f" ({100 * d:+.1f}%)"),
+            None if d is None or not ok_window else abs(d) <= 0.05,
+        )
 
     # Growth of every process series, fitted from the end of the first window to the end of the
     # steady part: during the first window pools, allocators and the JVM heap still grow to their
