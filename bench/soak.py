@@ -32,10 +32,11 @@ from typing import Any
 from contract.events import PIPELINE
 from contract.settings import Settings
 from contract.topics import ROUTER_GROUP, WRITER_GROUP, stage_group
+from eco2.stack import log_dir
 
 from . import harness, wire
 from .load import Job, LoadConfig, LoadRun, image_url
-from .soak_sampler import Sampler
+from .soak_sampler import LogWatch, Sampler
 from .soak_verdict import judge
 from .stats import machine
 
@@ -200,6 +201,7 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             scans = {"start": await sampler.key_scan()}
             sampler.rows.clear()
             cpu = harness.ServiceCpu(pids)
+            logs = LogWatch(log_dir(s), pids)
             started = time.time()
             load = asyncio.create_task(run.run())
             while not run.start_m:
@@ -220,6 +222,7 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             await asyncio.sleep(min(5.0, cfg.sample_every_s))  # let closed streams' tasks end
             idle_after = await _idle_samples(sampler, 3, 1.0, time.monotonic() - run.start_m)
             scans["end"] = await sampler.key_scan()
+            log_counts = logs.counts()
     finally:
         await sampler.close()
     r = run.results()
@@ -265,6 +268,7 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             "redis_keys": verdict["redis_keys"],
             "key_scans": scans,
             "lag_after": lag_after,
+            "log_counts": log_counts,
         },
         "services_cpu": services,
         "targets": verdict["targets"],

@@ -281,3 +281,37 @@ class Sampler:
         self._n += 1
         self.rows.append(row)
         return row
+
+
+# What the services' logs say during a soak: Faust's event-loop drift warning ("Timer ... woke up
+# too late, with a drift of ...") shows a loop that ages badly; errors and tracebacks anything else.
+LOG_PATTERNS = {"timer_drift": "woke up too late", "errors": " ERROR ", "tracebacks": "Traceback"}
+
+
+class LogWatch:
+    """Counts LOG_PATTERNS in what each service's log gained since the watch started."""
+
+    def __init__(self, logs: Path, names: Iterable[str]) -> None:
+        self.paths = {n: logs / f"{n}.log" for n in names}
+        self.offsets = {n: _size(p) for n, p in self.paths.items()}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, path in self.paths.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.offsets[name])
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            found = {k: text.count(pattern) for k, pattern in LOG_PATTERNS.items()}
+            if any(found.values()):
+                out[name] = found
+        return out
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -410,5 +410,21 @@ def markdown(report: dict[str, Any]) -> list[str]:
             *_table(["topic / table", "MiB at start", "MiB at end"], store),
             "",
         ]
+    logs = r.get("log_counts") or {}
+    lines += [
+        "## Service logs during the run",
+        "",
+        "Faust's event-loop drift warnings (`Timer ... woke up too late`), ERROR lines and tracebacks "
+        "each service logged during the run: "
+        + (
+            "; ".join(
+                f"{n}: " + ", ".join(f"{k} {v}" for k, v in c.items() if v) for n, c in sorted(logs.items())
+            )
+            if logs
+            else "none"
+        )
+        + ".",
+        "",
+    ]
     lines += ["Time series of every sample: the `series` of the JSON report; plotted in the PNG."]
     return lines

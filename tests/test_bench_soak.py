@@ -15,7 +15,7 @@ import pytest
 from bench import wire
 from bench.load import EXPECTED_SEQS, Job
 from bench.soak import SoakConfig, SoakRun, parse_duration
-from bench.soak_sampler import kafka_log_bytes
+from bench.soak_sampler import LogWatch, kafka_log_bytes
 from bench.soak_verdict import KEYS_PER_JOB_MAX, growth, judge, slope_per_hour, windows
 from contract.settings import Settings
 from simmodel.server import CallCounts, _counted, _tokens, classify, create_app
@@ -246,6 +246,16 @@ def test_kafka_log_bytes_counts_segments_only(tmp_path: Path) -> None:
         "scan.dlq": 100,
         "scan.rule": 0,
     }
+
+
+def test_log_watch_counts_only_what_the_run_added(tmp_path: Path) -> None:
+    (tmp_path / "workers.log").write_text("old ERROR line\n")
+    watch = LogWatch(tmp_path, ["workers", "router", "missing"])
+    with open(tmp_path / "workers.log", "a") as f:
+        f.write("[^Worker]: Timer Monitor.sampler woke up too late, with a drift of +0.6s\n")
+        f.write("2026 ERROR eco2.stages boom\nTraceback (most recent call last):\n")
+    (tmp_path / "router.log").write_text("all quiet\n")
+    assert watch.counts() == {"workers": {"timer_drift": 1, "errors": 1, "tracebacks": 1}}
 
 
 # --- integration: a 20-second soak ----------------------------------------------------------------
