@@ -144,6 +144,14 @@ class SoakRun(LoadRun):
 # --- the run -------------------------------------------------------------------------------------
 
 
+def redis_budget(maxmemory: int) -> dict[str, Any]:
+    """What Redis may hold: its maxmemory, else half of this machine's memory (it shares the box)."""
+    if maxmemory:
+        return {"bytes": maxmemory, "rule": "Redis maxmemory"}
+    total = machine()["memory_gib"] * 2**30
+    return {"bytes": int(total / 2), "rule": "half the machine's memory (no maxmemory set)"}
+
+
 def consumer_groups(env: dict[str, dict[str, str]]) -> list[str]:
     """The stack's consumer groups: the stage workers' (from the stages they run), router, writer."""
     stages = env.get("workers", {}).get("ECO2_STAGES") or ",".join(PIPELINE)
@@ -221,7 +229,7 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             lag_after = await _drain(sampler, cfg.drain_timeout_s)
             await asyncio.sleep(min(5.0, cfg.sample_every_s))  # let closed streams' tasks end
             idle_after = await _idle_samples(sampler, 3, 1.0, time.monotonic() - run.start_m)
-            scans["end"] = await sampler.key_scan()
+            scans["end"] = await sampler.key_scan({j.job_id for j in run.jobs if j.job_id})
             log_counts = logs.counts()
     finally:
         await sampler.close()
@@ -235,7 +243,13 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
         idle_after=idle_after,
         key_scans=scans,
         lag_after=lag_after,
-        state_ttl_s=s.state_ttl_s,
+        ttl_limits={
+            "scan:state": s.state_ttl_s,
+            "scan:history": s.state_ttl_s,
+            "scan:memo": s.memo_ttl_s,
+            "scan:idem": s.idempotency_ttl_s,
+        },
+        memory_budget=redis_budget(scans["end"].get("maxmemory", 0)),
     )
     by_kind = collections.Counter(j.kind or "follow" for j in run.jobs if j.job_id)
     by_fault = collections.Counter(j.fault or "none" for j in run.jobs if j.job_id)

@@ -24,7 +24,7 @@ from contract.settings import Settings
 from contract.topics import TOPICS
 from eco2.stack import data_dir
 
-from .stats import rss_kib, tree_cpu_s
+from .stats import percentile, rss_kib, tree_cpu_s
 
 
 def _fds(pid: int) -> int | None:
@@ -150,27 +150,56 @@ class Sampler:
                 row["gateway_streams"] = int(streams) if streams is not None else None
         return row
 
-    async def key_scan(self) -> dict[str, Any]:
-        """Keys by prefix (first two `:` parts), keys without a TTL, and the longest TTL seen
-        (checked on up to 200 keys per prefix)."""
+    async def key_scan(self, run_jobs: set[str] | None = None) -> dict[str, Any]:
+        """Keys by prefix (first two `:` parts) and, on up to 200 keys per prefix, keys without a
+        TTL. With `run_jobs`: the keys of those jobs by prefix, and on up to 200 of them per
+        prefix their TTL (max, p90) and bytes (MEMORY USAGE), for what one job costs Redis."""
         counts: collections.Counter[str] = collections.Counter()
-        probe: dict[str, list[bytes]] = collections.defaultdict(list)
+        mine: collections.Counter[str] = collections.Counter()
+        any_probe: dict[str, list[bytes]] = collections.defaultdict(list)
+        run_probe: dict[str, list[bytes]] = collections.defaultdict(list)
         async for key in self._redis.scan_iter(count=5000):
-            prefix = ":".join(key.decode(errors="replace").split(":")[:2])
+            parts = key.decode(errors="replace").split(":")
+            prefix = ":".join(parts[:2])
             counts[prefix] += 1
-            if len(probe[prefix]) < 200:
-                probe[prefix].append(key)
+            if len(any_probe[prefix]) < 200:
+                any_probe[prefix].append(key)
+            if run_jobs is not None and len(parts) > 2 and parts[2] in run_jobs:
+                mine[prefix] += 1
+                if len(run_probe[prefix]) < 200:
+                    run_probe[prefix].append(key)
         pipe = self._redis.pipeline(transaction=False)
-        flat = [k for ks in probe.values() for k in ks]
+        flat = [k for ks in any_probe.values() for k in ks]
         for k in flat:
             pipe.ttl(k)
         ttls = [int(x) for x in await pipe.execute()] if flat else []
-        return {
+        out: dict[str, Any] = {
             "by_prefix": dict(counts),
             "no_ttl": sum(1 for x in ttls if x == -1),
-            "max_ttl_s": max(ttls, default=None),
             "checked": len(ttls),
         }
+        if run_jobs is not None:
+            pipe = self._redis.pipeline(transaction=False)
+            for ks in run_probe.values():
+                for k in ks:
+                    pipe.ttl(k)
+                    pipe.memory_usage(k)
+            raw = await pipe.execute() if run_probe else []
+            per: dict[str, Any] = {}
+            i = 0
+            for prefix, ks in run_probe.items():
+                pairs = [(int(raw[i + 2 * n]), raw[i + 2 * n + 1]) for n in range(len(ks))]
+                i += 2 * len(ks)
+                live = [(ttl, size) for ttl, size in pairs if ttl >= 0 and size is not None]
+                per[prefix] = {
+                    "keys": mine[prefix],
+                    "ttl_max_s": max((x for x, _ in live), default=None),
+                    "ttl_p90_s": percentile([float(x) for x, _ in live], 90),
+                    "bytes_avg": round(sum(b for _, b in live) / len(live)) if live else None,
+                }
+            out["run"] = per
+            out["maxmemory"] = int((await self._redis.config_get("maxmemory")).get("maxmemory") or 0)
+        return out
 
     async def lag(self, exact: bool = False) -> dict[str, int]:
         """Records each consumer group has not committed, over the partitions it committed.
@@ -260,7 +289,6 @@ class Sampler:
             for prefix, n in scan["by_prefix"].items():
                 row[f"redis_keys:{prefix}"] = n
             row["redis_keys_no_ttl"] = scan["no_ttl"]
-            row["redis_max_ttl_s"] = scan["max_ttl_s"]
         return row
 
     async def sample(self, t: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -124,7 +124,8 @@ def judge(
     idle_after: list[dict[str, Any]],
     key_scans: dict[str, dict[str, Any]],
     lag_after: dict[str, Any],
-    state_ttl_s: int,
+    ttl_limits: dict[str, int],
+    memory_budget: dict[str, Any],
 ) -> dict[str, Any]:
     """Every verdict of the soak from what was measured (pure: unit-tested on synthetic data)."""
     targets: list[dict[str, Any]] = []
@@ -231,36 +232,58 @@ def judge(
         None if not judged_idle else not bad_idle,
     )
 
-    # Redis keys: every key expires, none outlives the TTL, and each job adds a bounded number.
+    # Redis: every key expires, none outlives its TTL, each job leaves a bounded number of keys,
+    # and what the TTLs let accumulate at this rate fits the memory Redis may use.
     keys_verdict: dict[str, Any] = {}
-    start, end = key_scans.get("start"), key_scans.get("end")
-    if start and end:
-        added = {
-            p: end["by_prefix"].get(p, 0) - start["by_prefix"].get(p, 0)
-            for p in set(start["by_prefix"]) | set(end["by_prefix"])
-        }
-        per_job = {p: round(n / len(accepted), 2) for p, n in added.items()} if accepted else {}
+    end = key_scans.get("end") or {}
+    run = end.get("run")
+    if run is not None and accepted:
+        per_job = {p: round(v["keys"] / len(accepted), 2) for p, v in run.items()}
         over = [p for p, k in per_job.items() if k > KEYS_PER_JOB_MAX.get(p, 0)]
-        minutes = max(cfg.duration_s / 60.0, 1e-6)
-        ceiling = sum(max(n, 0) for n in added.values()) / minutes * (state_ttl_s / 60.0)
+        too_long = [
+            p
+            for p, v in run.items()
+            if (v["ttl_max_s"] or 0) > ttl_limits.get(p, 0) or v["ttl_max_s"] is None
+        ]
+        # At a steady rate each prefix levels off at (keys per second) x (their lifetime, the p90
+        # of the TTLs seen at the end) x (bytes per key).
+        level = {
+            p: v["keys"] / max(cfg.duration_s, 1e-6) * (v["ttl_p90_s"] or 0) * (v["bytes_avg"] or 0)
+            for p, v in run.items()
+        }
+        total = sum(level.values())
         keys_verdict = {
-            "added": added,
             "per_job": per_job,
             "per_job_max": KEYS_PER_JOB_MAX,
+            "run": run,
+            "ttl_limits": ttl_limits,
             "no_ttl_keys": end["no_ttl"],
-            "max_ttl_s": end["max_ttl_s"],
-            "ttl_s": state_ttl_s,
-            "ceiling_at_this_rate": round(ceiling),
+            "level_bytes": {p: round(b) for p, b in level.items()},
+            "level_total_bytes": round(total),
+            "budget": memory_budget,
         }
-        ok = not over and end["no_ttl"] == 0 and (end["max_ttl_s"] or 0) <= state_ttl_s
         add(
-            "Redis keys bounded by the TTL",
-            "every key has a TTL <= state TTL; keys per job <= "
+            "Redis keys bounded by their TTLs",
+            "no key without a TTL; TTL <= "
+            + ", ".join(f"{p} {s / 3600:g} h" for p, s in ttl_limits.items())
+            + "; keys per job <= "
             + ", ".join(f"{p} {n}" for p, n in KEYS_PER_JOB_MAX.items()),
-            f"{end['no_ttl']} keys without TTL (of {end['checked']} checked); per job "
-            + ", ".join(f"{p} {k:g}" for p, k in sorted(per_job.items()))
-            + f"; level at this rate after one TTL ({state_ttl_s / 3600:g} h): ~{ceiling:,.0f} keys",
-            ok,
+            f"{end['no_ttl']} without TTL (of {end['checked']} checked); longest TTL "
+            + ", ".join(f"{p} {(v['ttl_max_s'] or 0) / 3600:.2f} h" for p, v in sorted(run.items()))
+            + "; per job "
+            + ", ".join(f"{p} {k:g}" for p, k in sorted(per_job.items())),
+            not over and not too_long and end["no_ttl"] == 0,
+        )
+        add(
+            "Redis memory where the TTLs level it",
+            f"<= {memory_budget['bytes'] / 2**30:.1f} GiB ({memory_budget['rule']})",
+            f"{total / 2**30:.2f} GiB at {len(accepted) / max(cfg.duration_s, 1e-6) * 60:.0f} jobs/min ("
+            + ", ".join(
+                f"{p} {v['bytes_avg'] or 0:,} B x {(v['ttl_p90_s'] or 0) / 3600:.1f} h"
+                for p, v in sorted(run.items())
+            )
+            + ")",
+            total <= memory_budget["bytes"],
         )
     add(
         "consumer lag back to zero after the run",
@@ -379,20 +402,30 @@ def markdown(report: dict[str, Any]) -> list[str]:
         ]
     k = r.get("redis_keys") or {}
     if k:
+        rows = [
+            [
+                p,
+                _v(v["keys"]),
+                _v(k["per_job"].get(p)),
+                _v(k["per_job_max"].get(p)),
+                _v(v["bytes_avg"], " B"),
+                f"{(v['ttl_max_s'] or 0) / 3600:.2f} h (limit {k['ttl_limits'].get(p, 0) / 3600:g} h)",
+                f"{k['level_bytes'].get(p, 0) / 2**20:,.0f} MiB",
+            ]
+            for p, v in sorted(k["run"].items())
+        ]
         lines += [
-            "## Redis keys",
+            "## Redis keys of this run's jobs",
             "",
             *_table(
-                ["prefix", "added during the run", "per job", "max per job"],
-                [
-                    [p, _v(n), _v(k["per_job"].get(p)), _v(k["per_job_max"].get(p))]
-                    for p, n in sorted(k["added"].items())
-                ],
+                ["prefix", "keys", "per job", "max per job", "bytes per key", "longest TTL", "level"],
+                rows,
             ),
             "",
-            f"Keys without a TTL: {k['no_ttl_keys']}; longest TTL seen {k['max_ttl_s']} s "
-            f"(state TTL {k['ttl_s']} s). At this submission rate the key count levels off after "
-            f"one TTL at about {k['ceiling_at_this_rate']:,} keys.",
+            f"Keys without a TTL (any key, sampled): {k['no_ttl_keys']}. Level = keys per second x "
+            "lifetime (p90 of their TTLs at the end) x bytes per key: what Redis holds once the TTLs "
+            f"balance this rate, {k['level_total_bytes'] / 2**30:.2f} GiB in all (budget "
+            f"{k['budget']['bytes'] / 2**30:.1f} GiB: {k['budget']['rule']}).",
             "",
         ]
     end_row: dict[str, Any] = next((x for x in reversed(report["series"]) if x.get("phase") != "idle"), {})

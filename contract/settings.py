@@ -80,8 +80,12 @@ class Settings(BaseSettings):
     api_txn_producers: int = 4  # transactional producers committing job batches in parallel
 
     # Redis state.
-    state_ttl_s: int = 24 * 3600
-    result_ttl_s: int = 3600
+    state_ttl_s: int = 24 * 3600  # a job's state and history while it runs
+    result_ttl_s: int = 3600  # ... once it has finished (then its result comes from Postgres)
+    # Stage memos only make a redelivered stage re-emit identical events; redeliveries come within
+    # seconds (a rebalance) or after a restart, so hours, not the state's day: they are half of
+    # what a job keeps in Redis (the soak, docs/benchmarks.md).
+    memo_ttl_s: int = 6 * 3600
 
     # SSE gateway.
     keepalive_s: float = 15.0

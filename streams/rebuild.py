@@ -54,7 +54,7 @@ async def rebuild(
         **s.kafka_client_kwargs(),
     )
     client = aioredis.from_url(s.redis_url)
-    store = StateStore(client, s.state_ttl_s)
+    store = StateStore(client, s.state_ttl_s, s.result_ttl_s)
     await consumer.start()
     try:
         tps = [TopicPartition(EVENTS, p) for p in range(BY_NAME[EVENTS].partitions)]

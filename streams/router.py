@@ -121,7 +121,7 @@ def register(app: faust.App, s: Settings) -> None:
                 socket_timeout=10,
                 socket_connect_timeout=5,
             )
-            stores.append(StateStore(client, s.state_ttl_s))
+            stores.append(StateStore(client, s.state_ttl_s, s.result_ttl_s))
         return stores[0]
 
     @app.agent(topic(app, EVENTS), name="eco2-router")

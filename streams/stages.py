@@ -58,7 +58,7 @@ class Pipeline:
         self.topics = {name: topic(app, name) for name in [*STAGE_TOPICS.values(), EVENTS, DLQ]}
         self.redis = pooled_client(s.redis_url, 64, f"eco2-stages-{os.getpid()}")
         self.api = model.client(s)
-        self.memo_ttl_s = s.state_ttl_s
+        self.memo_ttl_s = s.memo_ttl_s
 
     # --- output ------------------------------------------------------------------------------
 

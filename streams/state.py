@@ -16,12 +16,14 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from contract import keys
-from contract.events import ScanEvent
+from contract.events import TERMINAL_STAGES, ScanEvent
 from contract.topics import shard_of
 
 # KEYS: state, history.  ARGV: seq, event json, channel, ttl, stage, status, progress, user,
-# result json ("" when none). Returns 1 when the event was new.
+# result json ("" when none), ttl once finished. Returns 1 when the event was new.
+# A finished job's keys keep only the finished TTL, whatever arrives after its terminal event.
 _APPLY = """
+local terminal = TERMINAL
 local seq = tonumber(ARGV[1])
 local new = 0
 if redis.call('ZCOUNT', KEYS[2], seq, seq) == 0 then
@@ -34,11 +36,14 @@ if seq > cur then
              'progress', ARGV[7], 'user_id', ARGV[8], 'event', ARGV[2])
   if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[9]) end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+local ttl = ARGV[4]
+local st = redis.call('HMGET', KEYS[1], 'stage', 'status')
+if st[2] == 'failed' or terminal[st[1]] then ttl = ARGV[10] end
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
 if new == 1 then redis.call('PUBLISH', ARGV[3], ARGV[2]) end
 return new
-"""
+""".replace("TERMINAL", "{" + ", ".join(f"['{s}'] = true" for s in TERMINAL_STAGES) + "}")
 
 
 def pooled_client(url: str, max_connections: int, name: str) -> aioredis.Redis:
@@ -54,11 +59,17 @@ def pooled_client(url: str, max_connections: int, name: str) -> aioredis.Redis:
 
 
 class StateStore:
-    """Applies events to Redis (one round trip per batch) and reads job state back."""
+    """Applies events to Redis (one round trip per batch) and reads job state back.
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+    Keys live `ttl_s` while the job runs and `finished_ttl_s` (default: the same) once it has
+    ended: the router keeps a finished job an hour (`result_ttl_s`; its result then comes from
+    Postgres), not the day a running one may need, or Redis held every job of the last 24 hours
+    (~27 KiB each, 13 GiB at 100 VUs: the soak's finding, docs/benchmarks.md)."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: int, finished_ttl_s: int | None = None) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self.finished_ttl_s = finished_ttl_s or ttl_s
         self._apply = client.register_script(_APPLY)
 
     async def apply(self, events: Iterable[ScanEvent]) -> list[bool]:
@@ -80,6 +91,7 @@ class StateStore:
                         ev.progress,
                         ev.user_id,
                         json.dumps(ev.result) if ev.result is not None else "",
+                        self.finished_ttl_s,
                     ],
                     client=pipe,
                 )

@@ -74,15 +74,12 @@ def _inputs(**over: Any) -> dict[str, Any]:
         for t in range(0, 900, 10)
     ]
     idle = [{"tasks:gateway": 5, "fds:gateway": 18}]
-    scans = {
-        "start": {"by_prefix": {"scan:state": 10}, "no_ttl": 0, "max_ttl_s": 86000, "checked": 10},
-        "end": {
-            "by_prefix": {"scan:state": 1711, "scan:history": 1701, "scan:memo": 1701 * 12},
-            "no_ttl": 0,
-            "max_ttl_s": 86399,
-            "checked": 600,
-        },
+    run = {
+        "scan:state": {"keys": 1701, "ttl_max_s": 3600, "ttl_p90_s": 3500, "bytes_avg": 8000},
+        "scan:history": {"keys": 1701, "ttl_max_s": 3600, "ttl_p90_s": 3500, "bytes_avg": 4000},
+        "scan:memo": {"keys": 1701 * 12, "ttl_max_s": 21600, "ttl_p90_s": 21000, "bytes_avg": 1000},
     }
+    scans = {"end": {"by_prefix": {}, "no_ttl": 0, "checked": 600, "run": run, "maxmemory": 0}}
     base: dict[str, Any] = {
         "jobs": jobs,
         "start_m": 0.0,
@@ -92,14 +89,16 @@ def _inputs(**over: Any) -> dict[str, Any]:
         "idle_after": idle,
         "key_scans": scans,
         "lag_after": {"lag": {"eco2-router": 0}, "zero": True, "waited_s": 2.0},
-        "state_ttl_s": 86400,
+        "ttl_limits": {"scan:state": 86400, "scan:history": 86400, "scan:memo": 21600},
+        "memory_budget": {"bytes": 8 * 2**30, "rule": "test"},
     }
     base.update(over)
     return base
 
 
 def verdicts(out: dict[str, Any]) -> dict[str, str]:
-    return {t["target"].split(",")[0].split(" ")[0]: t["verdict"] for t in out["targets"]}
+    """target -> verdict, by the target's first two words."""
+    return {" ".join(t["target"].replace(",", "").split()[:2]): t["verdict"] for t in out["targets"]}
 
 
 def test_judge_passes_a_steady_run_and_names_each_failure() -> None:
@@ -107,31 +106,39 @@ def test_judge_passes_a_steady_run_and_names_each_failure() -> None:
     assert set(ok.values()) == {"PASS"}, ok  # the generator's own growth is not judged
     # a gateway leaking a task every 10 s
     rows = [{"t": t, "tasks:gateway": 40 + t // 10} for t in range(0, 900, 10)]
-    assert verdicts(judge(**_inputs(rows=rows)))["tasks"] == "MISS"
+    assert verdicts(judge(**_inputs(rows=rows)))["tasks flat"] == "MISS"
     # tasks not back at idle after the run
-    assert verdicts(judge(**_inputs(idle_after=[{"tasks:gateway": 60}])))["asyncio"] == "MISS"
+    assert verdicts(judge(**_inputs(idle_after=[{"tasks:gateway": 60}])))["asyncio tasks"] == "MISS"
     # a stream with a lost and a repeated event
     jobs = _inputs()["jobs"]
     jobs[10].seqs = [1, 10, 11, 11, 20, 21, 30, 31, 40, 51]
-    assert verdicts(judge(**_inputs(jobs=jobs)))["SSE"] == "MISS"
+    assert verdicts(judge(**_inputs(jobs=jobs)))["SSE lost/duplicated"] == "MISS"
     # a permanent fault that completed, or too many normal jobs failing: completion
     bad = _inputs()["jobs"]
     for j in bad[:5]:
         j.status = "timeout"
     assert verdicts(judge(**_inputs(jobs=bad)))["completion"] == "MISS"
-    # keys without a TTL, or more keys per job than a job can leave
-    scans = _inputs()["key_scans"]
-    scans["end"]["no_ttl"] = 3
-    assert verdicts(judge(**_inputs(key_scans=scans)))["Redis"] == "MISS"
-    scans = _inputs()["key_scans"]
-    scans["end"]["by_prefix"]["scan:memo"] = 1701 * (KEYS_PER_JOB_MAX["scan:memo"] + 2)
-    assert verdicts(judge(**_inputs(key_scans=scans)))["Redis"] == "MISS"
+    # keys without a TTL, a TTL beyond its limit, more keys per job than a job can leave
+    for change in (
+        lambda e: e.update(no_ttl=3),
+        lambda e: e["run"]["scan:memo"].update(ttl_max_s=86400),
+        lambda e: e["run"]["scan:memo"].update(keys=1701 * (KEYS_PER_JOB_MAX["scan:memo"] + 2)),
+    ):
+        scans = _inputs()["key_scans"]
+        change(scans["end"])
+        assert verdicts(judge(**_inputs(key_scans=scans)))["Redis keys"] == "MISS"
+    # what the TTLs let accumulate at this rate exceeds what Redis may use: ~3.3 jobs/s x 12 memos
+    # x 1,000 B x 21,000 s = 0.8 GiB of memos alone
+    out = judge(**_inputs(memory_budget={"bytes": 2**29, "rule": "test"}))
+    assert verdicts(out)["Redis memory"] == "MISS"
+    level = out["redis_keys"]["level_bytes"]
+    assert level["scan:memo"] == pytest.approx(1701 * 12 / 900 * 21000 * 1000, rel=1e-6)
     # lag left after the run
     lag = {"lag": {"eco2-router": 0, "eco2-writer": 7}, "zero": False, "waited_s": 120}
-    assert verdicts(judge(**_inputs(lag_after=lag)))["consumer"] == "MISS"
+    assert verdicts(judge(**_inputs(lag_after=lag)))["consumer lag"] == "MISS"
     # throughput falling by a quarter in the last window
     slow = [j for j in _inputs()["jobs"] if not (600 <= j.done_m < 870 and j.n % 4 == 0)]
-    assert verdicts(judge(**_inputs(jobs=slow)))["throughput"] == "MISS"
+    assert verdicts(judge(**_inputs(jobs=slow)))["throughput last"] == "MISS"
 
 
 def test_short_runs_are_not_extrapolated() -> None:
@@ -303,7 +310,8 @@ def test_soak_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, 
         "completion",
         "SSE lost/duplicated events",
         "asyncio tasks back at idle after the run",
-        "Redis keys bounded by the TTL",
+        "Redis keys bounded by their TTLs",
+        "Redis memory where the TTLs level it",
         "consumer lag back to zero after the run",
     ):
         assert v[target] == "PASS", (target, rep["targets"])
@@ -316,4 +324,7 @@ def test_soak_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, 
     assert {"kafka_mib:scan.events", "pg_mib:scans"} <= cols
     assert max(row.get("gateway_streams") or 0 for row in rep["series"]) >= 1
     md = next(f for f in files if f.suffix == ".md").read_text()
-    assert "## Growth per process" in md and "## Redis keys" in md
+    assert "## Growth per process" in md and "## Redis keys of this run's jobs" in md
+    keys = rep["results"]["redis_keys"]["run"]
+    assert keys["scan:state"]["ttl_max_s"] <= settings.result_ttl_s  # every job finished: short TTL
+    assert keys["scan:memo"]["ttl_max_s"] <= settings.memo_ttl_s
