@@ -39,17 +39,17 @@ def expected_outcome(job: Job) -> str:
 
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of (seconds, value) points, in value per hour."""
+    """Theil-Sen slope of (seconds, value) points, in value per hour: the median of the slopes
+    between every pair of points. A leak (steady growth) shows in full; a single step, such as a
+    connection pool growing once to a new size or the JVM heap filling, moves it only when the
+    step sits in the middle of the span, where least squares would read any step as a trend."""
     if len(points) < 3:
         return None
-    n = len(points)
-    mx = sum(p[0] for p in points) / n
-    my = sum(p[1] for p in points) / n
-    sxx = sum((p[0] - mx) ** 2 for p in points)
-    if sxx == 0:
-        return None
-    sxy = sum((p[0] - mx) * (p[1] - my) for p in points)
-    return sxy / sxx * 3600.0
+    slopes = [
+        (b[1] - a[1]) / (b[0] - a[0]) for i, a in enumerate(points) for b in points[i + 1 :] if b[0] != a[0]
+    ]
+    mid = percentile(slopes, 50)
+    return None if mid is None else mid * 3600.0
 
 
 def windows(steady_from: float, steady_to: float) -> dict[str, Any]:
@@ -89,6 +89,43 @@ def growth(rows: list[dict[str, Any]], col: str, t0: float, t1: float) -> dict[s
         "unit": unit,
         "flat": slope <= limit,
     }
+
+
+def growth_verdicts(
+    rows: list[dict[str, Any]], t0: float, t1: float, judged: bool = True
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Growth of every process series over [t0, t1] and one flatness target per kind of series
+    (`judged` False: reported, verdict n/a)."""
+    series: dict[str, dict[str, Any]] = {}
+    for col in sorted({c for r in rows for c in r if c.split(":", 1)[0] in TOLERANCE}):
+        g = growth(rows, col, t0, t1)
+        if g is not None:
+            series[col] = g
+    mine_all = {c: g for c, g in series.items() if c not in NOT_JUDGED and not c.endswith(":generator")}
+    targets = []
+    for kind, (rel, absolute, unit) in TOLERANCE.items():
+        mine = {c: g for c, g in mine_all.items() if c.startswith(kind + ":")}
+        bad = [
+            f"{c.split(':', 1)[1]} {g['slope_per_h']:+g} {unit}/h" for c, g in mine.items() if not g["flat"]
+        ]
+        worst = max(mine.items(), key=lambda kv: kv[1]["slope_per_h"] / kv[1]["limit_per_h"], default=None)
+        if not judged:
+            measured: str | None = f"fit span {t1 - t0:.0f} s < {GROWTH_MIN_SPAN_S:g} s: not judged"
+        elif bad:
+            measured = "; ".join(bad)
+        elif worst:
+            measured = f"all flat; steepest {worst[0].split(':', 1)[1]} {worst[1]['slope_per_h']:+g} {unit}/h"
+        else:
+            measured = None
+        targets.append(
+            {
+                "target": f"{kind} flat per process",
+                "goal": f"fitted growth <= max({rel:.0%} of median, {absolute:g} {unit}) per hour",
+                "measured": measured,
+                "verdict": "n/a" if not mine or not judged else ("MISS" if bad else "PASS"),
+            }
+        )
+    return series, targets
 
 
 def _pct_change(first: float | None, last: float | None) -> float | None:
@@ -185,34 +222,8 @@ def judge(
     # working size. Too short a span to extrapolate to an hour is not judged.
     t0, t1 = win["first"][1], win["steady"][1]
     fit_ok = t1 - t0 >= GROWTH_MIN_SPAN_S
-    series: dict[str, dict[str, Any]] = {}
-    cols = sorted({c for r in rows for c in r if c.split(":", 1)[0] in TOLERANCE})
-    for col in cols:
-        g = growth(rows, col, t0, t1)
-        if g is not None:
-            series[col] = g
-    judged = {c: g for c, g in series.items() if c not in NOT_JUDGED and c.split(":", 1)[1] != "generator"}
-    for kind, (rel, absolute, unit) in TOLERANCE.items():
-        mine = {c: g for c, g in judged.items() if c.startswith(kind + ":")}
-        bad = [
-            f"{c.split(':', 1)[1]} {g['slope_per_h']:+g} {unit}/h" for c, g in mine.items() if not g["flat"]
-        ]
-        worst = max(mine.items(), key=lambda kv: kv[1]["slope_per_h"] / kv[1]["limit_per_h"], default=None)
-        measured = (
-            "; ".join(bad)
-            if bad
-            else (
-                f"all flat; steepest {worst[0].split(':', 1)[1]} {worst[1]['slope_per_h']:+g} {unit}/h"
-                if worst
-                else None
-            )
-        )
-        add(
-            f"{kind} flat per process",
-            f"fitted growth <= max({rel:.0%} of median, {absolute:g} {unit}) per hour",
-            measured if fit_ok else f"fit span {t1 - t0:.0f} s < {GROWTH_MIN_SPAN_S:g} s: not judged",
-            None if not mine or not fit_ok else not bad,
-        )
+    series, growth_targets = growth_verdicts(rows, t0, t1, fit_ok)
+    targets += growth_targets
 
     # Tasks of the app processes back at their idle level once the run has drained (fds are
     # shown too, not judged: connection pools to Redis, Kafka and the model legitimately stay

@@ -52,6 +52,17 @@ def test_growth_against_tolerance() -> None:
     assert g is not None and not g["flat"] and g["slope_per_h"] == pytest.approx(360)
 
 
+def test_a_pool_growing_once_is_not_a_leak_but_steady_growth_is() -> None:
+    """A connection pool that steps up once late in the run (fds +8 at 70% of the span) is flat
+    for the Theil-Sen fit; least squares would have read it as ~+100 fds per hour."""
+    step = [{"t": t, "fds:workers": 124 + (8 if t >= 420 else 0)} for t in range(0, 600, 10)]
+    g = growth(step, "fds:workers", 0, 600)
+    assert g is not None and g["flat"] and g["slope_per_h"] == 0
+    creep = [{"t": t, "fds:workers": 124 + t // 60} for t in range(0, 600, 10)]  # one fd a minute
+    g = growth(creep, "fds:workers", 0, 600)
+    assert g is not None and not g["flat"] and g["slope_per_h"] == pytest.approx(60, rel=0.2)
+
+
 def _job(n: int, t: float, status: str = "completed", fault: str = "", kind: str = "") -> Job:
     j = Job(vu=n, t0=0.0, m0=t - 15.0, n=n, kind=kind, fault=fault)
     j.job_id = f"j{n}"
