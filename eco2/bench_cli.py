@@ -127,6 +127,11 @@ def soak(
         seconds = parse_duration(duration)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    shares = (resume, abandon, permanent, transient, gaps)
+    if min(shares) < 0 or resume + abandon > 1 or permanent + transient + gaps > 1:
+        raise typer.BadParameter(
+            "shares are 0..1; --resume + --abandon and the three faults each sum to <= 1"
+        )
     cfg = SoakConfig(
         duration_s=seconds,
         vus=vus,
