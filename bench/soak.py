@@ -318,7 +318,9 @@ def panels(rows: list[dict[str, Any]]) -> list[tuple[str, list[tuple[str, str]]]
         ("E2E p95 (s)", [("e2e_p95_s", "E2E p95 (10 s window)")]),
         ("RSS (MiB)", family("rss_mib")),
         ("open fds", family("fds")),
-        ("asyncio tasks", family("tasks")),
+        # The stage workers hold thousands of agent actors: their own panel keeps the others legible.
+        ("asyncio tasks", [c for c in family("tasks") if c[1] != "workers"]),
+        ("asyncio tasks (stage workers)", [c for c in family("tasks") if c[1] == "workers"]),
         ("CPU (% of a core)", family("cpu_pct")),
         (
             "Redis",

@@ -91,6 +91,7 @@ class Sampler:
         self.rows: list[dict[str, Any]] = []
         self.key_scans: list[dict[str, Any]] = []
         self._n = 0
+        self._keys: dict[str, int] = {}
         self._cpu: tuple[float, dict[int, float]] | None = None
         self._http = httpx.AsyncClient(timeout=3.0, follow_redirects=True)
         self._redis = aioredis.from_url(s.redis_url, socket_timeout=10)
@@ -127,7 +128,8 @@ class Sampler:
             if self._cpu is not None:
                 t0, before = self._cpu
                 used = cpu.get(pid, 0.0) - before.get(pid, 0.0)
-                row[f"cpu_pct:{name}"] = round(100.0 * used / max(now - t0, 1e-6), 1)
+                # A child that exited (Redis's BGSAVE fork) takes its CPU out of the tree: never < 0.
+                row[f"cpu_pct:{name}"] = round(100.0 * max(used, 0.0) / max(now - t0, 1e-6), 1)
         self._cpu = (now, cpu)
         return row
 
@@ -286,10 +288,10 @@ class Sampler:
         }
         if self._n % self.key_scan_every == 0:
             scan = await self.key_scan()
-            for prefix, n in scan["by_prefix"].items():
-                row[f"redis_keys:{prefix}"] = n
-            row["redis_keys_no_ttl"] = scan["no_ttl"]
-        return row
+            self._keys = {f"redis_keys:{p}": n for p, n in scan["by_prefix"].items()}
+            self._keys["redis_keys_no_ttl"] = scan["no_ttl"]
+            row["redis_keys_scanned"] = True
+        return {**row, **self._keys}  # between scans: the last scan's counts
 
     async def sample(self, t: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {"t": round(t, 1), **(extra or {})}
