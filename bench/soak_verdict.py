@@ -389,7 +389,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
         for col, g in sorted(r["growth"].items(), key=lambda kv: (kv[0].split(":", 1)[1], kv[0]))
     ]
     lines += [
-        "## Growth per process (least-squares slope)",
+        "## Growth per process (Theil-Sen slope: median of all pairwise slopes)",
         "",
         f"Fitted over {r['growth_fit'][0]:g}-{r['growth_fit'][1]:g} s: the steady part after its first "
         "window (pools, allocators and the JVM heap grow to their working size first). The generator "
