@@ -11,12 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 
 from bench import wire
 from bench.load import EXPECTED_SEQS, Job
 from bench.soak import SoakConfig, SoakRun, parse_duration
 from bench.soak_sampler import LogWatch, kafka_log_bytes
 from bench.soak_verdict import KEYS_PER_JOB_MAX, growth, judge, slope_per_hour, windows
+from contract.runtime_metrics import ASYNCIO_TASKS, track_event_loop
 from contract.settings import Settings
 from simmodel.server import CallCounts, _counted, _tokens, classify, create_app
 
@@ -276,6 +278,26 @@ def test_log_watch_counts_only_what_the_run_added(tmp_path: Path) -> None:
     assert watch.counts() == {"workers": {"timer_drift": 1, "errors": 1, "tracebacks": 1}}
 
 
+async def test_asyncio_task_gauge_counts_this_loops_tasks() -> None:
+    track_event_loop()
+    track_event_loop()  # idempotent: one collector, one sample
+
+    def value() -> float:
+        text = generate_latest().decode()
+        found = [line for line in text.splitlines() if line.startswith(ASYNCIO_TASKS + " ")]
+        assert len(found) == 1, found
+        return float(found[0].split()[1])
+
+    assert value() == len(asyncio.all_tasks())  # no await in between: the same moment
+    stop = asyncio.Event()
+    extra = [asyncio.create_task(stop.wait()) for _ in range(25)]
+    await asyncio.sleep(0)
+    assert value() == len(asyncio.all_tasks()) and set(extra) <= asyncio.all_tasks()
+    stop.set()
+    await asyncio.gather(*extra)
+    assert value() == len(asyncio.all_tasks())
+
+
 # --- integration: a 20-second soak ----------------------------------------------------------------
 
 
@@ -330,6 +352,10 @@ def test_soak_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, 
     cols = set().union(*(row.keys() for row in rep["series"]))
     for proc in ("api", "workers", "router", "writer", "gateway", "model"):
         assert {f"rss_mib:{proc}", f"fds:{proc}", f"cpu_pct:{proc}", f"tasks:{proc}"} <= cols, proc
+        # every Python component exports eco2_asyncio_tasks, and the sampler read it every time
+        assert all(
+            isinstance(row[f"tasks:{proc}"], int) and row[f"tasks:{proc}"] > 0 for row in rep["series"]
+        ), proc
     assert {"rss_mib:kafka", "rss_mib:redis", "rss_mib:postgres", "gateway_streams"} <= cols
     assert {"redis_used_mib", "redis_keys", "redis_keys:scan:state", "lag:eco2-router"} <= cols
     assert {"kafka_mib:scan.events", "pg_mib:scans"} <= cols
