@@ -207,6 +207,7 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             )
             idle_before = await _idle_samples(sampler, 3, 1.0, 0.0)
             scans = {"start": await sampler.key_scan()}
+            clients = {"before": await sampler.redis_clients()}
             sampler.rows.clear()
             cpu = harness.ServiceCpu(pids)
             logs = LogWatch(log_dir(s), pids)
@@ -231,6 +232,7 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             idle_after = await _idle_samples(sampler, 3, 1.0, time.monotonic() - run.start_m)
             scans["end"] = await sampler.key_scan({j.job_id for j in run.jobs if j.job_id})
             log_counts = logs.counts()
+            clients["after"] = await sampler.redis_clients()
     finally:
         await sampler.close()
     r = run.results()
@@ -283,6 +285,7 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             "key_scans": scans,
             "lag_after": lag_after,
             "log_counts": log_counts,
+            "redis_clients": clients,
         },
         "services_cpu": services,
         "targets": verdict["targets"],

@@ -203,6 +203,14 @@ class Sampler:
             out["maxmemory"] = int((await self._redis.config_get("maxmemory")).get("maxmemory") or 0)
         return out
 
+    async def redis_clients(self) -> dict[str, int]:
+        """Redis connections by client name without its pid (eco2-stages, eco2-api, ...): each
+        component's pool, so a growing fd count on Redis can be told from a pool filling up."""
+        out: collections.Counter[str] = collections.Counter()
+        for c in await self._redis.client_list():
+            out[re.sub(r"-\d+$", "", c.get("name") or "") or "(unnamed)"] += 1
+        return dict(out)
+
     async def lag(self, exact: bool = False) -> dict[str, int]:
         """Records each consumer group has not committed, over the partitions it committed.
 

@@ -448,6 +448,18 @@ def markdown(report: dict[str, Any]) -> list[str]:
             f"{k['budget']['bytes'] / 2**30:.1f} GiB: {k['budget']['rule']}).",
             "",
         ]
+    clients = r.get("redis_clients") or {}
+    if clients:
+        names = sorted(set(clients.get("before", {})) | set(clients.get("after", {})))
+        lines += [
+            "Redis connections by client (each component's pool; the soak's own sampler is unnamed): "
+            + ", ".join(
+                f"{n} {clients.get('before', {}).get(n, 0)} -> {clients.get('after', {}).get(n, 0)}"
+                for n in names
+            )
+            + " (idle before -> after the run).",
+            "",
+        ]
     end_row: dict[str, Any] = next((x for x in reversed(report["series"]) if x.get("phase") != "idle"), {})
     first_row: dict[str, Any] = next((x for x in report["series"] if x.get("phase") != "idle"), {})
     store = [

@@ -361,6 +361,9 @@ def test_soak_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, 
     assert {"kafka_mib:scan.events", "pg_mib:scans"} <= cols
     assert max(row.get("gateway_streams") or 0 for row in rep["series"]) >= 1
     md = next(f for f in files if f.suffix == ".md").read_text()
+    clients = r["redis_clients"]["after"]
+    assert {"eco2-stages", "eco2-api", "eco2-gateway", "eco2-router"} <= set(clients), clients
+    assert "Redis connections by client" in md
     assert "## Growth per process" in md and "## Redis keys of this run's jobs" in md
     keys = rep["results"]["redis_keys"]["run"]
     assert keys["scan:state"]["ttl_max_s"] <= settings.result_ttl_s  # every job finished: short TTL
