@@ -64,7 +64,7 @@ class StateStore:
     Keys live `ttl_s` while the job runs and `finished_ttl_s` (default: the same) once it has
     ended: the router keeps a finished job an hour (`result_ttl_s`; its result then comes from
     Postgres), not the day a running one may need, or Redis held every job of the last 24 hours
-    (~27 KiB each, 13 GiB at 100 VUs: the soak's finding, docs/benchmarks.md)."""
+    (~27 KiB each, ~12 GiB at 100 VUs: the soak's finding, docs/benchmarks.md)."""
 
     def __init__(self, client: aioredis.Redis, ttl_s: int, finished_ttl_s: int | None = None) -> None:
         self.redis = client

@@ -1,7 +1,7 @@
 """Issue 16: what a job leaves in Redis is bounded by the TTLs, and a finished job's are short.
 
 The soak found Redis holding every job of the last 24 hours (~27 KiB each: at 100 VUs it would
-have levelled off at ~13 GiB, more than half the box, with no maxmemory): a finished job's state
+have levelled off at ~12 GiB, more than half the box, with no maxmemory): a finished job's state
 and history kept the running TTL. They now keep `result_ttl_s` once the job has ended (its result
 then comes from Postgres), whatever arrives after the terminal event.
 """
