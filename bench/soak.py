@@ -24,15 +24,17 @@ import asyncio
 import collections
 import random
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from contract.events import PIPELINE
 from contract.settings import Settings
-from contract.topics import ROUTER_GROUP, WRITER_GROUP, stage_group
-from eco2.stack import log_dir
+from contract.topics import ROUTER_GROUP, TOPICS, WRITER_GROUP, stage_group
+from eco2.stack import data_dir, log_dir
 
 from . import harness, wire
 from .load import Job, LoadConfig, LoadRun, image_url
@@ -152,6 +154,12 @@ def redis_budget(maxmemory: int) -> dict[str, Any]:
     return {"bytes": int(total / 2), "rule": "half the machine's memory (no maxmemory set)"}
 
 
+def disk_budget(path: Path) -> dict[str, Any]:
+    """What Kafka's logs may fill here: half of the disk that holds them, free or already theirs."""
+    usage = shutil.disk_usage(path)
+    return {"bytes": int(usage.free / 2), "rule": f"half the free disk at {path}"}
+
+
 def consumer_groups(env: dict[str, dict[str, str]]) -> list[str]:
     """The stack's consumer groups: the stage workers' (from the stages they run), router, writer."""
     stages = env.get("workers", {}).get("ECO2_STAGES") or ",".join(PIPELINE)
@@ -252,6 +260,10 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             "scan:idem": s.idempotency_ttl_s,
         },
         memory_budget=redis_budget(scans["end"].get("maxmemory", 0)),
+        retention_s={
+            tp.name: int(tp.config["retention.ms"]) / 1000 for tp in TOPICS if "retention.ms" in tp.config
+        },
+        disk_budget=disk_budget(data_dir(s)),
     )
     by_kind = collections.Counter(j.kind or "follow" for j in run.jobs if j.job_id)
     by_fault = collections.Counter(j.fault or "none" for j in run.jobs if j.job_id)
@@ -282,6 +294,7 @@ async def run_soak(s: Settings, cfg: SoakConfig, out: Callable[[str], None] | No
             "idle_before": idle_before,
             "idle_after": idle_after,
             "redis_keys": verdict["redis_keys"],
+            "storage": verdict["storage"],
             "key_scans": scans,
             "lag_after": lag_after,
             "log_counts": log_counts,

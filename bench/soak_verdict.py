@@ -128,6 +128,25 @@ def growth_verdicts(
     return series, targets
 
 
+def kafka_level(
+    rows: list[dict[str, Any]], duration_s: float, retention_s: dict[str, float] | None
+) -> dict[str, Any]:
+    """Where each topic's log levels off: bytes added per second during the run x its retention
+    (deletion keeps about that much; segments roll, so a little more)."""
+    per: dict[str, dict[str, float]] = {}
+    for topic, keep in (retention_s or {}).items():
+        vals = [r[f"kafka_mib:{topic}"] for r in rows if r.get(f"kafka_mib:{topic}") is not None]
+        if len(vals) < 2:
+            continue
+        rate = max(vals[-1] - vals[0], 0.0) / max(duration_s, 1e-6)  # MiB/s
+        per[topic] = {
+            "mib_per_min": round(rate * 60, 3),
+            "retention_days": round(keep / 86400, 2),
+            "level_gib": round(rate * keep / 1024, 2),
+        }
+    return {"per_topic": per, "total_bytes": round(sum(v["level_gib"] for v in per.values()) * 2**30)}
+
+
 def _pct_change(first: float | None, last: float | None) -> float | None:
     if first is None or last is None or first == 0:
         return None
@@ -166,6 +185,8 @@ def judge(
     lag_after: dict[str, Any],
     ttl_limits: dict[str, int],
     memory_budget: dict[str, Any],
+    retention_s: dict[str, float] | None = None,
+    disk_budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every verdict of the soak from what was measured (pure: unit-tested on synthetic data)."""
     targets: list[dict[str, Any]] = []
@@ -306,8 +327,23 @@ def judge(
         + (f" after {lag_after.get('waited_s')} s" if lag_after.get("lag") is not None else ""),
         None if lag_after.get("lag") is None else lag_after.get("zero", False),
     )
+    storage = kafka_level(rows, cfg.duration_s, retention_s)
+    if storage["per_topic"] and disk_budget is not None:
+        add(
+            "Kafka logs where retention levels them",
+            f"<= {disk_budget['bytes'] / 2**30:,.0f} GiB ({disk_budget['rule']})",
+            f"{storage['total_bytes'] / 2**30:,.1f} GiB at this rate ("
+            + ", ".join(
+                f"{tp} {v['mib_per_min']:.2f} MiB/min x {v['retention_days']:g} d"
+                for tp, v in storage["per_topic"].items()
+                if v["mib_per_min"] > 0
+            )
+            + ")",
+            storage["total_bytes"] <= disk_budget["bytes"],
+        )
     return {
         "targets": targets,
+        "storage": storage,
         "windows": {**win, "warm_up_s": round(warm, 1), "first_stats": first, "last_stats": last},
         "growth": series,
         "idle": back,
@@ -462,17 +498,32 @@ def markdown(report: dict[str, Any]) -> list[str]:
         ]
     end_row: dict[str, Any] = next((x for x in reversed(report["series"]) if x.get("phase") != "idle"), {})
     first_row: dict[str, Any] = next((x for x in report["series"] if x.get("phase") != "idle"), {})
-    store = [
-        [col.split(":", 1)[1], _v(first_row.get(col)), _v(end_row.get(col))]
-        for col in sorted(end_row)
-        if col.split(":", 1)[0] in ("kafka_mib", "pg_mib")
-        and not col.split(":", 1)[1].startswith("__cluster")
-    ]
+    level = (r.get("storage") or {}).get("per_topic", {})
+    jobs = max(r["jobs_submitted"], 1)
+    store = []
+    for col in sorted(end_row):
+        kind, _, name = col.partition(":")
+        if kind not in ("kafka_mib", "pg_mib") or name.startswith("__cluster"):
+            continue
+        a, b = first_row.get(col) or 0.0, end_row.get(col) or 0.0
+        lv = level.get(name)
+        store.append(
+            [
+                name,
+                _v(a),
+                _v(b),
+                _v((b - a) * 1024 / jobs, " KiB", 2),
+                f"{_v(lv['level_gib'], ' GiB', 2)} ({lv['retention_days']:g} d)" if lv else "no retention",
+            ]
+        )
     if store:
         lines += [
-            "## Storage (grows with jobs until retention; reported, not judged)",
+            "## Storage",
             "",
-            *_table(["topic / table", "MiB at start", "MiB at end"], store),
+            "Kafka topics level off at (bytes per second) x retention; Postgres tables keep every result "
+            "(no retention: they grow with jobs by design).",
+            "",
+            *_table(["topic / table", "MiB at start", "MiB at end", "per job", "level at retention"], store),
             "",
         ]
     logs = r.get("log_counts") or {}

@@ -17,7 +17,7 @@ from bench import wire
 from bench.load import EXPECTED_SEQS, Job
 from bench.soak import SoakConfig, SoakRun, parse_duration
 from bench.soak_sampler import LogWatch, kafka_log_bytes
-from bench.soak_verdict import KEYS_PER_JOB_MAX, growth, judge, slope_per_hour, windows
+from bench.soak_verdict import KEYS_PER_JOB_MAX, growth, judge, kafka_level, slope_per_hour, windows
 from contract.runtime_metrics import ASYNCIO_TASKS, track_event_loop
 from contract.settings import Settings
 from simmodel.server import CallCounts, _counted, _tokens, classify, create_app
@@ -152,6 +152,23 @@ def test_judge_passes_a_steady_run_and_names_each_failure() -> None:
     # throughput falling by a quarter in the last window
     slow = [j for j in _inputs()["jobs"] if not (600 <= j.done_m < 870 and j.n % 4 == 0)]
     assert verdicts(judge(**_inputs(jobs=slow)))["throughput last"] == "MISS"
+
+
+def test_kafka_logs_level_at_retention() -> None:
+    rows = [{"t": t, "kafka_mib:scan.events": t / 60} for t in range(0, 610, 10)]  # 1 MiB a minute
+    fortnight = 14 * 86400.0
+    level = kafka_level(rows, 600, {"scan.events": fortnight, "scan.dlq": 30 * 86400.0})
+    assert level["per_topic"]["scan.events"] == {"mib_per_min": 1.0, "retention_days": 14, "level_gib": 19.69}
+    assert "scan.dlq" not in level["per_topic"]  # no samples of it
+    for budget_gib, verdict in ((10, "MISS"), (100, "PASS")):
+        out = judge(
+            **_inputs(
+                rows=rows,
+                retention_s={"scan.events": fortnight},
+                disk_budget={"bytes": budget_gib * 2**30, "rule": "test"},
+            )
+        )
+        assert verdicts(out)["Kafka logs"] == verdict
 
 
 def test_short_runs_are_not_extrapolated() -> None:
@@ -346,6 +363,7 @@ def test_soak_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, 
         "Redis keys bounded by their TTLs",
         "Redis memory where the TTLs level it",
         "consumer lag back to zero after the run",
+        "Kafka logs where retention levels them",
     ):
         assert v[target] == "PASS", (target, rep["targets"])
     # the watched series are all there, for every process
