@@ -361,12 +361,13 @@ def test_soak_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, 
         "SSE lost/duplicated events",
         "asyncio tasks back at idle after the run",
         "Redis keys bounded by their TTLs",
-        "Redis memory where the TTLs level it",
         "consumer lag back to zero after the run",
     ):
         assert v[target] == "PASS", (target, rep["targets"])
-    # judged, but its verdict depends on this disk and the smoke's rate (a fast model: many jobs)
-    assert v["Kafka logs where retention levels them"] in ("PASS", "MISS")
+    # judged, but their verdicts depend on this machine's memory and disk and on the smoke's rate
+    # (a fast model: many jobs a minute)
+    for target in ("Redis memory where the TTLs level it", "Kafka logs where retention levels them"):
+        assert v[target] in ("PASS", "MISS"), (target, rep["targets"])
     # the watched series are all there, for every process
     cols = set().union(*(row.keys() for row in rep["series"]))
     for proc in ("api", "workers", "router", "writer", "gateway", "model"):
