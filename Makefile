@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 NODE_DIR := .local/node
 NODE_STAMP := $(NODE_DIR)/.installed
 
-.PHONY: install node-tools demo test lint unit up down bench
+.PHONY: install node-tools demo test lint unit up down bench soak
 
 install: $(STAMP)
 
@@ -51,3 +51,7 @@ unit: install node-tools
 # The full benchmark runs of docs/benchmarks.md (about 30 minutes; not part of `make test`).
 bench: up
 	$(ECO2) bench suite
+
+# The hour-long soak of docs/benchmarks.md (300 VUs, SSE, faults; not part of `make test`).
+soak: up
+	$(ECO2) bench soak
