@@ -383,7 +383,10 @@ async def test_health_ready_cors_and_config(gw_gateway: str, settings: Settings)
                 "Access-Control-Request-Headers": "X-User-ID, Last-Event-ID",
             },
         )
-        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", "http://app.example")
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in (
+            "*",
+            "http://app.example",
+        )
         assert (await client.get(gw_gateway + "/config.json")).json()["api_url"] == settings.api_url
         page = await client.get(gw_gateway + "/")
         assert page.status_code == 200 and "EventSource" in page.text
