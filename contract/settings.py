@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     router_metrics_port: int = 9102
     writer_metrics_port: int = 9103
 
+    # Health of the consumers (stage workers, router, writer): /health and /ready on the metrics
+    # port fail when work is pending and nothing was fetched or committed for health_stall_s
+    # (longer than the slowest legitimate job: stage_timeout_s x attempts), when no partition
+    # was assigned health_unassigned_s after a rebalance (0: never), or when the event loop was
+    # blocked for health_loop_block_s. streams/health.py says why.
+    health_stall_s: float = 300.0
+    health_unassigned_s: float = 300.0
+    health_loop_block_s: float = 10.0
+    health_interval_s: float = 2.0
+
     # Scan API input limits.
     max_image_url_len: int = 2048
     max_user_input_len: int = 1000

@@ -9,16 +9,17 @@ import signal
 
 from contract.runtime_metrics import track_event_loop
 from contract.settings import get_settings
+from streams.health import serve
 
-from .metrics import serve_metrics
 from .writer import Writer
 
 
 async def _run() -> None:
     s = get_settings()
-    serve_metrics(s.metrics_port)
+    writer = Writer(s)
+    serve(s.metrics_port, writer.progress)  # /metrics, /health, /ready
     track_event_loop()
-    task = asyncio.create_task(Writer(s).run())
+    task = asyncio.create_task(writer.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)

@@ -27,6 +27,10 @@ class Batcher(Generic[T]):
             self._since = self.clock()
         self._items.append(item)
 
+    def items(self) -> list[T]:
+        """The pending items, oldest first (a copy)."""
+        return list(self._items)
+
     def room(self) -> int:
         """How many items fit before the batch is full (what to ask the consumer for)."""
         return max(self.size - len(self._items), 0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 
 BATCH_SIZE = Histogram(
     "eco2_writer_batch_size",
@@ -22,9 +22,3 @@ RETRIES = Counter(
     ["kind"],
 )
 DEAD_LETTERS = Counter("eco2_writer_dead_letters_total", "records sent to scan.persistence.dlq", ["reason"])
-
-
-def serve_metrics(port: int) -> None:
-    """Expose /metrics on `port` (0 disables it, e.g. for a writer inside a test)."""
-    if port:
-        start_http_server(port, addr="0.0.0.0")

@@ -26,6 +26,7 @@ from contract import trace
 from contract.events import DeadLetter, ScanResult
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, PERSISTENCE_DLQ, partition_for
+from streams.health import Policy, Progress, unread, watch
 
 from . import metrics, store
 from .batcher import Batcher
@@ -46,17 +47,36 @@ class Writer:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._pool: asyncpg.Pool | None = None
+        self.progress = Progress(self.group, Policy.of(s))
+        self._flushing: list[Record] = []  # the batch being written (pending work for /health)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Consume and write until cancelled."""
+        watcher = asyncio.create_task(watch(self.progress, self._pending, self.s.health_interval_s))
         try:
             await self.start()
             while True:
                 await self.poll_once()
         finally:
+            watcher.cancel()
             await self.close()
+
+    async def _pending(self) -> dict[TopicPartition, int]:
+        """Per owned partition: records in the pending batch plus unread ones (for /health)."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        tps = consumer.assignment()
+        if not tps:
+            return {}
+        ends = await consumer.end_offsets(list(tps))
+        pending = unread(ends, {tp: await consumer.position(tp) for tp in tps})
+        for m in [*self._flushing, *self.batcher.items()]:
+            tp = TopicPartition(m.topic, m.partition)
+            pending[tp] = pending.get(tp, 0) + 1
+        return pending
 
     async def start(self) -> None:
         s = self.s
@@ -110,10 +130,19 @@ class Writer:
         for msgs in got.values():
             for m in msgs:
                 self.batcher.add(m)
+        if got:
+            self.progress.progressed()
         while self.batcher.due():
             await self.flush(self.batcher.take())
 
     async def flush(self, msgs: list[Record]) -> None:
+        self._flushing = msgs
+        try:
+            await self._flush(msgs)
+        finally:
+            self._flushing = []
+
+    async def _flush(self, msgs: list[Record]) -> None:
         t0 = time.perf_counter()
         metrics.BATCH_SIZE.observe(len(msgs))
         todo: list[tuple[Record, ScanResult]] = []
@@ -187,6 +216,7 @@ class Writer:
                     raise
                 attempt += 1
                 metrics.RETRIES.labels("hold").inc()
+                self.progress.waiting(what)  # alive (holding its position), not ready
                 delay = min(self.s.retry_backoff_s * 2 ** min(attempt - 1, 16), self.s.writer_backoff_max_s)
                 log.warning(
                     "%s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__, exc, attempt, delay
@@ -234,6 +264,7 @@ class Writer:
         async def commit() -> None:
             try:
                 await consumer.commit(mine)
+                self.progress.progressed()
             except (CommitFailedError, IllegalStateError) as exc:
                 # Rebalanced meanwhile: the new owner re-reads these records; rewriting is a no-op.
                 log.warning("commit skipped after a rebalance: %s", exc)
@@ -253,6 +284,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        self.writer.progress.rebalanced(assigned)
         self.writer.assigned.set()
 
 

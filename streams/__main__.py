@@ -11,7 +11,7 @@ from contract.settings import get_settings
 from contract.topics import stage_group
 
 from .app import create_app, quiet_noisy_loggers
-from .metrics import serve_metrics
+from .health import serve, watch_faust
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,12 +35,14 @@ def main(argv: list[str] | None = None) -> None:
         from .stages import register
 
         register(app, s, stages)
+        progress = watch_faust(app, s)
     else:
         app = create_app(s.router_group, s)  # ROUTER_GROUP unless a test isolates itself
         from .router import register as register_router
 
-        register_router(app, s)
-    serve_metrics(s.metrics_port)
+        progress = watch_faust(app, s)
+        register_router(app, s, progress)
+    serve(s.metrics_port, progress)  # /metrics, /health, /ready
 
     @app.task
     async def export_task_count() -> None:  # runs once the worker's event loop is up

@@ -17,8 +17,9 @@ last offset handed over. Holes (transaction markers, compaction) need no bookkee
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from faust.transport import consumer as faust_consumer
@@ -31,12 +32,17 @@ class InFlight:
     old copy may still sit in a stream's buffer, where Faust acks it unprocessed (stale
     generation). Only the newest copy of an offset counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._taken: dict[Any, OrderedDict[int, Any]] = defaultdict(OrderedDict)
+        self._since: dict[Any, dict[int, float]] = defaultdict(dict)  # offset -> when delivered
         self._next: dict[Any, int] = {}
+        self.clock = clock
+        self.deliveries = 0  # ever: the health watcher's evidence that fetching goes on
 
     def delivered(self, tp: Any, message: Any) -> None:
+        self.deliveries += 1
         self._taken[tp][message.offset] = message
+        self._since[tp][message.offset] = self.clock()
         if message.offset + 1 > self._next.get(tp, -1):
             self._next[tp] = message.offset + 1
 
@@ -45,6 +51,7 @@ class InFlight:
         offset, taken = message.offset, self._taken.get(tp)
         if taken is not None and taken.get(offset) is message:
             del taken[offset]
+            self._since[tp].pop(offset, None)
 
     def committable(self, tp: Any) -> int | None:
         """The offset the group may commit for `tp`: everything below it is done.
@@ -57,13 +64,33 @@ class InFlight:
             if not message.acked:
                 return offset
             taken.popitem(last=False)
+            self._since[tp].pop(offset, None)
         return self._next.get(tp)
+
+    def outstanding(self, tp: Any) -> int:
+        """Messages of `tp` handed to streams and not acked yet."""
+        return sum(1 for m in self._taken.get(tp, {}).values() if not m.acked)
+
+    def oldest_age(self, tp: Any) -> float:
+        """Seconds since the oldest unacked message of `tp` was delivered (0 when none): the
+        message that holds the partition's commit."""
+        head = self.committable(tp)
+        taken = self._taken.get(tp)
+        if head is None or not taken or head not in taken:
+            return 0.0
+        return max(0.0, self.clock() - self._since[tp].get(head, self.clock()))
 
     def forget(self, tps: Iterable[Any]) -> None:
         """Partitions revoked or re-assigned: they are read again from the committed offset."""
         for tp in tps:
             self._taken.pop(tp, None)
+            self._since.pop(tp, None)
             self._next.pop(tp, None)
+
+
+def committed_offsets(consumer: Any) -> Mapping[Any, int | None]:
+    """The offsets Faust's consumer last committed, per partition (its own bookkeeping)."""
+    return dict(consumer._committed_offset)
 
 
 def install() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 STAGE_LATENCY = Histogram(
     "eco2_stage_seconds",
@@ -14,9 +14,3 @@ IN_FLIGHT = Gauge("eco2_stage_in_flight", "jobs being processed now", ["stage"])
 RETRIES = Counter("eco2_stage_retries_total", "model call retries after transient errors", ["stage"])
 FAILURES = Counter("eco2_stage_failures_total", "jobs failed terminally", ["stage", "reason"])
 JOBS = Counter("eco2_stage_jobs_total", "jobs completed by a stage", ["stage"])
-
-
-def serve_metrics(port: int) -> None:
-    """Expose /metrics on `port` (0 disables it, e.g. in tests)."""
-    if port:
-        start_http_server(port, addr="0.0.0.0")

@@ -27,6 +27,7 @@ from contract.topics import EVENTS
 from contract.trace import from_headers, trace_id
 
 from .app import topic, trace_logger
+from .health import Progress
 from .state import StateStore
 
 log = trace_logger("eco2.router")
@@ -87,7 +88,11 @@ class Stopping(Exception):
 
 
 async def apply_until_done(
-    store: StateStore, events: list[ScanEvent], s: Settings, stopping: Callable[[], bool] = lambda: False
+    store: StateStore,
+    events: list[ScanEvent],
+    s: Settings,
+    stopping: Callable[[], bool] = lambda: False,
+    progress: Progress | None = None,
 ) -> list[bool]:
     """Apply one batch, retrying with capped exponential backoff until Redis takes it."""
     delay = s.retry_backoff_s
@@ -97,6 +102,8 @@ async def apply_until_done(
             new = await store.apply(events)
         except Exception as exc:  # any Redis/network failure: wait and try again, never drop
             REDIS_ERRORS.inc()
+            if progress is not None:
+                progress.waiting("redis")  # alive (retrying), not ready
             log.warning("redis apply of %d events failed (%s); retrying in %.1fs", len(events), exc, delay)
             until = time.monotonic() + delay
             while time.monotonic() < until:
@@ -109,7 +116,7 @@ async def apply_until_done(
         return new
 
 
-def register(app: faust.App, s: Settings) -> None:
+def register(app: faust.App, s: Settings, progress: Progress | None = None) -> None:
     """Define the router agent on `app` (its consumer group is app.conf.id)."""
     stores: list[StateStore] = []
 
@@ -133,7 +140,7 @@ def register(app: faust.App, s: Settings) -> None:
                 continue
             BATCH.observe(len(events))
             try:
-                new = await apply_until_done(store(), events, s, lambda: bool(app.should_stop))
+                new = await apply_until_done(store(), events, s, lambda: bool(app.should_stop), progress)
             except (asyncio.CancelledError, Stopping):
                 log.critical("stopped with %d events not yet in Redis; exiting without commit", len(events))
                 logging.shutdown()
