@@ -8,16 +8,20 @@ STAMP := $(VENV)/.installed
 NODE_DIR := .local/node
 NODE_STAMP := $(NODE_DIR)/.installed
 
-.PHONY: install node-tools demo test lint unit up down bench soak
+PIP := $(BIN)/pip install -q --disable-pip-version-check
+
+.PHONY: install node-tools demo test lint unit up down bench soak lock lock-upgrade image
 
 install: $(STAMP)
 
 # Only the tests need them (make test / make unit), not the stack or the demo.
 node-tools: $(NODE_STAMP)
 
-$(STAMP): pyproject.toml
+# Exactly the pinned, hash-checked versions of requirements-dev.lock, then the project itself.
+$(STAMP): pyproject.toml requirements-dev.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PIP) --require-hashes -r requirements-dev.lock
+	$(PIP) --no-deps -e .
 	@touch $@
 
 $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
@@ -26,6 +30,22 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 	cp tests/node/package.json tests/node/package-lock.json $(NODE_DIR)/
 	npm ci --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error
 	@touch $@
+
+# Refresh both lock files from pyproject.toml (after changing a dependency): keeps the pins the
+# ranges still allow; lock-upgrade moves every pin to the newest allowed. Takes seconds (uv).
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m uv --version >/dev/null 2>&1 || $(PIP) 'uv>=0.5,<1'
+	$(BIN)/python -m eco2.lock
+
+lock-upgrade:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m uv --version >/dev/null 2>&1 || $(PIP) 'uv>=0.5,<1'
+	$(BIN)/python -m eco2.lock --upgrade
+
+# The one image every pod runs, built with buildah from deploy/Dockerfile (see docs/operations.md).
+image: install
+	$(ECO2) image build
 
 up: install
 	$(ECO2) stack up
