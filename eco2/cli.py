@@ -104,6 +104,25 @@ def deploy_topics() -> None:
     typer.echo(f"wrote {write()}")
 
 
+image_app = typer.Typer(help="The container image (buildah, no Docker engine or registry needed).")
+app.add_typer(image_app, name="image")
+
+
+@image_app.command("build")
+def image_build(
+    base: Annotated[
+        str | None, typer.Option("--base", help="base image (default: a local Debian bookworm minbase)")
+    ] = None,
+) -> None:
+    """Build deploy/Dockerfile as localhost/eco2-streams:VERSION from the runtime lock."""
+    from . import image
+
+    try:
+        typer.echo(f"built {image.build(get_settings(), base)}")
+    except (subprocess.CalledProcessError, InstallError) as exc:
+        _fail(f"image build failed: {exc}")
+
+
 @app.command(
     "kafka-tool",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

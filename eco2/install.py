@@ -16,6 +16,9 @@ APT_PACKAGES = {
     "kcat": "/usr/bin/kcat",
     "postgresql": "/usr/lib/postgresql/*/bin/initdb",
     "chromium": "/usr/bin/chromium",  # headless browser for the gateway's web page test
+    # `eco2 image build` and its test: build and run the image without a Docker engine or registry
+    "buildah": "/usr/bin/buildah",
+    "mmdebstrap": "/usr/bin/mmdebstrap",
 }
 
 
