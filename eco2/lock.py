@@ -101,7 +101,7 @@ def pins(lock: Path) -> list[Pin]:
             continue
         spec, _, marker = head.rstrip(" \\").partition(";")
         name, _, version = spec.partition("==")
-        out.append(Pin(_norm(name.split("[")[0]), version.strip(), marker.strip(), block.count("--hash=")))
+        out.append(Pin(norm(name.split("[")[0]), version.strip(), marker.strip(), block.count("--hash=")))
     return out
 
 
@@ -112,7 +112,7 @@ def applicable(lock: Path) -> dict[str, str]:
     return {p.name: p.version for p in pins(lock) if not p.marker or Marker(p.marker).evaluate()}
 
 
-def _norm(name: str) -> str:
+def norm(name: str) -> str:
     return name.strip().lower().replace("_", "-").replace(".", "-")
 
 
@@ -130,7 +130,7 @@ def problems(pyproject: Path = PYPROJECT, lock: Path = LOCK, extras: tuple[str, 
     pinned = applicable(lock)
     for text in wanted:
         req = Requirement(text)
-        name = _norm(req.name)
+        name = norm(req.name)
         if req.marker is not None and not req.marker.evaluate():
             continue
         if name not in pinned:
