@@ -37,8 +37,16 @@ def ensure_tools() -> None:
     ensure_apt_packages({t: APT_PACKAGES[t] for t in ("buildah", "mmdebstrap")})
 
 
+def _buildah(*args: str) -> str:
+    return subprocess.run(["buildah", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def exists(image: str) -> bool:
-    return subprocess.run(["buildah", "inspect", "--type", "image", image], capture_output=True).returncode == 0
+    try:
+        _buildah("inspect", "--type", "image", image)
+    except subprocess.CalledProcessError:
+        return False
+    return True
 
 
 def base_tar(s: Settings) -> Path:
@@ -61,11 +69,10 @@ def ensure_local_base(s: Settings) -> str:
     if exists(LOCAL_BASE):
         return LOCAL_BASE
     tar = base_tar(s)
-    ctr = subprocess.run(["buildah", "from", "scratch"], capture_output=True, text=True, check=True).stdout
-    ctr = ctr.strip()
+    ctr = _buildah("from", "scratch")
     try:
-        subprocess.run(["buildah", "add", "--quiet", ctr, str(tar), "/"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["buildah", "commit", "--quiet", ctr, LOCAL_BASE], check=True, stdout=subprocess.DEVNULL)
+        _buildah("add", "--quiet", ctr, str(tar), "/")
+        _buildah("commit", "--quiet", ctr, LOCAL_BASE)
     finally:
         subprocess.run(["buildah", "rm", ctr], capture_output=True)
     return LOCAL_BASE
