@@ -49,6 +49,7 @@ STREAM_TOKEN = APIKeyQuery(
 
 STREAMS = Gauge("eco2_gateway_streams", "open SSE streams")
 REJECTED = Counter("eco2_gateway_rejected_total", "refused subscriptions", ["code"])
+MAX_STREAMS = Gauge("eco2_gateway_max_streams", "ECO2_MAX_CONNECTIONS: streams beyond it get 503")
 
 
 class Gateway:
@@ -123,6 +124,7 @@ async def _guarded(
 
 def create_app(s: Settings | None = None) -> FastAPI:
     s = s or get_settings()
+    MAX_STREAMS.set(s.max_connections)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

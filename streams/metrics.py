@@ -14,3 +14,8 @@ IN_FLIGHT = Gauge("eco2_stage_in_flight", "jobs being processed now", ["stage"])
 RETRIES = Counter("eco2_stage_retries_total", "model call retries after transient errors", ["stage"])
 FAILURES = Counter("eco2_stage_failures_total", "jobs failed terminally", ["stage", "reason"])
 JOBS = Counter("eco2_stage_jobs_total", "jobs completed by a stage", ["stage"])
+E2E = Histogram(
+    "eco2_scan_e2e_seconds",
+    "from the POST (job created_at) to its done event, per finished scan",
+    buckets=(1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 300),
+)

@@ -186,6 +186,7 @@ class Pipeline:
             nxt = next_stage(stage)
             if nxt == "done":
                 await self.emit(out, "done", "completed", tp, result=result_of(out, "completed"))
+                metrics.E2E.observe(max(0.0, time.time() - out.created_at))
             else:
                 await self._send(STAGE_TOPICS[nxt], out.job_id, out.model_dump_json(), tp)
             metrics.JOBS.labels(stage).inc()
