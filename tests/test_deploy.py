@@ -891,3 +891,23 @@ def _selects(selector: Doc, labels: dict[str, str]) -> bool:
         if e["operator"] == "In":
             ok = ok and labels.get(e["key"]) in e["values"]
     return ok
+
+
+def test_the_dlq_replay_pod_of_the_runbook_is_valid_and_logs_in_as_the_replay_user() -> None:
+    ops = (REPO_ROOT / "docs" / "operations.md").read_text()
+    fence = "`" * 3
+    block = ops.split(f"{fence}sh dlq-replay-pod\n", 1)[1].split(fence, 1)[0]
+    pod = json.loads(block.split("--overrides='", 1)[1].rsplit("'", 1)[0])
+    validate(pod)
+    (c,) = pod["spec"]["containers"]
+    env = env_of(c)
+    assert env["ECO2_KAFKA_SASL_USERNAME"]["value"] == "eco2-dlq-replay"
+    assert "eco2-dlq-replay" in by_name("KafkaUser")
+    ref = env["ECO2_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "eco2-dlq-replay", "key": "password"}
+    (cluster,) = of_kind("Cluster")
+    dsn = env["ECO2_POSTGRES_DSN"]["valueFrom"]["secretKeyRef"]
+    assert dsn == {"name": f"{cluster['metadata']['name']}-app", "key": "uri"}
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert str(Path(config_map("eco2-config")["ECO2_KAFKA_SSL_CAFILE"]).parent) in mounts
+    assert c["image"] == f"{IMAGE}:{_pyproject_version()}" and c["securityContext"]["readOnlyRootFilesystem"]
