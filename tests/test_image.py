@@ -208,6 +208,9 @@ def test_image_runs_as_its_non_root_user_and_cannot_write_its_own_files(built: I
     locked = applicable(LOCK)
     assert {n: installed.get(n) for n in locked} == locked
     assert "pytest" not in installed and "eco2-streams" not in installed
+    # The operator CLI as the runbook uses it in a pod (`eco2 dlq ...`).
+    cli = built.buildah_run("eco2", "dlq", "--help")
+    assert cli.returncode == 0 and "replay" in cli.stdout, cli
 
 
 def test_read_only_root_even_for_root(built: Image, settings: Settings, tmp_path: Path) -> None:
