@@ -17,8 +17,8 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +36,7 @@ from contract.topics import STAGE_TOPICS, stage_group
 from eco2 import image
 from eco2.lock import LOCK, applicable, norm
 
-from .gateway_support import commit_at_end, free_port, isolated_redis_url
+from .gateway_support import Proc, commit_at_end, free_port, isolated_redis_url, log_path
 
 pytestmark = pytest.mark.integration
 USER = "10001:10001"
@@ -117,37 +117,6 @@ def built(settings: Settings, stack_status: Any) -> Iterator[Image]:
         subprocess.run(["buildah", "rm", ctr], capture_output=True)
 
 
-class Running:
-    """A component started from the image; stopped by its own pid."""
-
-    def __init__(self, img: Image, name: str, command: list[str], env: dict[str, str], logs: Path) -> None:
-        self.target = Path(f"/tmp/eco2-image-root-{uuid.uuid4().hex[:8]}")
-        self.target.mkdir()
-        self.log = logs / f"image-{name}.log"
-        with open(self.log, "wb") as out:
-            self.popen = subprocess.Popen(
-                img.argv(command, env, self.target),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-        with contextlib.suppress(OSError):
-            self.target.rmdir()
-
-
 def stack_env(s: Settings, **extra: str) -> dict[str, str]:
     """What a pod's ConfigMap gives it, pointing at the local stack."""
     return {
@@ -161,23 +130,28 @@ def stack_env(s: Settings, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def component(img: Image, s: Settings, name: str, command: list[str], **env: str) -> Iterator[Running]:
-    logs = s.local_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    proc = Running(img, name, command, stack_env(s, **env), logs)
+def component(img: Image, s: Settings, name: str, command: list[str], **env: str) -> Iterator[Proc]:
+    """A component started from the image (its own mount namespace); stopped by its pid."""
+    target = Path(tempfile.mkdtemp(prefix="eco2-image-root-"))
+    proc = Proc(name, img.argv(command, stack_env(s, **env), target), {}, log_path(s, f"image-{name}"))
+    proc.log.unlink(missing_ok=True)
+    proc.start()
     try:
         yield proc
     finally:
         proc.stop()
+        with contextlib.suppress(OSError):
+            target.rmdir()
 
 
 def wait_http(
-    proc: Running, url: str, timeout_s: float = 90, want: dict[str, Any] | None = None
+    proc: Proc, url: str, timeout_s: float = 90, want: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
+        if not proc.alive():
+            assert proc.popen is not None
             raise AssertionError(f"exited {proc.popen.returncode}:\n{proc.tail()}")
         with contextlib.suppress(httpx.HTTPError):
             r = httpx.get(url, timeout=3)
@@ -213,17 +187,18 @@ def test_image_runs_as_its_non_root_user_and_cannot_write_its_own_files(built: I
     assert cli.returncode == 0 and "replay" in cli.stdout, cli
 
 
-def test_read_only_root_even_for_root(built: Image, settings: Settings, tmp_path: Path) -> None:
+def test_read_only_root_even_for_root(built: Image, settings: Settings) -> None:
     """The mount the components below run on is really read-only (not just permissions)."""
-    probe = Running(built, "probe", ["python", "-c", "open('/app/x', 'w')"], {}, tmp_path)
-    probe.popen.wait(timeout=60)
-    probe.stop()
+    with component(built, settings, "probe", ["python", "-c", "open('/app/x', 'w')"]) as probe:
+        assert probe.popen is not None
+        probe.popen.wait(timeout=60)
     assert probe.popen.returncode != 0 and "Read-only file system" in probe.tail(), probe.tail()
 
 
-def test_migrations_run_from_the_image(built: Image, settings: Settings, tmp_path: Path) -> None:
+def test_migrations_run_from_the_image(built: Image, settings: Settings) -> None:
     """What the init container of the API and writer Deployments runs."""
     with component(built, settings, "migrate", ["python", "-m", "eco2.cli", "db", "migrate"]) as p:
+        assert p.popen is not None
         p.popen.wait(timeout=90)
         assert p.popen.returncode == 0, p.tail()
 
