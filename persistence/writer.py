@@ -63,20 +63,18 @@ class Writer:
             watcher.cancel()
             await self.close()
 
-    async def _pending(self) -> dict[TopicPartition, int]:
+    async def _pending(self) -> tuple[dict[TopicPartition, int], None]:
         """Per owned partition: records in the pending batch plus unread ones (for /health)."""
         consumer = self._consumer
-        if consumer is None:
-            return {}
-        tps = consumer.assignment()
-        if not tps:
-            return {}
+        tps = consumer.assignment() if consumer is not None else set()
+        if consumer is None or not tps:
+            return {}, None
         ends = await consumer.end_offsets(list(tps))
         pending = unread(ends, {tp: await consumer.position(tp) for tp in tps})
         for m in [*self._flushing, *self.batcher.items()]:
             tp = TopicPartition(m.topic, m.partition)
             pending[tp] = pending.get(tp, 0) + 1
-        return pending
+        return pending, None
 
     async def start(self) -> None:
         s = self.s

@@ -85,6 +85,7 @@ class Progress:
         self.waiting_for = ""
         self.assigned: frozenset[Any] = frozenset()
         self.pending: dict[Any, int] = {}
+        self.oldest: dict[Any, float] = {}  # age of the oldest in-flight message, where known
 
     def beat(self) -> None:
         self.last_beat = self.clock()
@@ -104,14 +105,17 @@ class Progress:
         self.last_dependency_wait = self.clock()
         self.waiting_for = dependency
 
-    def sampled(self, pending: Mapping[Any, int]) -> None:
+    def sampled(self, pending: Mapping[Any, int], oldest: Mapping[Any, float] | None = None) -> None:
         for gone in set(self.pending) - set(pending):  # revoked: its series must not linger
             for gauge in (LAG, OLDEST_IN_FLIGHT):
                 with contextlib.suppress(KeyError):
                     gauge.remove(self.group, *_tp_labels(gone))
         self.pending = dict(pending)
+        self.oldest = dict(oldest or {})
         for tp, n in pending.items():
             LAG.labels(self.group, *_tp_labels(tp)).set(n)
+        for tp, age in self.oldest.items():
+            OLDEST_IN_FLIGHT.labels(self.group, *_tp_labels(tp)).set(age)
 
     def verdict(self) -> Verdict:
         p, now = self.policy, self.clock()
@@ -144,6 +148,14 @@ class Progress:
             "pending": pending,
             "since_progress_s": round(idle, 1),
             "since_beat_s": round(blocked, 1),
+            "partitions": {  # the ones with work pending: which partition is stuck
+                "{}[{}]".format(*_tp_labels(tp)): {
+                    "pending": n,
+                    "oldest_in_flight_s": round(self.oldest.get(tp, 0), 1),
+                }
+                for tp, n in sorted(self.pending.items(), key=lambda kv: _tp_labels(kv[0]))
+                if n
+            },
         }
         return Verdict(alive, alive and ready, reasons, detail)
 
@@ -192,7 +204,8 @@ def serve(port: int, progress: Progress | None, host: str = "0.0.0.0") -> Thread
 
 # --- the watcher ----------------------------------------------------------------------------
 
-Sample = Callable[[], Awaitable[Mapping[Any, int]]]
+# pending per partition, and optionally the age of each partition's oldest in-flight message
+Sample = Callable[[], Awaitable[tuple[Mapping[Any, int], Mapping[Any, float] | None]]]
 
 
 async def watch(progress: Progress, sample: Sample, interval_s: float) -> None:
@@ -203,7 +216,7 @@ async def watch(progress: Progress, sample: Sample, interval_s: float) -> None:
     while True:
         progress.beat()
         try:
-            progress.sampled(await asyncio.wait_for(sample(), timeout=max(interval_s * 5, 5.0)))
+            progress.sampled(*await asyncio.wait_for(sample(), timeout=max(interval_s * 5, 5.0)))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -230,7 +243,7 @@ def watch_faust(app: Any, s: Any) -> Progress:
     progress = Progress(app.conf.id, Policy.of(s))
     state: dict[str, Any] = {"deliveries": -1, "committed": None}
 
-    async def sample() -> Mapping[Any, int]:
+    async def sample() -> tuple[Mapping[Any, int], Mapping[Any, float]]:
         consumer = app.consumer
         flight: commits.InFlight = consumer.in_flight
         tps = frozenset(consumer.assignment())
@@ -242,14 +255,13 @@ def watch_faust(app: Any, s: Any) -> Progress:
                 progress.progressed()
             state.update(deliveries=flight.deliveries, committed=committed)
         if not tps:
-            return {}
+            return {}, {}
         ends = await consumer.highwaters(*tps)
         positions = {tp: await consumer.position(tp) for tp in tps}
         pending = unread(ends, positions)
         for tp in tps:
             pending[tp] = pending.get(tp, 0) + flight.outstanding(tp)
-            OLDEST_IN_FLIGHT.labels(progress.group, *_tp_labels(tp)).set(flight.oldest_age(tp))
-        return pending
+        return pending, {tp: flight.oldest_age(tp) for tp in tps}
 
     @app.task
     async def _watch_health() -> None:

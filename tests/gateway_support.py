@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
 
 from bench.harness import Proc as HelperProc
@@ -209,15 +210,24 @@ def log_path(s: Settings, name: str) -> Path:
     return d / f"{name}.log"
 
 
-async def commit_at_end(s: Settings, group: str) -> None:
-    """Point a fresh consumer group at the end of scan.events so it routes only new events."""
+async def commit_at_end(s: Settings, group: str, topic: str = EVENTS) -> None:
+    """Point a consumer group at the end of `topic` so it handles only new records. A member
+    of the group that just left may hold it for a session timeout (10 s): retried meanwhile."""
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
-        tps = [TopicPartition(EVENTS, p) for p in range(BY_NAME[EVENTS].partitions)]
+        tps = [TopicPartition(topic, p) for p in range(BY_NAME[topic].partitions)]
         consumer.assign(tps)
         end = await consumer.end_offsets(tps)
-        await consumer.commit({tp: OffsetAndMetadata(end[tp], "") for tp in tps})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await consumer.commit({tp: OffsetAndMetadata(end[tp], "") for tp in tps})
+                return
+            except CommitFailedError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1)
     finally:
         await consumer.stop()
 

@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from faust.types import TP
 
 from contract import keys
 from contract.settings import Settings
+from contract.topics import BY_NAME, STAGE_TOPICS, stage_group
 from persistence.writer import Writer
 from streams.commits import InFlight
 from streams.health import Policy, Progress, serve
@@ -38,6 +40,7 @@ from .gateway_support import (
     full_events,
     isolated_redis_url,
     job,
+    log_path,
     private_redis_port,
     router_proc,
     wait_routed,
@@ -357,3 +360,74 @@ async def test_writer_health_sees_a_hung_commit_and_a_blocked_loop(
         t.join()
         assert seen == [503]
         await until(alive, 10, "healthy once the loop runs again")
+
+
+@pytest.mark.integration
+async def test_stage_worker_health_sees_a_job_holding_its_partition(
+    settings: Settings, zero_latency_model: str, uid: str
+) -> None:
+    """A private answer worker (its own group, eco2-stage-answer) gets a job whose model call
+    takes 20 s more: with nothing else arriving, one message in flight and no fetch or commit
+    is a stall once health_stall_s (3 s here) passes; the in-flight age gauge shows the message;
+    when the job ends, health is good again."""
+    group = stage_group(["answer"])
+    answer = STAGE_TOPICS["answer"]
+    await commit_at_end(settings, group, answer)
+    port = free_port()
+    proc = Proc(
+        name="answer-worker",
+        argv=[sys.executable, "-m", "streams", "worker", "--stages", "answer"],
+        env={"ECO2_METRICS_PORT": str(port), "ECO2_STAGE_TIMEOUT_S": "60", **health_env()},
+        log=log_path(settings, f"health-{group}-{uid}"),
+    )
+    health = f"http://127.0.0.1:{port}"
+    proc.start()
+    try:
+
+        async def joined() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                code, body = await status(f"{health}/health")
+                return code == 200 and body["assigned"] == BY_NAME[answer].partitions
+            return False
+
+        await until(joined, 90, "the answer worker to join its group")
+        await asyncio.sleep(FAST["stall_s"] + 1)
+        code, body = await status(f"{health}/health")
+        assert code == 200 and body["pending"] == 0, body  # idle: healthy
+
+        async with httpx.AsyncClient(base_url=settings.api_url, timeout=30) as api:
+            r = await api.post(
+                "/api/v1/scan",
+                json={"image_url": f"https://images.example.com/scans/paper-slow20.jpg?u={uid}"},
+                headers={"X-User-ID": f"user-{uid}"},
+            )
+            assert r.status_code == 202, r.text
+
+        seen: list[dict[str, Any]] = []
+
+        async def held() -> bool:  # in flight (not just fetched) for longer than the stall limit
+            code, body = await status(f"{health}/health")
+            seen[:] = [body]
+            ages = [p["oldest_in_flight_s"] for p in body["partitions"].values()]
+            return code == 503 and any(a >= FAST["stall_s"] for a in ages)
+
+        await until(held, 40, "/health to fail while one job holds its partition")
+        (body,) = seen
+        assert body["pending"] == 1 and "no fetch or commit" in " ".join(body["reasons"]), body
+        async with httpx.AsyncClient(timeout=3) as c:
+            metrics = (await c.get(f"{health}/metrics")).text
+        ages = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("eco2_consumer_oldest_in_flight_seconds{") and f'topic="{answer}"' in line
+        ]
+        assert max(ages) >= FAST["stall_s"], ages
+
+        async def done() -> bool:
+            code, body = await status(f"{health}/health")
+            return code == 200 and body["pending"] == 0
+
+        await until(done, 60, "healthy again once the slow job finished and was committed")
+    finally:
+        proc.stop()
+        shutil.rmtree(settings.local_dir / "faust" / group, ignore_errors=True)

@@ -248,20 +248,9 @@ def test_stage_worker_router_and_writer_join_their_groups_from_the_image(
 
 async def _start_at_end(s: Settings, stage: str, router_group: str, writer_group: str) -> None:
     """New groups start at the end: the image's components must not replay the stack's history."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
     await commit_at_end(s, router_group)
     await commit_at_end(s, writer_group)
-    c = AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap, group_id=stage_group([stage]), enable_auto_commit=False
-    )
-    await c.start()
-    try:
-        tps = [TopicPartition(STAGE_TOPICS[stage], p) for p in range(12)]
-        c.assign(tps)
-        await c.commit(await c.end_offsets(tps))
-    finally:
-        await c.stop()
+    await commit_at_end(s, stage_group([stage]), STAGE_TOPICS[stage])
 
 
 async def _delete_groups(s: Settings, groups: list[str]) -> None:
