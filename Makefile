@@ -19,6 +19,7 @@ node-tools: $(NODE_STAMP)
 
 # Exactly the pinned, hash-checked versions of requirements-dev.lock, then the project itself.
 $(STAMP): pyproject.toml requirements-dev.lock
+	@$(PYTHON) -m eco2.lock --check
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --require-hashes -r requirements-dev.lock
 	$(PIP) --no-deps -e .

@@ -72,7 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     """Re-resolve both locks from pyproject.toml. Pins already in the lock are kept where the
     ranges still allow them (a new dependency does not upgrade everything); `--upgrade` takes the
     newest versions the ranges allow."""
-    upgrade = ["--upgrade"] if "--upgrade" in (sys.argv[1:] if argv is None else argv) else []
+    args = sys.argv[1:] if argv is None else argv
+    if "--check" in args:  # `make install`: refuse a stale lock (it would miss new dependencies)
+        stale = [lock.name for lock in (DEV_LOCK, LOCK) if recorded_digest(lock) != digest()]
+        if stale:
+            sys.exit(f"{', '.join(stale)}: older than pyproject.toml's dependencies; run `make lock`")
+        return
+    upgrade = ["--upgrade"] if "--upgrade" in args else []
     _compile(DEV_LOCK, "--extra", "dev", *upgrade)
     _compile(LOCK, "--constraint", DEV_LOCK.name, *upgrade)
     print(f"wrote {DEV_LOCK.name} and {LOCK.name} (digest {digest()[:12]})")
