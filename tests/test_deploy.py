@@ -20,7 +20,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 import tomllib
 from collections.abc import Iterator
 from functools import cache
@@ -911,3 +913,44 @@ def test_the_dlq_replay_pod_of_the_runbook_is_valid_and_logs_in_as_the_replay_us
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert str(Path(config_map("eco2-config")["ECO2_KAFKA_SSL_CAFILE"]).parent) in mounts
     assert c["image"] == f"{IMAGE}:{_pyproject_version()}" and c["securityContext"]["readOnlyRootFilesystem"]
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="no redis-server (eco2 stack up installs it)"
+)
+def test_the_redis_command_line_of_the_statefulset_runs_with_aof(tmp_path: Path) -> None:
+    """Debian's redis-server takes the StatefulSet's exact arguments (port and dir moved to a
+    free port and a temporary directory) and writes its append-only file."""
+    import redis
+
+    (sts,) = of_kind("StatefulSet")
+    (c,) = containers(sts)
+    argv = list(c["command"] + c.get("args", []))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--dir") + 1] = str(tmp_path)
+    proc = subprocess.Popen(
+        [*argv, "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    try:
+        client = redis.Redis(port=port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        client.set("k", "v")
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    aof = list(tmp_path.rglob("*.aof"))
+    assert aof and any(b"k" in p.read_bytes() for p in aof), aof
