@@ -213,14 +213,18 @@ async def watch(progress: Progress, sample: Sample, interval_s: float) -> None:
 
     A sample that fails or hangs (broker unreachable) keeps the last one: the stall rule then
     judges by progress alone, and the beat still proves the loop runs."""
+    failures = 0
     while True:
         progress.beat()
         try:
             progress.sampled(*await asyncio.wait_for(sample(), timeout=max(interval_s * 5, 5.0)))
+            failures = 0
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            log.debug("health sample failed: %s", exc)
+        except Exception as exc:  # a broken sampler must be visible: its pending view goes stale
+            failures += 1
+            if failures == 1 or failures % 100 == 0:
+                log.warning("health sample failed (%d in a row): %s: %s", failures, type(exc).__name__, exc)
         progress.beat()
         await asyncio.sleep(interval_s)
 

@@ -107,3 +107,19 @@ class Msg:
     def __init__(self, offset: int) -> None:
         self.offset = offset
         self.acked = False
+
+
+async def test_the_faust_internals_health_reads_are_there(consumer: tuple[Any, Deliver]) -> None:
+    """streams/health.py reads Faust's committed offsets and the in-flight counters; fails when
+    an upgrade renames them."""
+    from streams.commits import committed_offsets
+
+    c, deliver = consumer
+    assert committed_offsets(c) == {}
+    c._committed_offset[TP0] = 7
+    assert committed_offsets(c) == {TP0: 7}
+    before = c.in_flight.deliveries
+    m = await deliver(7)
+    assert c.in_flight.deliveries == before + 1 and c.in_flight.outstanding(TP0) == 1
+    m.ack(c)
+    assert c.in_flight.outstanding(TP0) == 0
