@@ -431,3 +431,35 @@ async def test_stage_worker_health_sees_a_job_holding_its_partition(
     finally:
         proc.stop()
         shutil.rmtree(settings.local_dir / "faust" / group, ignore_errors=True)
+
+
+@pytest.mark.integration
+async def test_a_writer_left_without_partitions_turns_unhealthy(
+    settings: Settings, stack_status: Any
+) -> None:
+    """Five writers in one group share the 4 partitions of scan.events: the one the broker gives
+    nothing is unhealthy once health_unassigned_s passes; the other four stay healthy."""
+    fast = settings.model_copy(update={f"health_{k}": v for k, v in {**FAST, "unassigned_s": 3.0}.items()})
+    group = f"eco2-writer-test-{uuid.uuid4().hex[:8]}"
+    await commit_at_end(settings, group)
+    writers = [Writer(fast, group=group) for _ in range(5)]
+    tasks = [asyncio.create_task(w.run()) for w in writers]
+    try:
+
+        async def settled() -> bool:
+            return sorted(len(w.progress.assigned) for w in writers) == [0, 1, 1, 1, 1]
+
+        await until(settled, 90, "the group to give 4 writers one partition each")
+        await asyncio.sleep(fast.health_unassigned_s + 1)
+        verdicts = sorted(
+            ((len(w.progress.assigned), w.progress.verdict()) for w in writers), key=lambda x: x[0]
+        )
+        (idle_size, idle), *busy = verdicts
+        assert idle_size == 0 and not idle.alive and "no partitions" in idle.reasons[0], idle
+        assert all(v.alive for _, v in busy), busy
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
