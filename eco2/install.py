@@ -19,6 +19,7 @@ APT_PACKAGES = {
     # `eco2 image build` and its test: build and run the image without a Docker engine or registry
     "buildah": "/usr/bin/buildah",
     "mmdebstrap": "/usr/bin/mmdebstrap",
+    "prometheus": "/usr/bin/promtool",  # tests/test_deploy.py checks and unit-tests the alert rules
 }
 
 

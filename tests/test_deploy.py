@@ -954,3 +954,113 @@ def test_the_redis_command_line_of_the_statefulset_runs_with_aof(tmp_path: Path)
         proc.wait(timeout=10)
     aof = list(tmp_path.rglob("*.aof"))
     assert aof and any(b"k" in p.read_bytes() for p in aof), aof
+
+
+def _alert_cases() -> list[Doc]:
+    """promtool unit tests: synthetic series, the alerts that must (not) fire, with which labels."""
+    w = {"severity": "warning"}
+    crit = {"severity": "critical"}
+    lag = 'eco2_consumer_lag{group="eco2-stage-vision",topic="scan.vision",partition="0"}'
+    age = (
+        'eco2_consumer_oldest_in_flight_seconds{group="eco2-stage-answer",topic="scan.answer",partition="3"}'
+    )
+    return [
+        {  # a backlog that keeps growing fires; one that stays put does not
+            "interval": "1m",
+            "input_series": [
+                {"series": lag, "values": "0+50x60"},
+                {"series": lag.replace("vision", "rule"), "values": "600x60"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "20m", "alertname": "Eco2ConsumerLagGrowing", "exp_alerts": []},
+                {
+                    "eval_time": "40m",
+                    "alertname": "Eco2ConsumerLagGrowing",
+                    "exp_alerts": [{"exp_labels": {**w, "group": "eco2-stage-vision"}}],
+                },
+            ],
+        },
+        {  # a message in flight for minutes: after the `for`, the alert names its partition
+            "interval": "1m",
+            "input_series": [{"series": age, "values": "0+60x20"}],
+            "alert_rule_test": [
+                {"eval_time": "6m", "alertname": "Eco2OldestInFlightMessageTooOld", "exp_alerts": []},
+                {
+                    "eval_time": "12m",
+                    "alertname": "Eco2OldestInFlightMessageTooOld",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                **w,
+                                "group": "eco2-stage-answer",
+                                "topic": "scan.answer",
+                                "partition": "3",
+                            }
+                        }
+                    ],
+                },
+            ],
+        },
+        {
+            "interval": "1m",
+            "input_series": [
+                {"series": 'eco2_gateway_streams{pod="gw-1"}', "values": "9500x20"},
+                {"series": 'eco2_gateway_max_streams{pod="gw-1"}', "values": "10000x20"},
+                {"series": 'eco2_gateway_streams{pod="gw-2"}', "values": "100x20"},
+                {"series": 'eco2_gateway_max_streams{pod="gw-2"}', "values": "10000x20"},
+                {"series": 'eco2_api_requests_total{route="submit",status="503"}', "values": "0+10x20"},
+                {"series": 'eco2_api_requests_total{route="submit",status="202"}', "values": "0+100x20"},
+                {
+                    "series": 'eco2_stage_failures_total{stage="vision",reason="model_permanent_error"}',
+                    "values": "0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1",
+                },  # fmt: skip
+                {"series": "eco2_view_rebuilding", "values": "0 0 1 1 1 1 0 0 0 0"},
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "10m",
+                    "alertname": "Eco2SSEConnectionsNearLimit",
+                    "exp_alerts": [{"exp_labels": {**w, "pod": "gw-1"}}],
+                },
+                {"eval_time": "10m", "alertname": "Eco2Api5xx", "exp_alerts": [{"exp_labels": crit}]},
+                {
+                    "eval_time": "3m",
+                    "alertname": "Eco2DeadLetters",
+                    "exp_alerts": [
+                        {"exp_labels": {**w, "stage": "vision", "reason": "model_permanent_error"}}
+                    ],
+                },
+                {
+                    "eval_time": "4m",
+                    "alertname": "Eco2RedisViewRebuilding",
+                    "exp_alerts": [{"exp_labels": w}],
+                },
+                {"eval_time": "9m", "alertname": "Eco2RedisViewRebuilding", "exp_alerts": []},
+            ],  # fmt: skip
+        },
+    ]
+
+
+@pytest.mark.skipif(
+    not shutil.which("promtool"), reason="no promtool (eco2 stack up installs Debian's prometheus)"
+)
+def test_alert_rules_parse_and_fire_on_synthetic_series(tmp_path: Path) -> None:
+    """promtool checks every rule (PromQL and annotation templates), then unit-tests the alerts'
+    expressions, `for` and labels (annotations stripped: their wording is not under test)."""
+    groups = [g for r in of_kind("PrometheusRule") for g in r["spec"]["groups"]]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    check = subprocess.run(
+        ["promtool", "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    bare = copy.deepcopy(groups)
+    for g in bare:
+        for r in g["rules"]:
+            r.pop("annotations", None)
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump({"groups": bare}))
+    cases = {"rule_files": ["bare.yaml"], "evaluation_interval": "1m", "tests": _alert_cases()}
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(cases))
+    run = subprocess.run(
+        ["promtool", "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
