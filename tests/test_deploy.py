@@ -1045,10 +1045,15 @@ def _alert_cases() -> list[Doc]:
     not shutil.which("promtool"), reason="no promtool (eco2 stack up installs Debian's prometheus)"
 )
 def test_alert_rules_parse_and_fire_on_synthetic_series(tmp_path: Path) -> None:
-    """promtool checks every rule (PromQL and annotation templates), then unit-tests the alerts'
-    expressions, `for` and labels (annotations stripped: their wording is not under test)."""
+    """promtool checks every rule (PromQL and annotation templates) and every dashboard query,
+    then unit-tests the alerts' expressions, `for` and labels (annotations stripped: their wording
+    is not under test)."""
     groups = [g for r in of_kind("PrometheusRule") for g in r["spec"]["groups"]]
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    # The dashboard's queries as recording rules: promtool parses their PromQL too.
+    panels = {k: e for k, e in _monitoring_exprs().items() if k.startswith("panel ")}
+    recorded = [{"record": f"eco2:dashboard:{i}", "expr": e} for i, e in enumerate(panels.values())]
+    checked = [*groups, {"name": "dashboard-queries", "rules": recorded}]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": checked}))
     check = subprocess.run(
         ["promtool", "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True, text=True
     )
