@@ -147,6 +147,19 @@ class ServiceCpu:
         return out
 
 
+def cpu_per_job(services: dict[str, dict[str, float | None]], jobs: int) -> dict[str, Any]:
+    """CPU milliseconds per completed job: all stack processes together and each one (the cost of
+    a scan, robust on a shared box where wall-clock figures are not)."""
+    if jobs <= 0 or not services:
+        return {"jobs": jobs, "total_ms": None, "by_process_ms": {}}
+    by = {n: round(1000.0 * float(v["cpu_s"] or 0.0) / jobs, 2) for n, v in services.items()}
+    return {
+        "jobs": jobs,
+        "total_ms": round(sum(by.values()), 2),
+        "by_process_ms": dict(sorted(by.items(), key=lambda kv: -kv[1])),
+    }
+
+
 def service_env(pids: dict[str, int]) -> dict[str, dict[str, str]]:
     """The ECO2_* variables each running service was started with (from /proc/PID/environ), so
     a report says e.g. which ECO2_STAGE_CONCURRENCY the workers really ran with."""

@@ -504,7 +504,10 @@ class LoadRun:
         return out
 
 
-def targets(cfg: LoadConfig, r: dict[str, Any]) -> list[dict[str, Any]]:
+CPU_PER_JOB_MS = 30.0  # all stack processes together, per completed job (issue 13)
+
+
+def targets(cfg: LoadConfig, r: dict[str, Any], cpu: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The project's targets, computed from the measured data: PASS / MISS (n/a when the run
     cannot judge it, e.g. throughput with a zero-latency model)."""
     out: list[dict[str, Any]] = []
@@ -551,6 +554,13 @@ def targets(cfg: LoadConfig, r: dict[str, Any]) -> list[dict[str, Any]]:
         sse = r["sse"]
         bad = sse["lost"] + sse["duplicated"] + sse["unexpected"]
         add("SSE lost/duplicated events", "0", bad, bad == 0 and sse["jobs_checked"] > 0)
+    total = (cpu or {}).get("total_ms")
+    add(
+        "CPU per completed job (all stack processes)",
+        f"<= {CPU_PER_JOB_MS:g} ms",
+        None if total is None else f"{total:.1f} ms",
+        None if total is None else total <= CPU_PER_JOB_MS,
+    )
     return out
 
 
@@ -593,7 +603,8 @@ async def run_load(s: Settings, cfg: LoadConfig, out: Callable[[str], None] | No
         "stage_concurrency": concurrency,
         "results": r,
         "services_cpu": services,
-        "targets": targets(cfg, r),
+        "cpu_per_job": harness.cpu_per_job(services, r["jobs_completed"]),
+        "targets": targets(cfg, r, harness.cpu_per_job(services, r["jobs_completed"])),
         "series": run.series,
     }
 

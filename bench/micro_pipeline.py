@@ -213,6 +213,7 @@ async def run_pipeline(s: Settings, cfg: PipelineConfig, say: Any = print) -> di
         "services_env": harness.service_env(pids),
         "results": results,
         "services_cpu": services,
+        "cpu_per_job": harness.cpu_per_job(services, n),
         "targets": [],
         "series": series,
         "panels": [

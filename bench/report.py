@@ -105,6 +105,19 @@ def _services(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def cpu_headline(report: dict[str, Any]) -> list[str]:
+    """The run's CPU per completed job, total and per process: the first thing a report shows."""
+    cpu = report.get("cpu_per_job") or {}
+    if cpu.get("total_ms") is None:
+        return []
+    parts = ", ".join(f"{n} {_v(ms, ' ms', 1)}" for n, ms in cpu["by_process_ms"].items() if ms >= 0.05)
+    return [
+        f"**CPU per completed job: {_v(cpu['total_ms'], ' ms', 1)}** (all stack processes, "
+        f"{cpu['jobs']:,} jobs) = {parts}.",
+        "",
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     kind = report.get("kind")
     if kind == "soak":
@@ -133,6 +146,8 @@ def _load_md(report: dict[str, Any]) -> list[str]:
         + " until final -> repeat.",
         f"- Simulated model latency: {lat['min_s']:g}-{lat['max_s']:g} s per call (2 calls per scan).",
         f"- Machine: {_machine(report['machine'])}.",
+        "",
+        *cpu_headline(report),
     ]
     if report.get("stage_concurrency"):
         lines.append(
@@ -271,7 +286,7 @@ def _flat(prefix: str, value: Any, rows: list[list[str]]) -> None:
 
 def _micro_md(report: dict[str, Any]) -> list[str]:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(report["started_at"]))
-    lines = [f"# {report.get('title', report['name'])} ({when})", ""]
+    lines = [f"# {report.get('title', report['name'])} ({when})", "", *cpu_headline(report)]
     if report.get("description"):
         lines += [report["description"], ""]
     lines += [
@@ -460,6 +475,7 @@ def results_section(reports: list[dict[str, Any]]) -> str:
                 _verdict(rep, "E2E"),
                 _verdict(rep, "Scan API"),
                 _verdict(rep, "SSE"),
+                _verdict(rep, "CPU per"),
             ]
         )
     if trows:
@@ -472,6 +488,7 @@ def results_section(reports: list[dict[str, Any]]) -> str:
                 "E2E p95 <= 1.10 x model p95",
                 "Scan API p95 <= 20 ms",
                 "SSE lost/dup = 0",
+                "CPU per job <= 30 ms",
             ],
             trows,
         )
@@ -490,7 +507,8 @@ def results_section(reports: list[dict[str, Any]]) -> str:
                 "pipeline, zero-latency model",
                 f"{r['submitted']:,} jobs: terminal in Redis at "
                 f"{_v(r['redis_terminal']['jobs_per_s'])} jobs/s, stored in Postgres at "
-                f"{_v(pg.get('jobs_per_s'))} jobs/s; Scan API p95 {_v(r['scan_api_ms']['p95'], ' ms')}",
+                f"{_v(pg.get('jobs_per_s'))} jobs/s; Scan API p95 {_v(r['scan_api_ms']['p95'], ' ms')}; "
+                f"CPU {_v((rep.get('cpu_per_job') or {}).get('total_ms'), ' ms')} per job",
                 "-",
                 f"`{rep['_file']}`",
             ]

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from bench import wire
+from bench.harness import cpu_per_job
 from bench.load import EXPECTED_SEQS, LoadConfig, check_seqs
 from bench.report import END, START, load_reports, results_section, write_docs
 from bench.stats import percentile
@@ -75,6 +76,18 @@ def test_ramp_profile_and_percentile() -> None:
     assert percentile([1, 2, 3, 4, 5], 50) == 3
     assert percentile([1, 2, 3, 4], 95) == pytest.approx(3.85)
     assert percentile([], 95) is None
+
+
+def test_cpu_per_job_total_and_by_process() -> None:
+    services = {
+        "workers": {"cpu_s": 28.0, "avg_pct_of_core": 1.0, "rss_mib": 1.0},
+        "kafka": {"cpu_s": 15.0, "avg_pct_of_core": 1.0, "rss_mib": 1.0},
+        "api": {"cpu_s": 3.0, "avg_pct_of_core": 1.0, "rss_mib": 1.0},
+    }
+    cpu = cpu_per_job(services, 1000)
+    assert cpu["total_ms"] == 46.0 and cpu["jobs"] == 1000
+    assert list(cpu["by_process_ms"].items()) == [("workers", 28.0), ("kafka", 15.0), ("api", 3.0)]
+    assert cpu_per_job(services, 0)["total_ms"] is None
 
 
 async def test_wire_reads_chunked_sse_split_anywhere_and_keepalive_responses() -> None:
@@ -175,6 +188,10 @@ def test_load_polling_smoke(tmp_path: Path, settings: Settings, stack_status: di
     assert submitted and submitted == sorted(submitted)
     assert 0 < submitted[-1] <= r["jobs_submitted"]
     assert r["generator_cpu"]["cpu_s"] >= 0 and "api" in rep["services_cpu"]
+    cpu = rep["cpu_per_job"]  # the headline of every load report, total and per process
+    assert cpu["jobs"] == r["jobs_completed"] and cpu["total_ms"] > 0 and "api" in cpu["by_process_ms"]
+    assert "CPU per completed job" in verdicts(rep)
+    assert "**CPU per completed job:" in next(tmp_path.glob("smoke-polling*.md")).read_text()
     # the docs table is generated from the reports: our row beside the original's
     section = results_section(load_reports(tmp_path))
     assert "| 3 | **ours (polling)** |" in section and "| 300 | original (polling) | 1,732 |" in section
@@ -243,8 +260,10 @@ def test_pipeline_smoke(tmp_path: Path, settings: Settings, stack_status: dict[s
         timeout=150,
     )
     assert latency(settings) == before
-    r = report(tmp_path, "smoke-pipe")["results"]
+    rep = report(tmp_path, "smoke-pipe")
+    r = rep["results"]
     assert r["submitted"] == 20 and r["failed_jobs"] == 0
+    assert rep["cpu_per_job"]["jobs"] == 20 and rep["cpu_per_job"]["total_ms"] > 0
     for where in ("redis_terminal", "postgres_stored"):
         assert r[where]["all_done"] and r[where]["jobs"] == 20 and r[where]["jobs_per_s"] > 0
 
