@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     kafka_sasl_username: str = ""
     kafka_sasl_password: str = ""
     kafka_ssl_cafile: str = ""  # PEM CA (Strimzi's <cluster>-cluster-ca-cert Secret, key ca.crt)
+    # Request batching of the stage workers and the router (Faust apps), docs/benchmarks.md: every
+    # Kafka request costs the broker and the client a round of syscalls, so records produced within
+    # `kafka_linger_ms` share one produce request, and a fetch waits up to `kafka_fetch_max_wait_ms`
+    # for `kafka_fetch_min_bytes` instead of returning with each single record. Each adds at most
+    # its wait to a hop (the model takes seconds).
+    kafka_linger_ms: int = 10
+    kafka_fetch_min_bytes: int = 65536
+    kafka_fetch_max_wait_ms: int = 20
     redis_url: str = "redis://127.0.0.1:6390/0"
     postgres_dsn: str = "postgresql://eco2:eco2@127.0.0.1:5440/eco2"
 
@@ -53,6 +61,8 @@ class Settings(BaseSettings):
     vision_model: str = "gpt-4o-mini"
     answer_model: str = "gpt-4o-mini"
     supported_models: list[str] = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini"]
+    model_max_connections: int = 1000  # per worker process, all kept alive (>= stage_concurrency)
+    model_client_pools: int = 8  # the connections split over this many clients (streams/model.py)
 
     # Simulated model latency per call, seconds (the hosted model took 5-10 s).
     sim_latency_min_s: float = 5.0
@@ -125,6 +135,7 @@ class Settings(BaseSettings):
     writer_max_retries: int = 5
     writer_group: str = "eco2-writer"  # = contract.topics.WRITER_GROUP; tests run their own group
     writer_backoff_max_s: float = 10.0  # cap of the backoff while Postgres is down or slow
+    writer_fetch_max_wait_ms: int = 200  # the writer's fetch wait (see kafka_fetch_max_wait_ms)
     writer_statement_timeout_s: float = 30.0  # a batch slower than this is retried (slow Postgres)
 
     @property

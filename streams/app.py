@@ -14,9 +14,22 @@ from contract.topics import BY_NAME
 from . import commits
 
 
+def consumer_overrides(s: Settings) -> dict[str, object]:
+    """AIOKafkaConsumer attributes Faust does not let us set (read by AIOKafkaConsumer.start()).
+
+    Faust reads read_uncommitted unless it runs exactly-once itself; the scan API writes jobs in
+    Kafka transactions, so agents must never see a job whose transaction aborted. Faust also
+    hard-codes fetch_max_wait_ms=1500 with fetch_min_bytes=1, so every record that arrives ends a
+    fetch and starts the next one: waiting a few ms for more records costs far less CPU."""
+    return {
+        "_isolation_level": "read_committed",
+        "_fetch_min_bytes": s.kafka_fetch_min_bytes,
+        "_fetch_max_wait_ms": s.kafka_fetch_max_wait_ms,
+    }
+
+
 def _read_committed_consumers() -> None:
-    """Faust reads read_uncommitted unless it runs exactly-once itself; the scan API writes jobs in
-    Kafka transactions, so agents must never see a job whose transaction aborted."""
+    """Patch Faust's consumer factory to apply `consumer_overrides` of the app's settings."""
     cls = faust_aiokafka.AIOKafkaConsumerThread
     if getattr(cls, "_eco2_read_committed", False):
         return
@@ -24,7 +37,11 @@ def _read_committed_consumers() -> None:
 
     def create(self, transport):  # type: ignore[no-untyped-def]
         consumer = original(self, transport)
-        consumer._isolation_level = "read_committed"  # read by AIOKafkaConsumer.start()
+        overrides = getattr(self.app, "eco2_consumer_overrides", None) or {"_isolation_level": "read_committed"}
+        for name, value in overrides.items():
+            if not hasattr(consumer, name):  # aiokafka renamed it: fail loudly, not silently
+                raise RuntimeError(f"AIOKafkaConsumer has no attribute {name}; update streams/app.py")
+            setattr(consumer, name, value)
         return consumer
 
     cls._create_worker_consumer = create  # type: ignore[method-assign]
@@ -49,7 +66,7 @@ def create_app(app_id: str, s: Settings) -> faust.App:
     commits.install()
     datadir = s.local_dir / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    app = faust.App(
         app_id,
         broker=f"kafka://{s.kafka_bootstrap}",
         broker_credentials=broker_credentials(s),
@@ -70,8 +87,11 @@ def create_app(app_id: str, s: Settings) -> faust.App:
         broker_commit_every=100,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, s.stage_concurrency * 4),
+        producer_linger=s.kafka_linger_ms / 1000.0,
         logging_config=None,
     )
+    app.eco2_consumer_overrides = consumer_overrides(s)  # type: ignore[attr-defined]
+    return app
 
 
 def topic(app: faust.App, name: str) -> faust.TopicT:

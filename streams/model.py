@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+from openai._constants import DEFAULT_CONNECTION_LIMITS
 
 from contract.events import ScanJob
 from contract.settings import Settings
@@ -31,18 +34,47 @@ class PermanentModelError(Exception):
     """Retrying cannot help: the request or its answer is unusable."""
 
 
-def client(s: Settings) -> AsyncOpenAI:
-    # Retries are ours (per stage, with backoff and metrics), not the library's.
+def client(s: Settings, max_connections: int | None = None) -> AsyncOpenAI:
+    """One reused client. Its pool keeps every connection alive (the SDK's default keeps 100 of
+    1,000, so at a few hundred calls in flight it would reconnect for most calls)."""
+    n = max_connections or s.model_max_connections
     return AsyncOpenAI(
-        base_url=s.model_base_url, api_key=s.model_api_key, max_retries=0, timeout=s.stage_timeout_s
+        base_url=s.model_base_url,
+        api_key=s.model_api_key,
+        max_retries=0,  # retries are ours (per stage, with backoff and metrics), not the library's
+        timeout=s.stage_timeout_s,
+        http_client=DefaultAsyncHttpxClient(
+            # the Limits class of whichever httpx the SDK is built on
+            limits=type(DEFAULT_CONNECTION_LIMITS)(max_connections=n, max_keepalive_connections=n),
+            timeout=s.stage_timeout_s,
+        ),
     )
+
+
+class Clients:
+    """A few clients taken in turn, each with its share of the connections.
+
+    The HTTP pool under the SDK walks all of its connections (probing idle sockets) whenever a
+    request starts or ends, so with hundreds of model calls in one pool that walk took ~10% of the
+    stage worker's CPU at 300 VUs (docs/benchmarks.md); `model_client_pools` smaller pools cost
+    the same calls a fraction of it."""
+
+    def __init__(self, s: Settings) -> None:
+        pools = max(1, s.model_client_pools)
+        per_pool = max(1, -(-s.model_max_connections // pools))
+        self.clients = [client(s, per_pool) for _ in range(pools)]
+        self._next: Iterator[AsyncOpenAI] = itertools.cycle(self.clients)
+
+    def take(self) -> AsyncOpenAI:
+        return next(self._next)
 
 
 async def _structured(
     api: AsyncOpenAI, model: str, messages: list[dict[str, Any]], name: str, schema: dict[str, Any]
 ) -> dict[str, Any]:
     try:
-        resp = await api.chat.completions.create(  # type: ignore[call-overload]
+        # The raw response: the JSON body is all we need, not the SDK's typed ChatCompletion.
+        raw = await api.chat.completions.with_raw_response.create(  # type: ignore[call-overload]
             model=model,
             messages=messages,  # type: ignore[arg-type]
             response_format={
@@ -62,7 +94,11 @@ async def _structured(
         if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
             raise TransientModelError(f"HTTP {exc.status_code}: {exc.message}") from exc
         raise PermanentModelError(f"HTTP {exc.status_code}: {exc.message}") from exc
-    content = resp.choices[0].message.content if resp.choices else None
+    try:
+        choices = json.loads(raw.content).get("choices") or []
+        content = choices[0]["message"]["content"] if choices else None
+    except (ValueError, AttributeError, LookupError, TypeError) as exc:
+        raise TransientModelError(f"model returned an unreadable response: {raw.content!r:.200}") from exc
     try:
         doc = json.loads(content or "")
     except ValueError as exc:

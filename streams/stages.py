@@ -57,7 +57,7 @@ class Pipeline:
         self.s = s
         self.topics = {name: topic(app, name) for name in [*STAGE_TOPICS.values(), EVENTS, DLQ]}
         self.redis = pooled_client(s.redis_url, 64, f"eco2-stages-{os.getpid()}")
-        self.api = model.client(s)
+        self.models = model.Clients(s)
         self.memo_ttl_s = s.memo_ttl_s
 
     # --- output ------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ class Pipeline:
         out = job.model_copy(deep=True)
         if stage == "vision":
             out.classification = await self._with_retries(
-                stage, lambda: model.classify(self.api, self.s, job)
+                stage, lambda: model.classify(self.models.take(), self.s, job)
             )
         elif stage == "rule":
             match = rules.lookup(job.classification or {})
@@ -140,7 +140,7 @@ class Pipeline:
                     job.rules, (job.classification or {}).get("situation_tags", [])
                 )
                 out.answer = await self._with_retries(
-                    stage, lambda: model.write_answer(self.api, self.s, job, advice)
+                    stage, lambda: model.write_answer(self.models.take(), self.s, job, advice)
                 )
         elif stage == "reward":
             out.reward = rewards.decide(job.classification, job.rules is not None, job.answer).model_dump()

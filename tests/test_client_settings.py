@@ -1,0 +1,40 @@
+"""Issue 13: the Kafka and model-client settings that cut CPU per scan reach the real clients.
+
+Unit tests, no broker: they build the clients the processes build and read back what aiokafka and
+the openai SDK will use, so an upstream rename (aiokafka's private attributes, the SDK's pool
+limits) fails here instead of silently dropping a setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from contract.settings import Settings
+from streams import model
+from streams.app import create_app
+
+
+async def test_faust_consumers_get_read_committed_and_the_fetch_settings(tmp_path: Path) -> None:
+    s = Settings(local_dir=tmp_path, kafka_fetch_min_bytes=4096, kafka_fetch_max_wait_ms=7, kafka_linger_ms=3)
+    app = create_app("unit-client-settings", s)
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)  # what Faust starts
+    try:
+        assert consumer._isolation_level == "read_committed"
+        assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (4096, 7)
+    finally:
+        await consumer.stop()  # never started: only closes its client
+    assert app.conf.producer_linger == 0.003  # Faust passes it to aiokafka as linger_ms=3
+
+
+async def test_model_clients_split_the_connections_and_keep_them_alive() -> None:
+    s = Settings(model_max_connections=1000, model_client_pools=8)
+    clients = model.Clients(s)
+    assert len(clients.clients) == 8
+    taken = [clients.take() for _ in range(16)]
+    assert taken[:8] == clients.clients and taken[8:] == clients.clients  # in turn
+    for c in clients.clients:
+        pool = c._client._transport._pool  # the SDK's httpx client -> transport -> connection pool
+        assert (pool._max_connections, pool._max_keepalive_connections) == (125, 125)
+        assert c.max_retries == 0
+    for c in clients.clients:
+        await c.close()
