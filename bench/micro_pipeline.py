@@ -213,7 +213,7 @@ async def run_pipeline(s: Settings, cfg: PipelineConfig, say: Any = print) -> di
         "services_env": harness.service_env(pids),
         "results": results,
         "services_cpu": services,
-        "cpu_per_job": harness.cpu_per_job(services, n),
+        "cpu_per_job": harness.cpu_per_job(services, len(w.pg_done if cfg.postgres else w.redis_done)),
         "targets": [],
         "series": series,
         "panels": [

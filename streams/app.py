@@ -37,7 +37,9 @@ def _read_committed_consumers() -> None:
 
     def create(self, transport):  # type: ignore[no-untyped-def]
         consumer = original(self, transport)
-        overrides = getattr(self.app, "eco2_consumer_overrides", None) or {"_isolation_level": "read_committed"}
+        overrides = getattr(self.app, "eco2_consumer_overrides", None) or {
+            "_isolation_level": "read_committed"
+        }
         for name, value in overrides.items():
             if not hasattr(consumer, name):  # aiokafka renamed it: fail loudly, not silently
                 raise RuntimeError(f"AIOKafkaConsumer has no attribute {name}; update streams/app.py")

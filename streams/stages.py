@@ -70,17 +70,39 @@ class Pipeline:
             headers={trace.HEADER: traceparent.encode()},
         )
 
-    async def _memo(self, job_id: str, name: str, produce: Callable[[], Awaitable[str]]) -> str:
-        """The first value ever stored under (job, name); `produce` runs only when there is none."""
-        key = keys.memo(job_id, name)
-        stored = await _redis_retry(lambda: self.redis.get(key))
-        if stored is not None:
-            return stored.decode()
-        value = await produce()
-        previous = await _redis_retry(
-            lambda: self.redis.set(key, value, nx=True, get=True, ex=self.memo_ttl_s)
-        )
-        return previous.decode() if previous is not None else value
+    async def _claim(
+        self, claims: list[tuple[str, str]], read: tuple[str, ...] = ()
+    ) -> tuple[list[str], list[bytes | None]]:
+        """In one round trip: SET NX GET every (key, value) of `claims` (the first value ever
+        stored under each key wins: what a redelivery re-sends) and GET every key of `read`."""
+
+        async def run() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for key, value in claims:
+                pipe.set(key, value, nx=True, get=True, ex=self.memo_ttl_s)
+            for key in read:
+                pipe.get(key)
+            return await pipe.execute()  # type: ignore[no-any-return]
+
+        out = await _redis_retry(run)
+        won = [
+            prev.decode() if prev is not None else value
+            for (_, value), prev in zip(claims, out, strict=False)
+        ]
+        return won, out[len(claims) :]
+
+    def _event(
+        self,
+        job: ScanJob,
+        stage: str,
+        status: Status,
+        result: ScanResult | None = None,
+        error: str | None = None,
+    ) -> tuple[str, str]:
+        """(memo key, JSON) of one event; building it is cheap, the memo decides which is sent."""
+        name = f"event:{stage}:{status}" if status != "failed" else "event:failed"
+        data = make_event(job, stage, status, result=result, error=error).model_dump_json()
+        return keys.memo(job.job_id, name), data
 
     async def emit(
         self,
@@ -91,15 +113,8 @@ class Pipeline:
         result: ScanResult | None = None,
         error: str | None = None,
     ) -> None:
-        # Building an event is cheap: claim the memo in one round trip (SET NX GET) and send
-        # whichever version was stored first.
-        name = f"event:{stage}:{status}" if status != "failed" else "event:failed"
-        data = make_event(job, stage, status, result=result, error=error).model_dump_json()
-        key = keys.memo(job.job_id, name)
-        previous = await _redis_retry(
-            lambda: self.redis.set(key, data, nx=True, get=True, ex=self.memo_ttl_s)
-        )
-        await self._send(EVENTS, job.job_id, previous.decode() if previous is not None else data, traceparent)
+        (data,), _ = await self._claim([self._event(job, stage, status, result, error)])
+        await self._send(EVENTS, job.job_id, data, traceparent)
 
     # --- the work of each stage ------------------------------------------------------------
 
@@ -162,11 +177,15 @@ class Pipeline:
         metrics.IN_FLIGHT.labels(stage).inc()
         t0 = time.monotonic()
         try:
-            await self.emit(job, stage, "started", tp)
+            # One round trip claims the `started` event and reads the stage's memoised output
+            # (a redelivered job re-sends what was stored, and skips the work when it is done).
+            out_key = keys.memo(job.job_id, f"out:{stage}")
+            (started,), (stored,) = await self._claim([self._event(job, stage, "started")], (out_key,))
+            await self._send(EVENTS, job.job_id, started, tp)
 
             async def compute() -> str:
                 # A failure is memoised like a success, so a redelivery cannot turn it around.
-                started = time.monotonic()
+                t_start = time.monotonic()
                 try:
                     out = await self.run_stage(stage, job)
                 except StageFailure as exc:
@@ -174,18 +193,26 @@ class Pipeline:
                 except Exception as exc:  # a bug or bad data must still end the job visibly
                     log.exception("stage=%s job=%s crashed", stage, job.job_id)
                     return json.dumps({"failure": ["internal_error", f"{type(exc).__name__}: {exc}", 1]})
-                out.timings[stage] = round(time.monotonic() - started, 3)
+                out.timings[stage] = round(time.monotonic() - t_start, 3)
                 return out.model_dump_json()
 
-            done = json.loads(await self._memo(job.job_id, f"out:{stage}", compute))
+            if stored is not None:
+                raw_out = stored.decode()
+            else:
+                (raw_out,), _ = await self._claim([(out_key, await compute())])
+            done = json.loads(raw_out)
             if "failure" in done:
                 await self.fail(job, stage, StageFailure(*done["failure"]), tp)
                 return
             out = ScanJob.model_validate(done)
-            await self.emit(out, stage, "completed", tp)
             nxt = next_stage(stage)
+            claims = [self._event(out, stage, "completed")]
             if nxt == "done":
-                await self.emit(out, "done", "completed", tp, result=result_of(out, "completed"))
+                claims.append(self._event(out, "done", "completed", result=result_of(out, "completed")))
+            events, _ = await self._claim(claims)  # completed (and done): one round trip
+            for data in events:
+                await self._send(EVENTS, out.job_id, data, tp)
+            if nxt == "done":
                 metrics.E2E.observe(max(0.0, time.time() - out.created_at))
             else:
                 await self._send(STAGE_TOPICS[nxt], out.job_id, out.model_dump_json(), tp)
