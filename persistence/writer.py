@@ -95,8 +95,7 @@ class Writer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",  # the API produces in transactions
-            # Not latency-critical (results are in Redis already): fewer, fuller fetches.
-            fetch_min_bytes=s.kafka_fetch_min_bytes,
+            fetch_min_bytes=s.writer_fetch_min_bytes,
             fetch_max_wait_ms=s.writer_fetch_max_wait_ms,
             **s.kafka_client_kwargs(),
         )
