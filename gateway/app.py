@@ -52,6 +52,12 @@ REJECTED = Counter("eco2_gateway_rejected_total", "refused subscriptions", ["cod
 MAX_STREAMS = Gauge("eco2_gateway_max_streams", "ECO2_MAX_CONNECTIONS: streams beyond it get 503")
 
 
+async def _on_loop(fn: Callable[[], None]) -> None:
+    """Runs a stream's release on the event loop: Starlette runs a plain function given as a
+    BackgroundTask in a worker thread, a thread hop per stream close (issue 13's profile)."""
+    fn()
+
+
 class Gateway:
     """Per-process state: settings, the Redis pool, the pub/sub hub and the stream count."""
 
@@ -257,7 +263,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
                 _guarded(stream.events(), release),
                 ping=0,  # the stream sends its own keepalive after keepalive_s of silence
                 send_timeout=max(s.keepalive_s * 2, 5.0),
-                background=BackgroundTask(release),
+                background=BackgroundTask(_on_loop, release),
             )
         finally:
             if not streaming:
