@@ -35,13 +35,13 @@ class Settings(BaseSettings):
     kafka_sasl_username: str = ""
     kafka_sasl_password: str = ""
     kafka_ssl_cafile: str = ""  # PEM CA (Strimzi's <cluster>-cluster-ca-cert Secret, key ca.crt)
-    # Request batching (docs/benchmarks.md, issue 13): every Kafka request costs the broker and the
-    # client a round of syscalls. Records the stage workers produce within `kafka_linger_ms` share
-    # one produce request (adds at most that to a hop; the model takes seconds). The fetch settings
-    # of the stage workers and the router stay Faust's (return as soon as one record is there, poll
-    # every 1.5 s when idle): at the 300-VU rate, waiting for fuller fetches (e.g. 64 KiB / 20 ms)
-    # cost more in empty polls than it saved; raise them for a steady high rate (a backlog).
-    kafka_linger_ms: int = 10
+    # Request batching (docs/benchmarks.md, "CPU per scan"): every Kafka request costs the broker
+    # and the client a round of syscalls, and every fetch that returns wakes Faust's consumer
+    # thread. Records a stage worker produces within `kafka_linger_ms` share one produce request
+    # (adds at most that to a hop; the model takes seconds). The stage workers keep Faust's fetch
+    # (return as soon as one record is there, poll every 1.5 s when idle): a fetch wait of 20 ms
+    # cost them more in empty polls than it saved at the 300-VU rate.
+    kafka_linger_ms: int = 25
     kafka_fetch_min_bytes: int = 1
     kafka_fetch_max_wait_ms: int = 1500
     redis_url: str = "redis://127.0.0.1:6390/0"
@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     router_group: str = "eco2-router"  # = contract.topics.ROUTER_GROUP; tests run their own group
     router_batch_max: int = 500  # events per Redis round trip
     router_batch_within_s: float = 0.02  # longest wait to fill a batch (adds at most this latency)
+    # The router takes ~10 events per scan: a fetch waits up to 50 ms for 64 KiB, so one fetch,
+    # one wake-up and one Redis round trip carry several events (halved its CPU per scan; adds
+    # at most 50 ms to SSE delivery).
+    router_fetch_min_bytes: int = 65536
+    router_fetch_max_wait_ms: int = 50
 
     # Persistence writer.
     batch_size: int = 50

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
         register(app, s, stages)
         progress = watch_faust(app, s)
     else:
-        app = create_app(s.router_group, s)  # ROUTER_GROUP unless a test isolates itself
+        # ROUTER_GROUP unless a test isolates itself
+        app = create_app(s.router_group, s, fetch=(s.router_fetch_min_bytes, s.router_fetch_max_wait_ms))
         from .router import register as register_router
 
         progress = watch_faust(app, s)

@@ -14,17 +14,18 @@ from contract.topics import BY_NAME
 from . import commits
 
 
-def consumer_overrides(s: Settings) -> dict[str, object]:
+def consumer_overrides(s: Settings, fetch: tuple[int, int] | None = None) -> dict[str, object]:
     """AIOKafkaConsumer attributes Faust does not let us set (read by AIOKafkaConsumer.start()).
 
     Faust reads read_uncommitted unless it runs exactly-once itself; the scan API writes jobs in
     Kafka transactions, so agents must never see a job whose transaction aborted. Faust also
     hard-codes fetch_max_wait_ms=1500 with fetch_min_bytes=1, so every record that arrives ends a
     fetch and starts the next one: waiting a few ms for more records costs far less CPU."""
+    min_bytes, max_wait_ms = fetch or (s.kafka_fetch_min_bytes, s.kafka_fetch_max_wait_ms)
     return {
         "_isolation_level": "read_committed",
-        "_fetch_min_bytes": s.kafka_fetch_min_bytes,
-        "_fetch_max_wait_ms": s.kafka_fetch_max_wait_ms,
+        "_fetch_min_bytes": min_bytes,
+        "_fetch_max_wait_ms": max_wait_ms,
     }
 
 
@@ -63,7 +64,8 @@ def broker_credentials(s: Settings) -> faust.SASLCredentials | None:
     )
 
 
-def create_app(app_id: str, s: Settings) -> faust.App:
+def create_app(app_id: str, s: Settings, fetch: tuple[int, int] | None = None) -> faust.App:
+    """`fetch`: (min bytes, max wait ms) of its consumer; default the stage workers' settings."""
     _read_committed_consumers()
     commits.install()
     datadir = s.local_dir / "faust" / app_id
@@ -92,7 +94,7 @@ def create_app(app_id: str, s: Settings) -> faust.App:
         producer_linger=s.kafka_linger_ms / 1000.0,
         logging_config=None,
     )
-    app.eco2_consumer_overrides = consumer_overrides(s)  # type: ignore[attr-defined]
+    app.eco2_consumer_overrides = consumer_overrides(s, fetch)  # type: ignore[attr-defined]
     return app
 
 

@@ -24,6 +24,12 @@ async def test_faust_consumers_get_read_committed_and_the_fetch_settings(tmp_pat
     finally:
         await consumer.stop()  # never started: only closes its client
     assert app.conf.producer_linger == 0.003  # Faust passes it to aiokafka as linger_ms=3
+    router = create_app("unit-client-settings-router", s, fetch=(s.router_fetch_min_bytes, 50))
+    consumer = router.consumer._thread._create_worker_consumer(router.transport)
+    try:
+        assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (65536, 50)
+    finally:
+        await consumer.stop()
 
 
 async def test_model_clients_split_the_connections_and_keep_them_alive() -> None:
