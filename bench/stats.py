@@ -64,13 +64,15 @@ def box_cpu() -> tuple[float, float]:
 
 
 def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(ppid, cpu seconds) of a process, None when it is gone."""
+    """(ppid, cpu seconds) of a process, None when it is gone. Includes the children it has
+    reaped (cutime/cstime): a child's CPU (Redis' BGSAVE fork, an exited Postgres backend) moves
+    there when it exits, so a tree's total never drops."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     rest = raw.rsplit(") ", 1)[1].split()
-    return int(rest[1]), (int(rest[11]) + int(rest[12])) / CLK_TCK
+    return int(rest[1]), sum(int(x) for x in rest[11:15]) / CLK_TCK
 
 
 def tree_cpu_s(pids: Iterable[int]) -> dict[int, float]:
