@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -147,7 +147,7 @@ class ServiceCpu:
         return out
 
 
-def cpu_per_job(services: dict[str, dict[str, float | None]], jobs: int) -> dict[str, Any]:
+def cpu_per_job(services: Mapping[str, Mapping[str, float | None]], jobs: int) -> dict[str, Any]:
     """CPU milliseconds per completed job: all stack processes together and each one (the cost of
     a scan, robust on a shared box where wall-clock figures are not)."""
     if jobs <= 0 or not services:

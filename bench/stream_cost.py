@@ -26,13 +26,13 @@ from .stats import tree_cpu_s
 
 async def finished_jobs(redis_url: str, n: int) -> list[tuple[str, str]]:
     """(job_id, user_id) of up to n jobs whose state is terminal (done)."""
-    r = aioredis.from_url(redis_url)
+    r = aioredis.from_url(redis_url, decode_responses=True)
     out: list[tuple[str, str]] = []
     try:
         async for key in r.scan_iter(match=keys.state("*"), count=1000):
             user, stage = await r.hmget(key, ["user_id", "stage"])  # type: ignore[misc]
-            if stage == b"done" and user:
-                out.append((key.decode().rsplit(":", 1)[1], user.decode()))
+            if stage == "done" and user:
+                out.append((key.rsplit(":", 1)[1], str(user)))
                 if len(out) >= n:
                     break
     finally:
@@ -50,7 +50,9 @@ async def run(streams: int) -> dict[str, float]:
     async with httpx.AsyncClient(base_url=s.gateway_url, timeout=30) as http:
         cpu0, t0 = tree_cpu_s([pid]).get(pid, 0.0), time.perf_counter()
         for job_id, user in jobs:
-            async with http.stream("GET", f"/api/v1/scan/{job_id}/events", headers={"X-User-ID": user}) as resp:
+            async with http.stream(
+                "GET", f"/api/v1/scan/{job_id}/events", headers={"X-User-ID": user}
+            ) as resp:
                 async for line in resp.aiter_lines():
                     events += line.startswith("data:")
         wall = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from streams.app import create_app
 async def test_faust_consumers_get_read_committed_and_the_fetch_settings(tmp_path: Path) -> None:
     s = Settings(local_dir=tmp_path, kafka_fetch_min_bytes=4096, kafka_fetch_max_wait_ms=7, kafka_linger_ms=3)
     app = create_app("unit-client-settings", s)
-    consumer = app.consumer._thread._create_worker_consumer(app.transport)  # what Faust starts
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)  # type: ignore[attr-defined]
     try:
         assert consumer._isolation_level == "read_committed"
         assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (4096, 7)
@@ -25,7 +25,7 @@ async def test_faust_consumers_get_read_committed_and_the_fetch_settings(tmp_pat
         await consumer.stop()  # never started: only closes its client
     assert app.conf.producer_linger == 0.003  # Faust passes it to aiokafka as linger_ms=3
     router = create_app("unit-client-settings-router", s, fetch=(s.router_fetch_min_bytes, 50))
-    consumer = router.consumer._thread._create_worker_consumer(router.transport)
+    consumer = router.consumer._thread._create_worker_consumer(router.transport)  # type: ignore[attr-defined]
     try:
         assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (65536, 50)
     finally:
@@ -39,7 +39,7 @@ async def test_model_clients_split_the_connections_and_keep_them_alive() -> None
     taken = [clients.take() for _ in range(16)]
     assert taken[:8] == clients.clients and taken[8:] == clients.clients  # in turn
     for c in clients.clients:
-        pool = c._client._transport._pool  # the SDK's httpx client -> transport -> connection pool
+        pool = c._client._transport._pool  # type: ignore[attr-defined]  # SDK client -> transport -> pool
         assert (pool._max_connections, pool._max_keepalive_connections) == (125, 125)
         assert c.max_retries == 0
     for c in clients.clients:
