@@ -190,7 +190,7 @@ def test_load_polling_smoke(tmp_path: Path, settings: Settings, stack_status: di
     assert r["generator_cpu"]["cpu_s"] >= 0 and "api" in rep["services_cpu"]
     cpu = rep["cpu_per_job"]  # the headline of every load report, total and per process
     assert cpu["jobs"] == r["jobs_completed"] and cpu["total_ms"] > 0 and "api" in cpu["by_process_ms"]
-    assert "CPU per completed job" in verdicts(rep)
+    assert "CPU per completed job (all stack processes)" in verdicts(rep)
     assert "**CPU per completed job:" in next(tmp_path.glob("smoke-polling*.md")).read_text()
     # the docs table is generated from the reports: our row beside the original's
     section = results_section(load_reports(tmp_path))
