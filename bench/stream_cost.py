@@ -21,17 +21,23 @@ from contract import keys
 from contract.settings import get_settings
 
 from . import harness
+from .load import EXPECTED_SEQS
 from .stats import tree_cpu_s
 
 
 async def finished_jobs(redis_url: str, n: int) -> list[tuple[str, str]]:
-    """(job_id, user_id) of up to n jobs whose state is terminal (done)."""
+    """(job_id, user_id) of up to n completed jobs with their whole history (tests leave synthetic
+    jobs with gaps in Redis, whose streams wait out the gap)."""
     r = aioredis.from_url(redis_url, decode_responses=True)
     out: list[tuple[str, str]] = []
     try:
         async for key in r.scan_iter(match=keys.state("*"), count=1000):
             user, stage = await r.hmget(key, ["user_id", "stage"])  # type: ignore[misc]
-            if stage == "done" and user:
+            if (
+                stage == "done"
+                and user
+                and await r.zcard(keys.history(key.rsplit(":", 1)[1])) == len(EXPECTED_SEQS)
+            ):
                 out.append((key.rsplit(":", 1)[1], str(user)))
                 if len(out) >= n:
                     break
