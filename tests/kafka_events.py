@@ -24,11 +24,12 @@ async def read_partition(
     try:
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
+        # The end offset is taken first: when nothing is as new as `since_ms` yet, reading starts
+        # there, so a message appended between the two look-ups is still read (seek_to_end would
+        # resolve later and could skip it).
+        end = (await consumer.end_offsets([tp]))[tp]
         offsets = await consumer.offsets_for_times({tp: since_ms})
-        if offsets[tp] is None:
-            await consumer.seek_to_end(tp)
-        else:
-            consumer.seek(tp, offsets[tp].offset)
+        consumer.seek(tp, end if offsets[tp] is None else offsets[tp].offset)
         got: list[Any] = []
         deadline = time.monotonic() + timeout_s
         while not until(got):
