@@ -98,8 +98,14 @@ async def stack_status(s: Settings) -> dict[str, dict[str, Any]]:
 
 
 async def require(s: Settings, names: list[str]) -> dict[str, dict[str, Any]]:
-    """The stack's status; BenchError naming what is missing or down among `names`."""
+    """The stack's status; BenchError naming what is missing or down among `names` (a name also
+    means its numbered processes: "kafka" = kafka-1..3 of a three-node stack)."""
     status = await stack_status(s)
+    names = [
+        m
+        for n in names
+        for m in ([n] if n in status else [k for k in status if k.startswith(f"{n}-")] or [n])
+    ]
     missing = [n for n in names if n not in status]
     down = [n for n in names if n in status and not status[n]["up"]]
     if missing or down:

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
+from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KAFKA_VERSION = "4.3.1"  # the Kafka that Strimzi 1.2 deploys by default; pinned only here
@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     # Infrastructure.
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
+    # Local stack: KRaft nodes (broker+controller each). With N > 1 node i (0-based) listens on
+    # the bootstrap port + 2i and the controller port + 2i, and `kafka_bootstrap` lists them all.
+    kafka_nodes: int = 1
+    kafka_heap: str = ""  # JVM heap per local node; empty = 768m alone, 512m each of several
     # Kafka client security: PLAINTEXT locally; in Kubernetes SASL_SSL with the component's
     # KafkaUser (SCRAM-SHA-512 password from the Secret Strimzi creates) and the cluster CA.
     kafka_security_protocol: str = "PLAINTEXT"
@@ -76,6 +80,12 @@ class Settings(BaseSettings):
     stage_max_retries: int = 3
     retry_backoff_s: float = 0.5
     metrics_port: int = 9100  # 0 disables the Prometheus endpoint
+    # Local stack: processes per component. Workers share one consumer group (same ECO2_STAGES),
+    # routers share eco2-router, gateways share the gateway port (SO_REUSEPORT). Process i > 1
+    # serves its metrics on the component's metrics port + 10 * (i - 1).
+    worker_processes: int = 1
+    router_processes: int = 1
+    gateway_processes: int = 1
     # Local stack: where `eco2 stack up` serves each consumer process's metrics (ECO2_METRICS_PORT).
     workers_metrics_port: int = 9101
     router_metrics_port: int = 9102
@@ -145,6 +155,14 @@ class Settings(BaseSettings):
     writer_fetch_min_bytes: int = 65536
     writer_fetch_max_wait_ms: int = 200
     writer_statement_timeout_s: float = 30.0  # a batch slower than this is retried (slow Postgres)
+
+    @model_validator(mode="after")
+    def _list_every_kafka_node(self) -> Settings:
+        """With several local nodes every client bootstraps from all of them (one may be down)."""
+        if self.kafka_nodes > 1 and "," not in self.kafka_bootstrap:
+            host, _, port = self.kafka_bootstrap.rpartition(":")
+            self.kafka_bootstrap = ",".join(f"{host}:{int(port) + 2 * i}" for i in range(self.kafka_nodes))
+        return self
 
     @property
     def model_base_url(self) -> str:

@@ -73,6 +73,28 @@ TOPICS: tuple[TopicSpec, ...] = (
 
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in TOPICS}
 
+# Replication of every topic (and of Kafka's internal offsets/transaction logs) in production:
+# 3 copies, and an acks=all write needs 2 of them, so one broker can be down (rolling update,
+# node loss) without losing an acknowledged message or stopping writes. The Strimzi manifests
+# (`deploy/strimzi/topics.yaml`, generated) and the local stack both read it from here.
+REPLICATION_FACTOR = 3
+MIN_INSYNC_REPLICAS = 2
+
+
+@dataclass(frozen=True)
+class Replication:
+    factor: int
+    min_insync: int
+
+
+def replication(brokers: int) -> Replication:
+    """What a cluster of `brokers` nodes uses: production's 3/2 from three brokers on, 1/1 alone.
+
+    (Two brokers get factor 2 with min ISR 1: 3 copies need 3 brokers, and min ISR 2 of 2 would
+    stop every write while one broker restarts.)"""
+    factor = max(1, min(REPLICATION_FACTOR, brokers))
+    return Replication(factor, min(MIN_INSYNC_REPLICAS, max(1, factor - 1)))
+
 
 def partition_for(key: str, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner picks for `key`.

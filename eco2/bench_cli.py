@@ -275,3 +275,23 @@ def suite(
             report = _run(run_fanout(s, cfg, typer.echo))
         _finish(report, out)
     table(reports=out, write_docs=write_docs)
+
+
+@bench_app.command("scaleout")
+def scaleout(
+    processes: Annotated[int, typer.Option("--processes", help="measure 1..N worker processes")] = 3,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", help="jobs in flight per stage per process")
+    ] = 2,
+    model_latency: Annotated[float, typer.Option("--model-latency", help="seconds per model call")] = 1.0,
+    jobs: Annotated[int, typer.Option("--jobs", help="burst offered at every step")] = 96,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """Throughput at 1..N stage-worker processes on a private 3-node stack (docs/benchmarks.md)."""
+    from bench.scaleout import ScaleoutConfig, run_scaleout
+
+    cfg = ScaleoutConfig(
+        processes=processes, concurrency=concurrency, model_latency_s=model_latency, jobs=jobs, name=name
+    )
+    _finish(_run(run_scaleout(get_settings(), cfg)), out)

@@ -96,6 +96,20 @@ def stack_logs(
     raise typer.Exit(subprocess.call(argv))
 
 
+@app.command("capacity")
+def capacity(
+    rate: Annotated[float, typer.Option("--rate", help="peak scans per second")],
+    latency: Annotated[float, typer.Option("--latency", help="mean model seconds per call")] = 7.5,
+    rpm: Annotated[float, typer.Option("--rpm", help="model provider's rate limit, requests/min")] = 10_000,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="ECO2_STAGE_CONCURRENCY")] = 200,
+    threshold: Annotated[int, typer.Option("--threshold", help="stage ScaledObjects' lagThreshold")] = 100,
+) -> None:
+    """What a scan rate needs: pods, concurrency, KEDA thresholds (docs/operations.md)."""
+    from .capacity import plan
+
+    print(json.dumps(plan(rate, latency, rpm, concurrency, threshold).as_dict(), indent=2))
+
+
 @deploy_app.command("topics")
 def deploy_topics() -> None:
     """Regenerate deploy/strimzi/topics.yaml from contract/topics.py."""

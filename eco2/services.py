@@ -3,30 +3,46 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from contract.settings import Settings
 from persistence.migrate import after_postgres
 
 from .stack import AFTER_POSTGRES, APPS, Service, _py, http_ready
 
+# Process i > 1 of a consumer component serves its metrics this much above process 1's port.
+METRICS_PORT_STEP = 10
+
 
 def _metrics_service(
-    name: str, port: Callable[[Settings], int], argv: Callable[[Settings], list[str]], nice: int = 0
+    name: str,
+    port: Callable[[Settings], int],
+    argv: Callable[[Settings], list[str]],
+    nice: int = 0,
+    processes: Callable[[Settings], int] = lambda s: 1,
+    index: int = 1,
 ) -> Service:
-    """A Kafka consumer process (no HTTP API of its own): ready once its metrics endpoint answers."""
+    """A Kafka consumer process (no HTTP API of its own): ready once its metrics endpoint answers.
+    With `processes`, `eco2 stack up` runs that many, in one consumer group, each on its own
+    metrics port."""
+
+    def own_port(s: Settings) -> int:
+        return port(s) + METRICS_PORT_STEP * (index - 1)
 
     def url(s: Settings) -> str:
-        return f"http://127.0.0.1:{port(s)}"
+        return f"http://127.0.0.1:{own_port(s)}"
 
     return Service(
         name=name,
         url=url,
-        port=port,
+        port=own_port,
         ready=http_ready("/metrics", url),
         argv=argv,
-        env=lambda s: {"ECO2_METRICS_PORT": str(port(s))},
+        env=lambda s: {"ECO2_METRICS_PORT": str(own_port(s))},
         nice=nice,
         groups=("app",),
+        processes=processes,
+        replica=lambda i: _metrics_service(name, port, argv, nice, processes, i),
     )
 
 
@@ -37,8 +53,11 @@ def _http_service(
     module: str,
     probe: str,
     nice: int = 0,
+    processes: Callable[[Settings], int] | None = None,
 ) -> Service:
-    return Service(
+    """An HTTP server. With `processes`, that many share the port (SO_REUSEPORT; the kernel
+    spreads new connections over them)."""
+    svc = Service(
         name=name,
         url=url,
         port=port,
@@ -47,6 +66,10 @@ def _http_service(
         nice=nice,
         groups=("app",),
     )
+    if processes is None:
+        return svc
+    shared = replace(svc, processes=processes, shared_port=True)
+    return replace(shared, replica=lambda i: shared)
 
 
 # Migrations run whenever `stack up` starts Postgres.
@@ -64,9 +87,27 @@ APPS.extend(
             nice=10,
         ),
         _http_service("api", lambda s: s.api_url, lambda s: s.api_port, "producers", "/ready"),
-        _metrics_service("workers", lambda s: s.workers_metrics_port, _py("streams", "worker"), nice=10),
+        _metrics_service(
+            "workers",
+            lambda s: s.workers_metrics_port,
+            _py("streams", "worker"),
+            nice=10,
+            processes=lambda s: s.worker_processes,
+        ),
         _metrics_service("writer", lambda s: s.writer_metrics_port, _py("persistence"), nice=10),
-        _metrics_service("router", lambda s: s.router_metrics_port, _py("streams", "router")),
-        _http_service("gateway", lambda s: s.gateway_url, lambda s: s.gateway_port, "gateway", "/health"),
+        _metrics_service(
+            "router",
+            lambda s: s.router_metrics_port,
+            _py("streams", "router"),
+            processes=lambda s: s.router_processes,
+        ),
+        _http_service(
+            "gateway",
+            lambda s: s.gateway_url,
+            lambda s: s.gateway_port,
+            "gateway",
+            "/health",
+            processes=lambda s: s.gateway_processes,
+        ),
     ]
 )

@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -31,7 +31,7 @@ ReadyCheck = Callable[[Settings], Awaitable[bool]]
 class Service:
     name: str
     url: Callable[[Settings], str]
-    ready: ReadyCheck
+    ready: ReadyCheck  # is it up (status)
     argv: Callable[[Settings], list[str]]
     port: Callable[[Settings], int]
     prepare: Callable[[Settings], None] = lambda s: None
@@ -46,6 +46,13 @@ class Service:
     # stand-in for the remote model) yields the CPU to latency-sensitive serving (API, gateway,
     # router, Kafka), as separate pods with their own CPU requests would in Kubernetes.
     nice: int = 0
+    # What `up` waits for before it starts the next service (default: `ready`).
+    start_ready: ReadyCheck | None = None
+    # Several processes of one component may listen on one port (SO_REUSEPORT).
+    shared_port: bool = False
+    # Components run as several processes: how many, and the service of process i (2, 3...).
+    processes: Callable[[Settings], int] = lambda s: 1
+    replica: Callable[[int], Service] | None = None
 
 
 class StackError(RuntimeError):
@@ -83,22 +90,6 @@ def _url_port(url: str) -> int:
 
 
 # --- readiness checks ------------------------------------------------------------------------
-
-
-async def kafka_ready(s: Settings) -> bool:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    if not _port_open(*_host_port(s.kafka_bootstrap)):
-        return False
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=3000)
-    try:
-        await admin.start()
-        await admin.list_topics()
-        return True
-    except Exception:
-        return False
-    finally:
-        await admin.close()
 
 
 async def redis_ready(s: Settings) -> bool:
@@ -142,23 +133,81 @@ def http_ready(path: str, url_of: Callable[[Settings], str]) -> ReadyCheck:
 # --- kafka -----------------------------------------------------------------------------------
 
 
-def _kafka_config(s: Settings) -> Path:
-    return data_dir(s) / "kafka" / "server.properties"
+@dataclass(frozen=True)
+class KafkaNode:
+    """One local KRaft node (broker + controller). A single node keeps the historical names."""
+
+    index: int  # 0-based
+    count: int
+
+    @property
+    def name(self) -> str:
+        return "kafka" if self.count == 1 else f"kafka-{self.index + 1}"
+
+    def address(self, s: Settings) -> str:
+        return s.kafka_bootstrap.split(",")[self.index]
+
+    def controller_port(self, s: Settings) -> int:
+        return s.kafka_controller_port + 2 * self.index
+
+    def dir(self, s: Settings) -> Path:
+        return data_dir(s) / ("kafka" if self.count == 1 else f"kafka-{self.index + 1}")
 
 
-def _kafka_prepare(s: Settings) -> None:
+def kafka_nodes(s: Settings) -> list[KafkaNode]:
+    n = max(1, s.kafka_nodes)
+    if len(s.kafka_bootstrap.split(",")) != n:
+        raise StackError(
+            f"ECO2_KAFKA_BOOTSTRAP lists {len(s.kafka_bootstrap.split(','))} addresses "
+            f"but ECO2_KAFKA_NODES is {n}: give one address (the others follow at +2, +4...) or {n}"
+        )
+    return [KafkaNode(i, n) for i in range(n)]
+
+
+async def broker_answers(address: str, brokers: int = 1) -> bool:
+    """True when the broker at `address` serves metadata naming at least `brokers` brokers."""
+    from aiokafka.client import AIOKafkaClient
+
+    if not _port_open(*_host_port(address)):
+        return False
+    client = AIOKafkaClient(bootstrap_servers=address, request_timeout_ms=3000)
+    try:
+        await client.bootstrap()
+        return len(client.cluster.brokers()) >= brokers
+    except Exception:
+        return False
+    finally:
+        await client.close()
+
+
+async def kafka_ready(s: Settings) -> bool:
+    """Every node answers and sees the whole cluster."""
+    nodes = kafka_nodes(s)
+    return all([await broker_answers(n.address(s), len(nodes)) for n in nodes])
+
+
+def _kafka_config(s: Settings, node: KafkaNode) -> Path:
+    return node.dir(s) / "server.properties"
+
+
+def _kafka_prepare(s: Settings, node: KafkaNode) -> None:
+    from contract.topics import replication
+
     home = install.ensure_kafka(s)
-    host, port = _host_port(s.kafka_bootstrap)
-    ctl = s.kafka_controller_port
-    logs = data_dir(s) / "kafka" / "logs"
+    nodes = kafka_nodes(s)
+    host, port = _host_port(node.address(s))
+    ctl = node.controller_port(s)
+    voters = ",".join(f"{n.index + 1}@{_host_port(n.address(s))[0]}:{n.controller_port(s)}" for n in nodes)
+    rep = replication(len(nodes))
+    logs = node.dir(s) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    cfg = _kafka_config(s)
+    cfg = _kafka_config(s, node)
     cfg.write_text(
         "\n".join(
             [
                 "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@{host}:{ctl}",
+                f"node.id={node.index + 1}",
+                f"controller.quorum.voters={voters}",
                 f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{ctl}",
                 f"advertised.listeners=PLAINTEXT://{host}:{port}",
                 "controller.listener.names=CONTROLLER",
@@ -167,13 +216,17 @@ def _kafka_prepare(s: Settings) -> None:
                 f"log.dirs={logs}",
                 "num.partitions=1",
                 "auto.create.topics.enable=false",
-                "offsets.topic.replication.factor=1",
+                "unclean.leader.election.enable=false",
+                # Replication as deploy/strimzi/kafka.yaml sets it, scaled to the node count.
+                f"default.replication.factor={rep.factor}",
+                f"min.insync.replicas={rep.min_insync}",
+                f"offsets.topic.replication.factor={rep.factor}",
                 "offsets.topic.num.partitions=8",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
+                f"transaction.state.log.replication.factor={rep.factor}",
+                f"transaction.state.log.min.isr={rep.min_insync}",
                 "transaction.state.log.num.partitions=4",
-                "share.coordinator.state.topic.replication.factor=1",
-                "share.coordinator.state.topic.min.isr=1",
+                f"share.coordinator.state.topic.replication.factor={rep.factor}",
+                f"share.coordinator.state.topic.min.isr={rep.min_insync}",
                 "group.initial.rebalance.delay.ms=0",
                 "",
             ]
@@ -193,6 +246,7 @@ def _kafka_prepare(s: Settings) -> None:
 def _kafka_cluster_id(s: Settings) -> str:
     """A stable cluster id (base64 of a UUID), kept beside the data so re-formats match."""
     path = data_dir(s) / "kafka" / "cluster.id"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         import base64
 
@@ -214,22 +268,31 @@ def _java(s: Settings, home: Path, heap: str = "512m") -> list[str]:
     ]
 
 
-def _kafka_argv(s: Settings) -> list[str]:
-    return [*_java(s, install.kafka_home(s), "768m"), "kafka.Kafka", str(_kafka_config(s))]
+def _kafka_argv(s: Settings, node: KafkaNode) -> list[str]:
+    heap = s.kafka_heap or ("768m" if node.count == 1 else "512m")
+    return [*_java(s, install.kafka_home(s), heap), "kafka.Kafka", str(_kafka_config(s, node))]
 
 
 async def create_topics(s: Settings) -> list[str]:
-    """Create every topic of the single definition that is missing; returns those created."""
+    """Create every topic of the single definition that is missing; returns those created.
+
+    Replication factor and min ISR follow `contract.topics.replication` for the node count."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    from contract.topics import TOPICS
+    from contract.topics import TOPICS, replication
 
+    rep = replication(len(kafka_nodes(s)))
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(t.name, t.partitions, 1, topic_configs=dict(t.config))
+            NewTopic(
+                t.name,
+                t.partitions,
+                rep.factor,
+                topic_configs={**t.config, "min.insync.replicas": str(rep.min_insync)},
+            )
             for t in TOPICS
             if t.name not in existing
         ]
@@ -244,6 +307,31 @@ async def _kafka_after_ready(s: Settings) -> None:
     created = await create_topics(s)
     if created:
         print(f"  created topics: {', '.join(created)}", flush=True)
+
+
+def _kafka_service(node: KafkaNode) -> Service:
+    """One node. Of several, all but the last are started once their controller listens (the
+    quorum needs a majority before any broker answers); the last waits for the whole cluster."""
+    last = node.index == node.count - 1
+
+    async def node_up(s: Settings) -> bool:
+        return await broker_answers(node.address(s))
+
+    async def controller_listens(s: Settings) -> bool:
+        return _port_open(_host_port(node.address(s))[0], node.controller_port(s))
+
+    return Service(
+        name=node.name,
+        url=node.address,
+        port=lambda s: _host_port(node.address(s))[1],
+        ready=node_up if node.count > 1 else kafka_ready,
+        start_ready=(kafka_ready if last else controller_listens) if node.count > 1 else None,
+        argv=lambda s: _kafka_argv(s, node),
+        prepare=lambda s: _kafka_prepare(s, node),
+        after_ready=_kafka_after_ready if last else None,
+        timeout_s=120,
+        groups=("infra", "kafka"),
+    )
 
 
 # --- redis -----------------------------------------------------------------------------------
@@ -385,16 +473,6 @@ def _py(module: str, *args: str) -> Callable[[Settings], list[str]]:
 
 INFRA: list[Service] = [
     Service(
-        name="kafka",
-        url=lambda s: s.kafka_bootstrap,
-        port=lambda s: _host_port(s.kafka_bootstrap)[1],
-        ready=kafka_ready,
-        argv=_kafka_argv,
-        prepare=_kafka_prepare,
-        after_ready=_kafka_after_ready,
-        timeout_s=120,
-    ),
-    Service(
         name="redis",
         url=lambda s: s.redis_url,
         port=lambda s: urlparse(s.redis_url).port or 6379,
@@ -419,10 +497,31 @@ INFRA: list[Service] = [
 APPS: list[Service] = []
 
 
-def services(groups: set[str] | None = None) -> list[Service]:
+def expand(apps: list[Service], s: Settings) -> list[Service]:
+    """Each app service once per process (`processes`): process 1 keeps the name, process i is
+    `name-i`; all of them are in the group `name`, so `--only workers` means every worker."""
+    out: list[Service] = []
+    for svc in apps:
+        n = svc.processes(s) if svc.replica is not None else 1
+        if n <= 1:
+            out.append(svc)
+            continue
+        out.append(replace(svc, groups=(*svc.groups, svc.name)))
+        for i in range(2, n + 1):
+            assert svc.replica is not None
+            r = svc.replica(i)
+            out.append(replace(r, name=f"{svc.name}-{i}", groups=(*r.groups, svc.name)))
+    return out
+
+
+def services(groups: set[str] | None = None, s: Settings | None = None) -> list[Service]:
+    """The stack's services for settings `s` (default: this process's): the Kafka nodes first."""
+    from contract.settings import get_settings
+
     from . import services as _app_services  # noqa: F401  (registers APPS)
 
-    every = INFRA + APPS
+    s = s or get_settings()
+    every = [_kafka_service(n) for n in kafka_nodes(s)] + INFRA + expand(APPS, s)
     if groups is None:
         return every
     return [svc for svc in every if (set(svc.groups) | {svc.name}) & groups]
@@ -467,6 +566,44 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def listens(pid: int, port: int) -> bool:
+    """True when process `pid` itself holds a listening TCP socket on `port` (Linux /proc): with
+    SO_REUSEPORT a sibling answering on the port proves nothing about this process."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(f"socket:[{cols[9]}]")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _own_ready(svc: Service, check: ReadyCheck) -> ReadyCheck:
+    """`check`, and for a shared port also that this service's own process listens on it."""
+    if not svc.shared_port:
+        return check
+
+    async def both(s: Settings) -> bool:
+        pid = read_pid(s, svc)
+        return pid is not None and listens(pid, svc.port(s)) and await check(s)
+
+    return both
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -482,10 +619,15 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 async def start(s: Settings, svc: Service) -> str:
     """Start one service unless it already runs; wait for readiness. Returns what happened."""
-    if read_pid(s, svc) is not None and await svc.ready(s):
-        return "already up"
+    started = _own_ready(svc, svc.start_ready or svc.ready)
+    if read_pid(s, svc) is not None:
+        if await started(s):
+            return "already up"
+        # Running but not ready (e.g. a Kafka node waiting for a restarted peer): wait for it,
+        # never start a second copy beside it.
+        return await _wait_started(s, svc, started, "was starting")
     port = svc.port(s)
-    if read_pid(s, svc) is None and _port_open("127.0.0.1", port):
+    if read_pid(s, svc) is None and not svc.shared_port and _port_open("127.0.0.1", port):
         raise StackError(
             f"{svc.name}: port {port} is in use by a process this stack did not start; "
             f"stop it or set the ECO2_* setting for {svc.name}'s address"
@@ -510,12 +652,17 @@ async def start(s: Settings, svc: Service) -> str:
                 env=env,
             )
         _pid_path(s, svc).write_text(f"{child.pid}\n")
+    return await _wait_started(s, svc, started, "started")
+
+
+async def _wait_started(s: Settings, svc: Service, started: ReadyCheck, what: str) -> str:
+    log = log_path(s, svc.name)
     deadline = time.monotonic() + svc.timeout_s
     while time.monotonic() < deadline:
-        if await svc.ready(s):
+        if await started(s):
             if svc.after_ready is not None:
                 await svc.after_ready(s)
-            return "started"
+            return what
         if read_pid(s, svc) is None:
             raise StackError(f"{svc.name} exited during start-up; last log lines:\n{_tail(log)}")
         await asyncio.sleep(0.3)
@@ -524,50 +671,93 @@ async def start(s: Settings, svc: Service) -> str:
 
 def stop(s: Settings, svc: Service, timeout_s: float = 20.0) -> bool:
     """Stop a service this stack started (by its recorded pid). Returns False if it wasn't up."""
-    pid = read_pid(s, svc)
-    if pid is None:
-        return False
-    if svc.stop_argv is not None:
-        subprocess.run(svc.stop_argv(s), capture_output=True)
-    else:
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    return stop_together(s, [svc], timeout_s)[0]
+
+
+def stop_together(s: Settings, svcs: list[Service], timeout_s: float = 20.0) -> list[bool]:
+    """Signal every service first, then wait for all: Kafka nodes stopped one by one each wait
+    for a controller quorum the previous ones took away."""
+    pids: list[int | None] = []
+    for svc in svcs:
+        pid = read_pid(s, svc)
+        pids.append(pid)
+        if pid is None:
+            continue
+        if svc.stop_argv is not None:
+            subprocess.run(svc.stop_argv(s), capture_output=True)
+        else:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and any(p is not None and _alive(p) for p in pids):
         time.sleep(0.1)
-    if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if svc.pid_file is None:
-        _pid_path(s, svc).unlink(missing_ok=True)
-    return True
+    for svc, pid in zip(svcs, pids, strict=True):
+        if pid is None:
+            continue
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if svc.pid_file is None:
+            _pid_path(s, svc).unlink(missing_ok=True)
+    return [pid is not None for pid in pids]
+
+
+def _strays(s: Settings, table: list[Service], groups: set[str] | None) -> list[Service]:
+    """Processes `up` started under another layout (e.g. kafka-1..3 after ECO2_KAFKA_NODES went
+    back to 1, or workers-3 after fewer workers): `down` stops them too, by their pid files."""
+    known = {svc.name for svc in table}
+    out: list[Service] = []
+    for pid_file in sorted(run_dir(s).glob("*.pid")):
+        name = pid_file.stem
+        head, _, tail = name.rpartition("-")
+        base = head if tail.isdigit() else name
+        group = "infra" if base == "kafka" else "app"
+        if name in known or (groups is not None and not {name, base, group} & groups):
+            continue
+        out.append(
+            Service(name=name, url=lambda s: "", ready=redis_ready, argv=lambda s: [], port=lambda s: 0)
+        )
+    return out
 
 
 async def status(s: Settings, groups: set[str] | None = None) -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
-    for svc in services(groups):
-        up = read_pid(s, svc) is not None and await svc.ready(s)
+    for svc in services(groups, s):
+        up = read_pid(s, svc) is not None and await _own_ready(svc, svc.ready)(s)
         out[svc.name] = {"url": svc.url(s), "up": up}
     return out
 
 
 async def up(s: Settings, groups: set[str] | None = None, echo: Callable[[str], None] = print) -> None:
     install.ensure_apt_packages()
-    for svc in services(groups):
+    for svc in services(groups, s):
         t0 = time.monotonic()
         what = await start(s, svc)
         echo(f"{svc.name:<10} {what:<11} {svc.url(s)}  ({time.monotonic() - t0:.1f}s)")
 
 
+def _stray_note(svc: Service, strays: list[Service]) -> str:
+    return " (not in this layout)" if svc in strays else ""
+
+
 def down(
     s: Settings, groups: set[str] | None = None, reset: bool = False, echo: Callable[[str], None] = print
 ) -> None:
-    for svc in reversed(services(groups)):
-        echo(f"{svc.name:<10} {'stopped' if stop(s, svc) else 'was not running'}")
+    table = services(groups, s)
+    strays = _strays(s, table, groups)
+    rest = [svc for svc in reversed(table) if "kafka" not in svc.groups]
+    rest += [svc for svc in strays if not svc.name.startswith("kafka")]
+    for svc in rest:
+        echo(f"{svc.name:<10} {'stopped' if stop(s, svc) else 'was not running'}{_stray_note(svc, strays)}")
+    nodes = [svc for svc in table if "kafka" in svc.groups] + [
+        svc for svc in strays if svc.name.startswith("kafka")
+    ]
+    for svc, was_up in zip(nodes, stop_together(s, nodes), strict=True):
+        echo(f"{svc.name:<10} {'stopped' if was_up else 'was not running'}{_stray_note(svc, strays)}")
     if reset:
         shutil.rmtree(data_dir(s), ignore_errors=True)
         echo(f"removed {data_dir(s)}")

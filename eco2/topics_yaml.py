@@ -7,14 +7,15 @@ from pathlib import Path
 import yaml
 
 from contract.settings import REPO_ROOT
-from contract.topics import TOPICS
+from contract.topics import REPLICATION_FACTOR, TOPICS, replication
 
 TOPICS_YAML = REPO_ROOT / "deploy" / "strimzi" / "topics.yaml"
 CLUSTER = "eco2"
-REPLICAS = 3
+REPLICAS = REPLICATION_FACTOR  # = the broker node pool of deploy/strimzi/kafka.yaml
 
 
 def render() -> str:
+    rep = replication(REPLICAS)
     docs = []
     for t in TOPICS:
         docs.append(
@@ -29,8 +30,8 @@ def render() -> str:
                 "spec": {
                     "topicName": t.name,
                     "partitions": t.partitions,
-                    "replicas": REPLICAS,
-                    "config": {**t.config, "min.insync.replicas": "2"},
+                    "replicas": rep.factor,
+                    "config": {**t.config, "min.insync.replicas": str(rep.min_insync)},
                 },
             }
         )

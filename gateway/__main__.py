@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import resource
+import socket
 
 import uvicorn
 
@@ -34,7 +35,7 @@ def main() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=s.gateway_host,
         port=s.gateway_port,
@@ -44,6 +45,24 @@ def main() -> None:
         timeout_keep_alive=75,  # above the clients' poll/reconnect gaps: no reset races
         timeout_graceful_shutdown=5,
     )
+    server = uvicorn.Server(config)
+    if s.gateway_processes > 1:
+        server.run(sockets=[shared_socket(s.gateway_host, s.gateway_port)])
+    else:
+        server.run()
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A listening socket several gateway processes bind together (SO_REUSEPORT): the kernel
+    spreads new connections over them. Each process has its own Redis pub/sub connection and
+    serves any job (history + live come from Redis), so no stickiness is needed."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

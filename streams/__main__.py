@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 
 from contract.events import PIPELINE
 from contract.runtime_metrics import track_event_loop
@@ -31,11 +33,28 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown stages {sorted(unknown)}; choose from {','.join(PIPELINE)}")
         stages = [st for st in PIPELINE if st in stages]  # canonical order -> stable group id
+        from .groups import OverlappingStages, refuse_overlap, watch_overlap
+
+        try:
+            asyncio.run(refuse_overlap(s, stages))
+        except OverlappingStages as exc:
+            logging.critical("%s", exc)
+            raise SystemExit(3) from None
         app = create_app(stage_group(stages), s)
         from .stages import register
 
         register(app, s, stages)
         progress = watch_faust(app, s)
+
+        def stop(message: str) -> None:
+            # Uncommitted jobs are redelivered to the group that stays (at-least-once + memo).
+            logging.critical("%s", message)
+            os._exit(3)
+
+        @app.task
+        async def keep_refusing_overlap() -> None:
+            await watch_overlap(s, stages, stop)
+
     else:
         # ROUTER_GROUP unless a test isolates itself
         app = create_app(s.router_group, s, fetch=(s.router_fetch_min_bytes, s.router_fetch_max_wait_ms))

@@ -51,6 +51,22 @@ def _read_committed_consumers() -> None:
     cls._eco2_read_committed = True  # type: ignore[attr-defined]
 
 
+def _idempotent_producers() -> None:
+    """Faust sets acks (`producer_acks=-1` = all) but enables idempotence only for its own
+    exactly-once transactions; without it a retried send after a lost ack (a broker killed mid
+    request, a leader change) can write a stage's output or event twice. Ask aiokafka for it."""
+    cls = faust_aiokafka.Producer
+    if getattr(cls, "_eco2_idempotent", False):
+        return
+    original = cls._settings_extra
+
+    def extra(self):  # type: ignore[no-untyped-def]
+        return {**original(self), "acks": "all", "enable_idempotence": True}
+
+    cls._settings_extra = extra  # type: ignore[method-assign]
+    cls._eco2_idempotent = True  # type: ignore[attr-defined]
+
+
 def broker_credentials(s: Settings) -> faust.SASLCredentials | None:
     """The component's KafkaUser login in Kubernetes (SCRAM over TLS); None on the local stack."""
     kw = s.kafka_client_kwargs()
@@ -67,6 +83,7 @@ def broker_credentials(s: Settings) -> faust.SASLCredentials | None:
 def create_app(app_id: str, s: Settings, fetch: tuple[int, int] | None = None) -> faust.App:
     """`fetch`: (min bytes, max wait ms) of its consumer; default the stage workers' settings."""
     _read_committed_consumers()
+    _idempotent_producers()
     commits.install()
     datadir = s.local_dir / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
