@@ -343,15 +343,16 @@ async def group_timeline(
     return out
 
 
-def settled_after(timeline: list[tuple[float, str, int]], since: float, members: int) -> float | None:
-    """Seconds from `since` until the group is Stable with `members` members after having been
-    otherwise (rebalancing, or another member count) since then: a dead member still counts until
-    its session times out, so a Stable sample before that change proves nothing."""
-    rebalanced = False
+def settled_after(timeline: list[tuple[float, str, int]], since: float, members: int | None) -> float | None:
+    """Seconds from `since` until the group is Stable again after a change: with `members`, Stable
+    with that many after having been otherwise (rebalancing, or another count); without, the end
+    of the first rebalance after `since`. A dead member counts until its session times out, so a
+    Stable sample before the change proves nothing."""
+    changed = False
     for t, state, n in timeline:
         if t < since:
             continue
-        if rebalanced and state == "Stable" and n == members:
+        if changed and state == "Stable" and (members is None or n == members):
             return t - since
-        rebalanced = rebalanced or state != "Stable" or n != members
+        changed = changed or state != "Stable" or (members is not None and n != members)
     return None

@@ -196,7 +196,9 @@ def test_worker_loss_and_scale_out_under_load(cluster: PrivateStack) -> None:
     r = asyncio.run(run())
     summary = _check_load(s, r)
     assert r.errors == []
-    unowned = settled_after(timeline, marks["kill"], WORKERS - 1)
+    # Whether the group settles at 2 members or (when the added worker's join falls into the same
+    # rebalance) directly at 3, the dead member's partitions are owned again once it is Stable.
+    unowned = settled_after(timeline, marks["kill"], None)
     share = settled_after(timeline, marks["add"], WORKERS)
     assert unowned is not None, "the killed worker's partitions were never reassigned"
     assert share is not None, "the added worker never joined the group"

@@ -224,3 +224,16 @@ def test_a_running_worker_stops_when_an_overlapping_group_appears(tmp_path: Path
     asyncio.run(asyncio.wait_for(groups.watch_overlap(s, ["vision", "rule"], stopped.append, 0.01), 10))
     assert len(stopped) == 1
     assert stopped[0].startswith("stopping: consumer group(s) eco2-stage-vision already run vision;")
+
+
+def test_settled_after_reads_a_group_timeline() -> None:
+    from bench.cluster import settled_after
+
+    # A worker killed at t=5: its member stays until the session times out (t=15), then the
+    # group rebalances; the worker added at t=12 joins within the same rebalance.
+    timeline = [(4.0, "Stable", 3), (6.0, "Stable", 3), (15.0, "PreparingRebalance", 3), (18.0, "Stable", 3)]
+    assert settled_after(timeline, 5.0, None) == 13.0
+    assert settled_after(timeline, 12.0, 3) == 6.0
+    assert settled_after(timeline, 5.0, 2) is None
+    # A scale-out that rebalances between two samples still shows as the member count changing.
+    assert settled_after([(1.0, "Stable", 2), (2.0, "Stable", 2), (3.0, "Stable", 3)], 1.5, 3) == 1.5
