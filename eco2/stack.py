@@ -695,6 +695,8 @@ def stop_together(s: Settings, svcs: list[Service], timeout_s: float = 20.0) -> 
         time.sleep(0.1)
     for svc, pid in zip(svcs, pids, strict=True):
         if pid is None:
+            if svc.pid_file is None:  # a stale file of a process that died on its own
+                _pid_path(s, svc).unlink(missing_ok=True)
             continue
         if _alive(pid):
             try:

@@ -119,6 +119,10 @@ def test_down_stops_processes_of_another_layout(tmp_path: Path) -> None:
     assert [svc.name for svc in stack._strays(s, table, None)] == ["kafka-1", "kafka-3", "workers-4"]
     assert [svc.name for svc in stack._strays(s, table, {"infra"})] == ["kafka-1", "kafka-3"]
     assert [svc.name for svc in stack._strays(s, table, {"workers"})] == ["workers-4"]
+    lines: list[str] = []
+    stack.down(s, echo=lines.append)  # every pid above is dead: their stale files go
+    assert "kafka-3    was not running (not in this layout)" in lines
+    assert list(run.iterdir()) == []
 
 
 def test_stage_producers_are_idempotent_with_acks_all(tmp_path: Path) -> None:
