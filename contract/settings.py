@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # routers share eco2-router, gateways share the gateway port (SO_REUSEPORT). Process i > 1
     # serves its metrics on the component's metrics port + 10 * (i - 1).
     worker_processes: int = 1
+    # A deliberate second stage group beside the stack's workers (tests that run a private
+    # one-stage worker): it skips the overlapping-stage-groups refusal and others ignore it.
+    stage_overlap_ok: bool = False
     router_processes: int = 1
     gateway_processes: int = 1
     # Local stack: where `eco2 stack up` serves each consumer process's metrics (ECO2_METRICS_PORT).

@@ -12,6 +12,7 @@ from contract.settings import Settings
 from contract.topics import BY_NAME
 
 from . import commits
+from .groups import OVERLAP_OK_CLIENT_ID
 
 
 def consumer_overrides(s: Settings, fetch: tuple[int, int] | None = None) -> dict[str, object]:
@@ -91,6 +92,8 @@ def create_app(app_id: str, s: Settings, fetch: tuple[int, int] | None = None) -
         app_id,
         broker=f"kafka://{s.kafka_bootstrap}",
         broker_credentials=broker_credentials(s),
+        # None = Faust's default; see streams/groups.py for why an opted-out worker is marked.
+        broker_client_id=OVERLAP_OK_CLIENT_ID if s.stage_overlap_ok else None,
         value_serializer="raw",
         key_serializer="raw",
         datadir=str(datadir),

@@ -28,13 +28,20 @@ def stages_of(group: str) -> set[str]:
     return set(group[len(PREFIX) :].split("-")) if group.startswith(PREFIX) else set()
 
 
+# The Kafka client id of workers started with ECO2_STAGE_OVERLAP_OK (the broker starts every
+# member id with its client id, so other workers can tell them apart and ignore them).
+OVERLAP_OK_CLIENT_ID = "eco2-stage-overlap-ok"
+
+
 def _live_groups(responses: list[Any]) -> set[str]:
-    """Group ids of DescribeGroups responses that have members right now."""
+    """Group ids of DescribeGroups responses that have members right now (deliberate private
+    groups, whose members all run with ECO2_STAGE_OVERLAP_OK, do not count)."""
     live: set[str] = set()
     for resp in responses:
         for g in resp.groups:
             # (error_code, group_id, group_state, protocol_type, protocol, members, ...)
-            if g[0] == 0 and g[5]:
+            members = [m for m in g[5] if not str(m[0]).startswith(OVERLAP_OK_CLIENT_ID)]
+            if g[0] == 0 and members:
                 live.add(g[1])
     return live
 

@@ -377,7 +377,13 @@ async def test_stage_worker_health_sees_a_job_holding_its_partition(
     proc = Proc(
         name="answer-worker",
         argv=[sys.executable, "-m", "streams", "worker", "--stages", "answer"],
-        env={"ECO2_METRICS_PORT": str(port), "ECO2_STAGE_TIMEOUT_S": "60", **health_env()},
+        # A second group on scan.answer beside the stack's workers, on purpose (issue 15's refusal).
+        env={
+            "ECO2_METRICS_PORT": str(port),
+            "ECO2_STAGE_TIMEOUT_S": "60",
+            "ECO2_STAGE_OVERLAP_OK": "1",
+            **health_env(),
+        },
         log=log_path(settings, f"health-{group}-{uid}"),
     )
     health = f"http://127.0.0.1:{port}"

@@ -227,7 +227,7 @@ def test_stage_worker_router_and_writer_join_their_groups_from_the_image(
     try:
         with (
             component(built, settings, "worker", ["python", "-m", "streams", "worker", "--stages", stage],
-                      ECO2_METRICS_PORT=str(ports[0])) as worker,
+                      ECO2_METRICS_PORT=str(ports[0]), ECO2_STAGE_OVERLAP_OK="1") as worker,
             component(built, settings, "router", ["python", "-m", "streams", "router"],
                       ECO2_METRICS_PORT=str(ports[1]), ECO2_ROUTER_GROUP=router_group,
                       ECO2_REDIS_URL=isolated_redis_url(settings)) as router,

@@ -149,6 +149,15 @@ def test_stage_groups_name_their_stages() -> None:
         groups=[
             (0, "eco2-stage-vision", "Stable", "consumer", "faust", [("m1", "c", "h", b"", b"")]),
             (0, "eco2-stage-rule", "Empty", "consumer", "", []),
+            # A deliberate private group (ECO2_STAGE_OVERLAP_OK): its member ids start with the marker.
+            (
+                0,
+                "eco2-stage-answer",
+                "Stable",
+                "consumer",
+                "faust",
+                [(f"{groups.OVERLAP_OK_CLIENT_ID}-1a2b", "c")],
+            ),
         ]
     )
     assert groups._live_groups([resp]) == {"eco2-stage-vision"}
