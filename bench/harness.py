@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from contract.settings import REPO_ROOT, Settings
 from eco2.stack import redis_argv
+from streams import view
 
 from .stats import rss_kib, tree_cpu_s
 
@@ -268,6 +269,9 @@ async def private_redis(s: Settings) -> AsyncIterator[tuple[str, Proc]]:
             client = aioredis.from_url(url, socket_connect_timeout=1)
             try:
                 if await client.ping():  # type: ignore[misc]
+                    # Filled by the benchmark itself, not from the log: whole by definition
+                    # (else a private router would first rebuild it and gateways hold streams).
+                    await view.mark_ready(client)
                     break
             except (OSError, aioredis.RedisError):
                 pass

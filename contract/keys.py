@@ -29,3 +29,11 @@ def shard_channel(shard: int) -> str:
 def memo(job_id: str, name: str) -> str:
     """What a stage already produced for a job, so a redelivered stage re-emits identical bytes."""
     return f"scan:memo:{job_id}:{name}"
+
+
+# The view marker: Redis is a view of `scan.events`; the router writes this hash with the view
+# (status ready|rebuilding, epoch, Redis run_id) so that anyone can tell the view was lost
+# (FLUSHALL, a restart without persistence, an empty replica): the marker is gone with it.
+VIEW = "scan:view"
+# Held (with a TTL, renewed) by the one router process rebuilding the view.
+VIEW_REBUILDER = "scan:view:rebuilder"

@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = 24 * 3600  # how long an X-Idempotency-Key is remembered
     max_idempotency_key_len: int = 200
     api_txn_producers: int = 4  # transactional producers committing job batches in parallel
+    api_submit_timeout_s: float = 5.0  # a POST that Kafka cannot take this fast answers 503
 
     # Redis state.
     state_ttl_s: int = 24 * 3600  # a job's state and history while it runs
@@ -120,6 +121,10 @@ class Settings(BaseSettings):
     # seconds (a rebalance) or after a restart, so hours, not the state's day: they are half of
     # what a job keeps in Redis (the soak, docs/benchmarks.md).
     memo_ttl_s: int = 6 * 3600
+    # Self-healing view (streams/view.py, streams/heal.py): how often a router checks that Redis
+    # still holds the view, and how far back a rebuild replays (0 = state_ttl_s).
+    view_check_s: float = 1.0
+    rebuild_window_s: int = 0
 
     # SSE gateway.
     keepalive_s: float = 15.0
@@ -130,6 +135,7 @@ class Settings(BaseSettings):
     client_queue_size: int = 64  # live events buffered per client before it is resynced from history
     unknown_job_wait_s: float = 3.0  # a just-submitted job may reach Redis a moment after the POST
     gap_wait_s: float = 2.0  # how long a stream holds events back waiting for a missing seq
+    view_wait_s: float = 10.0  # how long a new stream waits for a rebuilding view before a 503
     # Signed stream URLs (contract/stream_token.py): the POST's stream_url carries a JWT for the
     # job and its owner. Empty secret = one random key per checkout in .local/stream-token.key;
     # in Kubernetes every API and gateway pod gets the same key from a Secret.

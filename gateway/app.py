@@ -6,6 +6,8 @@ Connections to Redis are fixed per process whatever the number of clients: one p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -29,6 +31,8 @@ from contract.events import TERMINAL_STAGES
 from contract.openapi import install_openapi
 from contract.runtime_metrics import track_event_loop
 from contract.settings import Settings, get_settings
+from streams import view
+from streams.state import retry_options
 
 from . import openapi
 from .hub import Hub, Item
@@ -48,6 +52,8 @@ STREAM_TOKEN = APIKeyQuery(
 )
 
 STREAMS = Gauge("eco2_gateway_streams", "open SSE streams")
+VIEW_READY = Gauge("eco2_gateway_view_ready", "1 while the Redis view is whole (not lost or rebuilding)")
+VIEW_WATCH_S = 0.5  # how often a gateway reads the view marker
 REJECTED = Counter("eco2_gateway_rejected_total", "refused subscriptions", ["code"])
 MAX_STREAMS = Gauge("eco2_gateway_max_streams", "ECO2_MAX_CONNECTIONS: streams beyond it get 503")
 
@@ -66,6 +72,44 @@ class Gateway:
         self.redis = redis
         self.hub = hub
         self.active = 0
+        self.run_id: str | None = None  # the Redis server's, as last seen by the view watcher
+        self.view_ok = False
+        self._view_changed = asyncio.Event()
+
+    def view_ready(self) -> bool:
+        return self.view_ok
+
+    async def watch_view(self) -> None:
+        """Follow the view marker; when a rebuild ends every open stream re-reads its history."""
+        while True:
+            try:
+                self.run_id = await view.run_id(self.redis)
+                ok = await view.status(self.redis, self.run_id) == "ready"
+            except RedisError:
+                ok = False
+            if ok != self.view_ok:
+                log.warning("Redis view %s", "ready" if ok else "lost or rebuilding: holding new streams")
+                self.view_ok = ok
+                VIEW_READY.set(int(ok))
+                if ok:
+                    self.hub.resync_all("view")
+                self._view_changed.set()
+                self._view_changed = asyncio.Event()
+            await asyncio.sleep(VIEW_WATCH_S)
+
+    async def wait_view(self, timeout_s: float) -> bool:
+        """True once the view is whole (checked against Redis, not only the watcher's last look),
+        False after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.view_ok and await view.status(self.redis, self.run_id) == "ready":
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, VIEW_WATCH_S)):
+                    await self._view_changed.wait()
 
     async def read_history(self, job_id: str, after: int) -> list[Item]:
         raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
@@ -139,17 +183,19 @@ def create_app(s: Settings | None = None) -> FastAPI:
             s.redis_url,
             max_connections=s.gateway_redis_pool,
             timeout=10,  # waiting for a free pooled connection
-            socket_timeout=5,
-            socket_connect_timeout=5,
             client_name=CLIENT_NAME,
+            **retry_options(),
         )
         redis = aioredis.Redis(connection_pool=pool)
         hub = Hub(s.redis_url, s.client_queue_size, client_name=CLIENT_NAME)
         await hub.start()
-        app.state.gw = Gateway(s, redis, hub)
+        app.state.gw = gw = Gateway(s, redis, hub)
+        watcher = asyncio.create_task(gw.watch_view(), name="view-watch")
         try:
             yield
         finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
             await hub.stop()
             await redis.aclose()
             await pool.disconnect()
@@ -232,6 +278,10 @@ def create_app(s: Settings | None = None) -> FastAPI:
         streaming = False
         try:
             try:
+                # A lost or rebuilding view may not know the job, or only part of its history:
+                # hold the request for the rebuild, else 503 (never a partial history as whole).
+                if not await gw.wait_view(s.view_wait_s):
+                    return _error(503, "event history is being rebuilt; retry shortly", {"Retry-After": "2"})
                 owner = await gw.owner(job_id)
                 if owner is None:  # a job just submitted may reach Redis a moment after its POST
                     deadline = time.monotonic() + s.unknown_job_wait_s
@@ -257,6 +307,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
                 keepalive_s=s.keepalive_s,
                 max_stream_s=s.max_stream_s,
                 gap_wait_s=s.gap_wait_s,
+                view_ready=gw.view_ready,
             )
             streaming = True
             return EventSourceResponse(

@@ -185,7 +185,7 @@ class Hub:
                             log.info("pub/sub subscribed to %s", ",".join(self.channels))
                         self.connected = True
                         delay = 0.2
-                        self._resync_all("reconnect")
+                        self.resync_all("reconnect")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -198,7 +198,7 @@ class Hub:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _resync_all(self, reason: str) -> None:
+    def resync_all(self, reason: str) -> None:
         n = 0
         for sub in self._all():
             sub.mark_resync()

@@ -4,7 +4,9 @@ The stream subscribes (in-process) before it reads history, so an event is eithe
 it reads or arrives live afterwards; duplicates are dropped by seq. Live events can still arrive
 out of order (replays, a resync, a router restart), so events wait in `pending` until the event
 before them has been delivered; a seq missing for `gap_wait_s` is looked up in history once more
-and then skipped, so a stream never stalls on an event that will never come.
+and then skipped, so a stream never stalls on an event that will never come. Never while the
+Redis view is being rebuilt, though (`view_ready`): then the missing event is on its way back
+from the log, and the stream waits for the rebuild (the hub resyncs every stream when it ends).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class JobStream:
         keepalive_s: float,
         max_stream_s: float,
         gap_wait_s: float,
+        view_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.job_id = job_id
         self.last = last_seq
@@ -58,6 +61,7 @@ class JobStream:
         self.keepalive_s = keepalive_s
         self.max_stream_s = max_stream_s
         self.gap_wait_s = gap_wait_s
+        self.view_ready = view_ready
         self.pending: dict[int, Item] = {}
         self.done = False
 
@@ -112,7 +116,9 @@ class JobStream:
             now = clock()
             if now >= deadline:
                 return  # the client reconnects with Last-Event-ID and continues
-            if gap_deadline is not None and now >= gap_deadline:
+            if gap_deadline is not None and now >= gap_deadline and not self.view_ready():
+                gap_deadline = now + self.gap_wait_s  # the rebuild brings it back: keep waiting
+            elif gap_deadline is not None and now >= gap_deadline:
                 await self._fill()
                 for item in self._ready(force=True):
                     SENT.inc()

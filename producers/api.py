@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -18,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract import keys, stream_token, trace
@@ -25,7 +28,7 @@ from contract.events import ScanJob, ScanRequest, make_event, now
 from contract.openapi import install_openapi
 from contract.runtime_metrics import track_event_loop
 from contract.settings import Settings, get_settings
-from streams import rules
+from streams import rules, view
 from streams.state import StateStore, pooled_client
 
 from . import openapi
@@ -36,6 +39,8 @@ REQUESTS = Counter("eco2_api_requests_total", "scan API requests", ["route", "st
 LATENCY = Histogram(
     "eco2_api_seconds", "scan API latency", ["route"], buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 )
+
+log = logging.getLogger("eco2.api")
 
 # Both headers are documented (required, limits, lifetime) by openapi.complete.
 UserHeader = Annotated[str | None, Header(alias="X-User-ID")]  # set by the auth proxy
@@ -50,6 +55,18 @@ def error(
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
 
 
+RETRY_AFTER_S = 2
+
+
+def unavailable(message: str, code: str = "unavailable") -> JSONResponse:
+    """503 with Retry-After: a dependency is down or the view is being rebuilt; retrying is safe."""
+    return error(503, code, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class ResultStoreDown(Exception):
+    """The Postgres result store did not answer (the request gets a 503, not a 404)."""
+
+
 # Results of finished jobs that left the Redis cache come from Postgres (persistence/).
 ResultFallback = Callable[[str], Awaitable[dict[str, Any] | None]]
 
@@ -62,6 +79,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         track_event_loop()
         app.state.redis = pooled_client(s.redis_url, 64, f"eco2-api-{os.getpid()}")
         app.state.store = StateStore(app.state.redis, s.state_ttl_s)
+        app.state.view = view.Reader(app.state.redis)
         app.state.writer = JobWriter(s)
         await app.state.writer.start()
         app.state.fallback = result_fallback or await _postgres_fallback(s)
@@ -98,6 +116,17 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             if len(body) > s.max_body_bytes:
                 return error(413, "body_too_large", f"request body is larger than {s.max_body_bytes} bytes")
         return await call_next(request)
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        # redis-py already retried a dropped connection; Redis is really unavailable.
+        REQUESTS.labels(request.url.path.rsplit("/", 1)[-1], "503").inc()
+        return unavailable(f"state store unavailable: {type(exc).__name__}")
+
+    @app.exception_handler(ResultStoreDown)
+    async def postgres_down(request: Request, exc: ResultStoreDown) -> JSONResponse:
+        REQUESTS.labels("result", "503").inc()
+        return unavailable(f"result store unavailable: {exc}")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -145,8 +174,9 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             existing = await redis.set(
                 idem_key, f"{job_id} {fingerprint}", nx=True, get=True, ex=s.idempotency_ttl_s
             )
-            if existing is not None:
-                first_job, _, first_fingerprint = _text(existing).partition(" ")
+            first_job, _, first_fingerprint = _text(existing or "").partition(" ")
+            # Our own job id back means redis-py retried a SET whose reply was lost: still ours.
+            if existing is not None and first_job != job_id:
                 if first_fingerprint != fingerprint:
                     REQUESTS.labels("submit", "409").inc()
                     return error(
@@ -170,14 +200,19 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         tp = trace.child_of(request.headers.get("traceparent"))
         try:
             await request.app.state.writer.submit(job, queued, tp)
-        except Exception as exc:
+        except Exception as exc:  # Kafka down or too slow (api_submit_timeout_s): not accepted
             if idem_key:
-                await redis.delete(idem_key)  # let the client retry with the same key
+                with contextlib.suppress(RedisError):
+                    await redis.delete(idem_key)  # let the client retry with the same key
             REQUESTS.labels("submit", "503").inc()
-            return error(503, "unavailable", f"could not queue the scan: {type(exc).__name__}")
+            return unavailable(f"could not queue the scan: {type(exc).__name__}")
         # The router derives the same state from scan.events; writing it here too means a
-        # result poll right after this response already finds the job and its owner.
-        await request.app.state.store.apply([queued])
+        # result poll right after this response already finds the job and its owner. The job
+        # is in Kafka now: a Redis failure here must not turn the 202 into an error.
+        try:
+            await request.app.state.store.apply([queued])
+        except RedisError as exc:
+            log.warning("job %s accepted; its queued state not cached (%s)", job_id, exc)
         REQUESTS.labels("submit", "202").inc()
         LATENCY.labels("submit").observe(time.perf_counter() - t0)
         return _accepted(s, job_id, user, {"traceparent": tp})
@@ -201,19 +236,30 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         t0 = time.perf_counter()
         if not user:
             return error(401, "unauthenticated", "the X-User-ID header is required")
-        state = await request.app.state.store.state(job_id)
-        if state is None:
-            stored = await request.app.state.fallback(job_id) if request.app.state.fallback else None
-            if stored is None or stored.get("user_id") != user:
+        store: StateStore = request.app.state.store
+        state = await store.state(job_id)
+        if state is not None and "result" in state:  # a result is final whatever the view's state
+            if state.get("user_id") != user:
                 return error(404, "not_found", "no such scan")
             REQUESTS.labels("result", "200").inc()
-            return JSONResponse(stored)
+            return JSONResponse(state["result"])
+        whole = await request.app.state.view.ready()
+        if state is None or not whole:
+            # Expired from the cache, or the view is being rebuilt (its state may be missing or
+            # behind): a finished job's result is in Postgres.
+            stored = await request.app.state.fallback(job_id) if request.app.state.fallback else None
+            if stored is not None:
+                if stored.get("user_id") != user:
+                    return error(404, "not_found", "no such scan")
+                REQUESTS.labels("result", "200").inc()
+                return JSONResponse(stored)
+            if not whole:
+                REQUESTS.labels("result", "503").inc()
+                return unavailable("scan state is being rebuilt; retry shortly", "rebuilding")
+            return error(404, "not_found", "no such scan")
         if state.get("user_id") != user:  # not yours: indistinguishable from unknown
             return error(404, "not_found", "no such scan")
         LATENCY.labels("result").observe(time.perf_counter() - t0)
-        if "result" in state:
-            REQUESTS.labels("result", "200").inc()
-            return JSONResponse(state["result"])
         REQUESTS.labels("result", "202").inc()
         return JSONResponse(
             {
@@ -295,9 +341,9 @@ async def _postgres_fallback(s: Settings) -> ResultFallback | None:
         nonlocal pool
         try:
             if pool is None:
-                pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=4)
+                pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=4, timeout=3, command_timeout=5)
             return await fetch_result(pool, job_id)
-        except (OSError, asyncpg.PostgresError):
-            return None
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise ResultStoreDown(type(exc).__name__) from exc
 
     return fetch

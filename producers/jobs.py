@@ -9,6 +9,8 @@ parallel, so a request waits for about one commit, not for the one in progress p
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from contract.settings import Settings
 from contract.topics import API_TRANSACTIONAL_ID_PREFIX, BY_NAME, EVENTS, VISION, partition_for
 
 MAX_BATCH = 200
+TXN_TIMEOUT_S = 30.0  # longest a producer spends on one transaction before it is replaced
+log = logging.getLogger("eco2.api.jobs")
 
 
 @dataclass
@@ -34,25 +38,26 @@ class _Pending:
 class JobWriter:
     def __init__(self, s: Settings) -> None:
         self.s = s
-        prefix = f"{API_TRANSACTIONAL_ID_PREFIX}-{socket.gethostname()}-{os.getpid()}"
-        self.producers = [
-            AIOKafkaProducer(
-                bootstrap_servers=s.kafka_bootstrap,
-                enable_idempotence=True,
-                acks="all",
-                linger_ms=0,
-                transactional_id=f"{prefix}-{i}",
-                **s.kafka_client_kwargs(),
-            )
-            for i in range(max(1, s.api_txn_producers))
-        ]
+        self.prefix = f"{API_TRANSACTIONAL_ID_PREFIX}-{socket.gethostname()}-{os.getpid()}"
+        self.producers = [self._producer(i) for i in range(max(1, s.api_txn_producers))]
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _producer(self, i: int) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.s.kafka_bootstrap,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=0,
+            transactional_id=f"{self.prefix}-{i}",
+            request_timeout_ms=10000,
+            **self.s.kafka_client_kwargs(),
+        )
 
     async def start(self) -> None:
         await asyncio.gather(*(p.start() for p in self.producers))
         self._tasks = [
-            asyncio.create_task(self._run(p), name=f"job-writer-{i}") for i, p in enumerate(self.producers)
+            asyncio.create_task(self._run(i), name=f"job-writer-{i}") for i in range(len(self.producers))
         ]
 
     async def stop(self) -> None:
@@ -61,26 +66,60 @@ class JobWriter:
         await asyncio.gather(*(p.stop() for p in self.producers), return_exceptions=True)
 
     async def submit(self, job: ScanJob, event: ScanEvent, traceparent: str) -> None:
-        """Returns once the job and its queued event are committed to Kafka."""
+        """Returns once the job and its queued event are committed to Kafka; TimeoutError after
+        `api_submit_timeout_s` (then the job was not written, unless its transaction was
+        already committing)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self.queue.put(_Pending(job, event, traceparent, fut))
-        await fut
+        try:
+            async with asyncio.timeout(self.s.api_submit_timeout_s):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            fut.cancel()  # a producer that has not taken it yet skips it
+            raise
 
-    async def _run(self, producer: AIOKafkaProducer) -> None:
+    async def _run(self, i: int) -> None:
         while True:
             batch = [await self.queue.get()]
             while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
+            batch = [p for p in batch if not p.done.done()]  # given up on by their requests
+            if not batch:
+                continue
             try:
-                await self._commit(producer, batch)
+                async with asyncio.timeout(TXN_TIMEOUT_S):
+                    await self._commit(self.producers[i], batch)
             except Exception as exc:
                 for p in batch:
                     if not p.done.done():
                         p.done.set_exception(exc)
+                await self._replace(i, exc)
             else:
                 for p in batch:
                     if not p.done.done():
                         p.done.set_result(None)
+
+    async def _replace(self, i: int, exc: BaseException) -> None:
+        """A fresh producer for slot i (same transactional id), started once Kafka answers."""
+        log.warning("transaction failed (%s: %s); replacing producer %d", type(exc).__name__, exc, i)
+        old = self.producers[i]
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await old.stop()
+        delay = 0.5
+        while True:
+            fresh = self._producer(i)
+            try:
+                await fresh.start()
+            except Exception as err:
+                with contextlib.suppress(Exception):
+                    await fresh.stop()
+                log.warning("producer %d cannot start yet (%s); retrying in %.1fs", i, err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.producers[i] = fresh
+            return
 
     @staticmethod
     async def _commit(producer: AIOKafkaProducer, batch: list[_Pending]) -> None:

@@ -1,8 +1,10 @@
-"""Rebuild every job's Redis state and history from the `scan.events` log (`eco2 state rebuild`).
+"""Rebuild every job's Redis state and history from the `scan.events` log.
 
-Redis is only a cache of the log: read all partitions from the beginning to the end they had when
-the rebuild started (a plain consumer, no group, nothing committed) and apply in batches through
-the same idempotent StateStore the router uses, so running it next to a live router is safe.
+Redis is only a cache of the log: read all partitions from the beginning (`eco2 state rebuild`)
+or from a point in time (the router's automatic rebuild: the state TTL's window, found with
+offsets-for-times) to the end they had when the rebuild started (a plain consumer, no group,
+nothing committed) and apply in batches through the same idempotent StateStore the router uses,
+so running it next to a live router is safe.
 """
 
 from __future__ import annotations
@@ -40,8 +42,15 @@ class RebuildStats:
 
 
 async def rebuild(
-    s: Settings, echo: Callable[[str], None] = print, batch: int = 500, progress_every_s: float = 1.0
+    s: Settings,
+    echo: Callable[[str], None] = print,
+    batch: int = 500,
+    progress_every_s: float = 1.0,
+    since_ms: int | None = None,
+    store: StateStore | None = None,
 ) -> RebuildStats:
+    """Replay `scan.events` into Redis: from the beginning, or from the first offset at or after
+    `since_ms` (epoch milliseconds) in each partition; through `store` when given."""
     stats = RebuildStats()
     t0 = time.monotonic()
     consumer = AIOKafkaConsumer(
@@ -53,15 +62,24 @@ async def rebuild(
         max_partition_fetch_bytes=4 * 1024 * 1024,
         **s.kafka_client_kwargs(),
     )
-    client = aioredis.from_url(s.redis_url)
-    store = StateStore(client, s.state_ttl_s, s.result_ttl_s)
+    client = None
+    if store is None:
+        client = aioredis.from_url(s.redis_url)
+        store = StateStore(client, s.state_ttl_s, s.result_ttl_s)
     await consumer.start()
     try:
         tps = [TopicPartition(EVENTS, p) for p in range(BY_NAME[EVENTS].partitions)]
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
+        if since_ms is None:
+            await consumer.seek_to_beginning(*tps)
+        else:
+            found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+            for tp in tps:
+                at = found.get(tp)
+                begin[tp] = at.offset if at is not None else end[tp]  # None: nothing that recent
+                consumer.seek(tp, begin[tp])
         total = sum(end[tp] - begin[tp] for tp in tps)
         remaining = {tp for tp in tps if end[tp] > begin[tp]}
         echo(f"rebuilding from {EVENTS}: {total} offsets in {len(tps)} partitions")
@@ -95,4 +113,5 @@ async def rebuild(
         return stats
     finally:
         await consumer.stop()
-        await client.aclose()
+        if client is not None:
+            await client.aclose()

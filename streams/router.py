@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import faust
-import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
@@ -27,8 +26,9 @@ from contract.topics import EVENTS
 from contract.trace import from_headers, trace_id
 
 from .app import topic, trace_logger
+from .heal import Healer
 from .health import Progress
-from .state import StateStore
+from .state import StateStore, client
 
 log = trace_logger("eco2.router")
 
@@ -119,17 +119,22 @@ async def apply_until_done(
 def register(app: faust.App, s: Settings, progress: Progress | None = None) -> None:
     """Define the router agent on `app` (its consumer group is app.conf.id)."""
     stores: list[StateStore] = []
+    healers: list[Healer] = []
 
     def store() -> StateStore:
         if not stores:  # created in the worker's event loop
-            client = aioredis.from_url(  # a hung Redis must fail (and be retried), not block forever
-                s.redis_url,
-                client_name=f"eco2-router-{os.getpid()}",
-                socket_timeout=10,
-                socket_connect_timeout=5,
-            )
-            stores.append(StateStore(client, s.state_ttl_s, s.result_ttl_s))
+            # A hung Redis must fail (and be retried), not block forever.
+            name = f"eco2-router-{os.getpid()}"
+            redis = client(s.redis_url, name, socket_timeout=10, socket_connect_timeout=5)
+            stores.append(StateStore(redis, s.state_ttl_s, s.result_ttl_s))
         return stores[0]
+
+    @app.timer(s.view_check_s)
+    async def watch_view() -> None:
+        """Notice a lost view (flushed or restarted Redis) and rebuild it from the log."""
+        if not healers:
+            healers.append(Healer(s, store()))
+        await healers[0].check()
 
     @app.agent(topic(app, EVENTS), name="eco2-router")
     async def route(stream: faust.StreamT[bytes]) -> None:

@@ -33,6 +33,7 @@ from contract.events import PIPELINE, ScanEvent, ScanJob, ScanResult, make_event
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, partition_for
 from eco2.stack import redis_argv
+from streams import view
 from streams.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -241,17 +242,31 @@ def router_proc(s: Settings, group: str, redis_url: str | None = None) -> Proc:
             "ECO2_REDIS_URL": redis_url or isolated_redis_url(s),
             "ECO2_METRICS_PORT": str(free_port()),
             "ECO2_RETRY_BACKOFF_S": "0.2",
+            # A new test Redis has no view marker: the router rebuilds it first, from the last
+            # minutes of the log only (the stack's log may hold days of benchmark events).
+            "ECO2_REBUILD_WINDOW_S": "300",
         },
         log=log_path(s, group),
     )
 
 
 async def wait_routed(
-    s: Settings, producer: EventProducer, proc: Proc, timeout_s: float = 90, db: int = 0
+    s: Settings,
+    producer: EventProducer,
+    proc: Proc,
+    timeout_s: float = 90,
+    db: int = 0,
+    redis_url: str | None = None,
 ) -> None:
-    """Ready = a probe event produced now shows up in the router's db (partitions assigned)."""
-    r = aioredis.from_url(isolated_redis_url(s, db))
+    """Ready = a probe event produced now shows up in the router's db (partitions assigned) and
+    the router has rebuilt the view (a new Redis has none)."""
+    r = aioredis.from_url(redis_url or isolated_redis_url(s, db))
     try:
+        deadline = time.monotonic() + timeout_s
+        while await view.current(r) != "ready":
+            if not proc.alive() or time.monotonic() > deadline:
+                raise AssertionError(f"router did not make the view ready:\n{proc.tail()}")
+            await asyncio.sleep(0.2)
         probe = job("probe")
         ev = make_event(probe, "queued", "completed")
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,110 @@
+"""The router's self-healing: notice that Redis lost the view and replay it from `scan.events`.
+
+Every `view_check_s` the router looks at the view marker (streams/view.py). When it is missing,
+written by another Redis run (a restart), or rebuilding with no live rebuilder, one router process
+claims the rebuild and replays the window the view is meant to hold (`state_ttl_s`, or
+`rebuild_window_s`) from the offsets-for-times of its start to the end offsets at that moment,
+through the same idempotent apply, while the router agent keeps routing new events. Then it marks
+the view ready, unless the view was lost again meanwhile (the next check starts over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+from prometheus_client import Counter, Gauge
+
+from contract.settings import Settings
+
+from .app import trace_logger
+from .rebuild import rebuild
+from .state import StateStore
+from .view import Claim
+
+log = trace_logger("eco2.router.heal")
+
+# result: done | superseded | failed
+REBUILDS = Counter("eco2_view_rebuilds_total", "automatic view rebuilds", ["result"])
+# result: new | duplicate
+REPLAYED = Counter("eco2_view_rebuild_events_total", "events replayed by automatic rebuilds", ["result"])
+REBUILDING = Gauge("eco2_view_rebuilding", "1 while this process rebuilds the Redis view")
+LAST_SECONDS = Gauge("eco2_view_rebuild_last_seconds", "duration of the last finished rebuild")
+LAST_EVENTS = Gauge("eco2_view_rebuild_last_events", "events replayed by the last finished rebuild")
+
+
+def window_s(s: Settings) -> int:
+    return s.rebuild_window_s or s.state_ttl_s
+
+
+class Healer:
+    """One per router process: checks the marker and runs at most one rebuild at a time."""
+
+    def __init__(self, s: Settings, store: StateStore) -> None:
+        self.s = s
+        self.store = store
+        lease = max(int(s.view_check_s * 10), 5)
+        self.claim = Claim(store.redis, f"{socket.gethostname()}-{os.getpid()}", lease)
+        self.task: asyncio.Task[None] | None = None
+
+    async def check(self) -> None:
+        """One look at the marker: claim and start a rebuild, or renew the running one's lease."""
+        try:
+            if self.task is not None and not self.task.done():
+                if not await self.claim.renew():
+                    log.warning("view lost again during the rebuild; it will be redone")
+                return
+            if await self.claim.take():
+                self.task = asyncio.create_task(self._rebuild(), name="view-rebuild")
+        except Exception as exc:  # Redis down: the router's apply retries; check again next tick
+            log.warning("view check failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _rebuild(self) -> None:
+        since = time.time() - window_s(self.s)
+        log.warning(
+            "view rebuild started (epoch %s): replaying scan.events since %s (%ds window)",
+            self.claim.epoch,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+            window_s(self.s),
+        )
+        REBUILDING.set(1)
+        t0 = time.monotonic()
+        try:
+            stats = await rebuild(
+                self.s,
+                echo=lambda line: log.info("rebuild: %s", line.strip()),
+                since_ms=int(since * 1000),
+                store=self.store,
+            )
+            REPLAYED.labels("new").inc(stats.new)
+            REPLAYED.labels("duplicate").inc(stats.events - stats.invalid - stats.new)
+            took = time.monotonic() - t0
+            if await self.claim.finish():
+                REBUILDS.labels("done").inc()
+                LAST_SECONDS.set(took)
+                LAST_EVENTS.set(stats.events)
+                log.warning(
+                    "view rebuild done (epoch %s): %d events replayed (%d new), %d jobs, %.1fs; view ready",
+                    self.claim.epoch,
+                    stats.events,
+                    stats.new,
+                    len(stats.jobs),
+                    took,
+                )
+            else:
+                REBUILDS.labels("superseded").inc()
+                log.warning("view rebuild %s superseded: the view was lost again meanwhile", self.claim.epoch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Kafka or Redis failed mid-way: the lease lapses, a check retries
+            REBUILDS.labels("failed").inc()
+            log.warning("view rebuild failed (%s: %s); it will be retried", type(exc).__name__, exc)
+        finally:
+            REBUILDING.set(0)

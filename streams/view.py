@@ -1,0 +1,139 @@
+"""Is the Redis view of `scan.events` whole? The marker that says so, and how it is claimed.
+
+Redis is disposable: FLUSHALL, a restart without persistence or a failover to an empty replica
+lose the state, the histories and, with them, the marker hash `scan:view`. So a missing marker
+means "lost". A Redis restart also counts as lost even when the marker came back from the AOF:
+with `appendfsync everysec` the last second of applied events may be gone, so the marker records
+the server's run_id and a new run_id means the view cannot vouch for itself.
+
+Status: `ready` (whole), `rebuilding` (a router replays the log into it), `lost` (no valid
+marker; a router will claim it within `view_check_s`). Readers (gateway, API) serve a history as
+complete only when `ready`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from contract import keys
+
+Status = Literal["ready", "rebuilding", "lost"]
+
+# KEYS: view, rebuilder.  ARGV: epoch, owner, lease seconds, run_id, now.
+# Claims the rebuild when the view is lost, restarted, or rebuilding with no live rebuilder.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local run_id = redis.call('HGET', KEYS[1], 'run_id')
+if status == 'ready' and run_id == ARGV[4] then return 0 end
+if status == 'rebuilding' and run_id == ARGV[4] and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'rebuilding', 'epoch', ARGV[1], 'run_id', ARGV[4],
+           'since', ARGV[5], 'reason', status or 'missing')
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+# KEYS: view, rebuilder.  ARGV: epoch, owner, lease seconds. 1 while the claim still stands.
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+# KEYS: view, rebuilder.  ARGV: epoch, now. Marks the view whole unless it was lost meanwhile.
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'ready', 'ready_at', ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+async def run_id(redis: aioredis.Redis) -> str:
+    """The Redis server's run_id: new at every restart."""
+    info: dict[str, Any] = await redis.info("server")
+    return str(info["run_id"])
+
+
+async def status(redis: aioredis.Redis, server_run_id: str | None = None) -> Status:
+    """The view's status; with `server_run_id` (the caller's latest INFO), a marker written by
+    another server run counts as lost."""
+    raw = await redis.hmget(keys.VIEW, ["status", "run_id"])  # type: ignore[misc]
+    st, rid = (_text(v) for v in raw)
+    if st not in ("ready", "rebuilding"):
+        return "lost"
+    if server_run_id is not None and rid != server_run_id:
+        return "lost"
+    return st  # type: ignore[return-value]
+
+
+async def current(redis: aioredis.Redis) -> Status:
+    """The view's status checked against the server's run_id (two round trips)."""
+    return await status(redis, await run_id(redis))
+
+
+async def mark_ready(redis: aioredis.Redis) -> None:
+    """Declare the view whole without a rebuild: for a Redis that a benchmark or test fills
+    itself (nothing in the log to replay)."""
+    rid = await run_id(redis)
+    mapping: dict[str, str | float] = {
+        "status": "ready",
+        "epoch": uuid.uuid4().hex,
+        "run_id": rid,
+        "since": time.time(),
+    }
+    await redis.hset(keys.VIEW, mapping=mapping)  # type: ignore[misc,arg-type]
+
+
+@dataclass
+class Claim:
+    """One router's claim on a rebuild of the view (epoch = this rebuild)."""
+
+    redis: aioredis.Redis
+    owner: str
+    lease_s: int
+    epoch: str = ""
+
+    def _keys(self) -> list[str]:
+        return [keys.VIEW, keys.VIEW_REBUILDER]
+
+    async def take(self) -> bool:
+        """True when the view needs a rebuild and this process now owns it."""
+        self.epoch = uuid.uuid4().hex
+        rid = await run_id(self.redis)
+        args: list[str | int | float] = [self.epoch, self.owner, self.lease_s, rid, time.time()]
+        return bool(await self.redis.eval(_CLAIM, 2, *self._keys(), *args))  # type: ignore[misc]
+
+    async def renew(self) -> bool:
+        """Extend the lease; False when the view was lost (or re-claimed) since the claim."""
+        args: list[str | int | float] = [self.epoch, self.owner, self.lease_s]
+        return bool(await self.redis.eval(_RENEW, 2, *self._keys(), *args))  # type: ignore[misc]
+
+    async def finish(self) -> bool:
+        """Mark the view ready; False when it was lost again meanwhile (then rebuild again)."""
+        return bool(await self.redis.eval(_FINISH, 2, *self._keys(), self.epoch, time.time()))  # type: ignore[misc]
+
+
+def _text(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class Reader:
+    """`ready()` for request handlers: the marker on every call, the run_id (INFO) at most once
+    per `refresh_s`, so a poll costs one small round trip more, not two."""
+
+    def __init__(self, redis: aioredis.Redis, refresh_s: float = 1.0) -> None:
+        self.redis = redis
+        self.refresh_s = refresh_s
+        self._run_id: str | None = None
+        self._at = -1e9
+
+    async def ready(self) -> bool:
+        if time.monotonic() - self._at > self.refresh_s:
+            self._run_id = await run_id(self.redis)
+            self._at = time.monotonic()
+        return await status(self.redis, self._run_id) == "ready"
