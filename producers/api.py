@@ -341,7 +341,9 @@ async def _postgres_fallback(s: Settings) -> ResultFallback | None:
         nonlocal pool
         try:
             if pool is None:
-                pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=4, timeout=3, command_timeout=5)
+                pool = await asyncpg.create_pool(
+                    s.postgres_dsn, min_size=1, max_size=4, timeout=3, command_timeout=5
+                )
             return await fetch_result(pool, job_id)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise ResultStoreDown(type(exc).__name__) from exc
