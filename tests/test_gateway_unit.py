@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -35,7 +36,7 @@ class FakeHistory:
         return [item(s) for s in sorted(self.seqs) if s > after]
 
 
-def stream(history: FakeHistory, sub: Subscriber, last: int = 0, **kw: float) -> JobStream:
+def stream(history: FakeHistory, sub: Subscriber, last: int = 0, **kw: Any) -> JobStream:
     opts = {"keepalive_s": 30.0, "max_stream_s": 30.0, "gap_wait_s": 5.0, **kw}
     return JobStream("job-1", last, sub, history, **opts)
 
@@ -94,6 +95,33 @@ async def test_a_gap_that_never_fills_is_skipped_after_gap_wait() -> None:
     # 10 never comes: after gap_wait the stream moves on, in order, to the terminal event
     assert got == [1, 11, 20, 21, 30, 31, 40, 41, 51]
     assert hist.reads == 3  # at the start, when 11 jumped ahead, and before giving up on 10
+
+
+async def test_no_gap_is_skipped_while_the_view_is_rebuilding() -> None:
+    """Redis lost the view: the missing event is on its way back from the log, so the stream
+    waits past gap_wait_s until the rebuild ends (the hub's resync), then reads it from history."""
+    hist = FakeHistory([1])
+    ready = [False]
+    sub = Subscriber("job-1", 64)
+    js = stream(hist, sub, gap_wait_s=0.1, view_ready=lambda: ready[0])
+    out: list[int] = []
+
+    async def run() -> None:
+        async for sse in js.events():
+            out.append(int(sse.id or 0))
+
+    task = asyncio.create_task(run())
+    for s in (11, 20, 21, 30):
+        sub.push(item(s))
+    await asyncio.sleep(0.6)  # many gap_wait_s: without the view check 10 would be given up
+    assert out == [1]
+    hist.seqs |= {10, 11, 20, 21, 30}  # the rebuild restored the history
+    ready[0] = True
+    sub.mark_resync()
+    for s in (31, 40, 41, 51):
+        sub.push(item(s))
+    await asyncio.wait_for(task, 5)
+    assert out == list(ORDER)
 
 
 async def test_jump_ahead_reads_history_for_the_missing_events() -> None:
