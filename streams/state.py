@@ -53,12 +53,12 @@ return new
 def retry_options() -> dict[str, Any]:
     """redis-py's own retry for every client of the project: a command that meets a dropped or
     stale connection (Redis restarted, a failover) reconnects and is retried with jittered backoff
-    (about 1.5 s in all) instead of surfacing as an error; idle pooled connections are
+    (about 2.5 s in all) instead of surfacing as an error; idle pooled connections are
     health-checked before use. Only a Redis that stays down gets past this (callers answer 503 or
     hold their work). Every command the project retries is idempotent (the Lua apply, reads,
     SET NX GET whose caller recognises its own value)."""
     return {
-        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=4),
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=6),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError],
         "health_check_interval": 5,
         "socket_connect_timeout": 2,
