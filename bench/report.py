@@ -322,6 +322,9 @@ PANELS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
 }
 
 
+PANELS["chaos"] = PANELS["load"]
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 

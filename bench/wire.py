@@ -160,6 +160,7 @@ class Follow:
     terminal: dict[str, Any] | None = None
     error: str | None = None
     opened_at: float | None = None  # when the first stream's response head arrived
+    refusals: list[tuple[int, bool]] = field(default_factory=list)  # (HTTP status, had Retry-After)
 
 
 OnEvent = Callable[[dict[str, Any], float], None]
@@ -234,6 +235,7 @@ async def follow(
                 if status == 204:
                     return out  # finished and everything after `last` delivered
                 if status != 200:
+                    out.refusals.append((status, "retry-after" in rhead))
                     body = await reader.read(2048)
                     out.error = f"HTTP {status}: {body[-200:].decode(errors='replace')}"
                     if status == 503:  # gateway full: retry like EventSource would

@@ -14,6 +14,7 @@ from contract.settings import get_settings
 
 from . import stack
 from .bench_cli import bench_app
+from .bench_cli import chaos as bench_chaos
 from .contract_cli import contract
 from .db import db_app
 from .dlq import dlq_app
@@ -32,6 +33,7 @@ app.add_typer(state_app, name="state")
 app.add_typer(db_app, name="db")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(bench_app, name="bench")
+app.command("chaos")(bench_chaos)  # `eco2 chaos` = `eco2 bench chaos`
 
 GroupOpt = Annotated[
     str | None,

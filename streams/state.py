@@ -59,7 +59,7 @@ def retry_options() -> dict[str, Any]:
     SET NX GET whose caller recognises its own value)."""
     return {
         "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=6),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError],
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         "health_check_interval": 5,
         "socket_connect_timeout": 2,
         "socket_timeout": 5,
