@@ -232,6 +232,9 @@ class LoadRun:
             if resp.status == 200:
                 self._finish(job, resp.json())
                 return
+            if resp.status == 503 and "retry-after" in resp.headers:
+                self.poll_errors += 1  # a declared outage (or the view rebuilding): poll again
+                continue
             if resp.status != 202:
                 job.status = "error"
                 job.error = f"result HTTP {resp.status}"

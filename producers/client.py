@@ -50,7 +50,7 @@ async def wait_result(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Poll the result until it is final; returns (result, polls). Honours Retry-After unless
-    `interval_s` is given."""
+    `interval_s` is given; a 503 with Retry-After (the view rebuilding, an outage) is waited out."""
     deadline = time.monotonic() + timeout_s
     polls = 0
     while True:
@@ -58,9 +58,10 @@ async def wait_result(
         polls += 1
         if resp.status_code == 200:
             return resp.json(), polls
-        if resp.status_code != 202:
+        retry = resp.status_code == 503 and "Retry-After" in resp.headers  # rebuilding, or an outage
+        if resp.status_code != 202 and not retry:
             raise ScanError(resp.status_code, resp.json() if resp.content else None)
-        if on_progress:
+        if on_progress and not retry:
             on_progress(resp.json())
         if time.monotonic() > deadline:
             raise TimeoutError(f"scan {job_id} not finished after {timeout_s:.0f}s")
