@@ -70,27 +70,11 @@ class Fault:
 
 
 class ChaosLoad(LoadRun):
-    """The load run, also keeping every refusal the gateway answered (status, Retry-After)."""
+    """The load run, with the patience for outages: a stream may reconnect many times."""
 
     def __init__(self, s: Settings, cfg: LoadConfig, out: Callable[[str], None] | None = None) -> None:
-        LoadRun.__init__(self, s, cfg, out)
-        self.refusals: collections.Counter[str] = collections.Counter()
-
-    async def _follow(self, job: Any, user: str) -> None:
-        assert job.job_id is not None
-        remaining = job.m0 + self.cfg.job_timeout_s - time.monotonic()
-        f = await wire.follow(
-            *self.gw, job.job_id, user, timeout_s=remaining, on_event=self._on_event, max_reconnects=200
-        )
-        for status, retry_after in f.refusals:
-            self.refusals[f"HTTP {status}" + (" + Retry-After" if retry_after else "")] += 1
-        job.seqs = f.seqs
-        job.reconnects = f.reconnects
-        if f.terminal is None:
-            job.status = "timeout" if f.error and f.error.startswith("no terminal") else "error"
-            job.error = f.error
-            return
-        self._finish(job, f.terminal.get("result") or {}, terminal_ts=float(f.terminal["ts"]))
+        super().__init__(s, cfg, out)
+        self.max_reconnects = 200
 
 
 async def _back(s: Settings, name: str, t0: float, timeout_s: float) -> float:

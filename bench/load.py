@@ -143,6 +143,8 @@ class LoadRun:
         self.in_flight = 0
         self.post_errors: collections.Counter[str] = collections.Counter()
         self.poll_errors = 0
+        self.refusals: collections.Counter[str] = collections.Counter()  # gateway answers but 200/204
+        self.max_reconnects = 20  # per job stream, in a row
         self.active: dict[int, asyncio.Event] = {}  # running VUs not yet told to stop
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.series: list[dict[str, Any]] = []
@@ -247,11 +249,14 @@ class LoadRun:
         """The job's SSE stream within its timeout (`kw`: wire.follow's client behaviours)."""
         assert job.job_id is not None
         remaining = job.m0 + self.cfg.job_timeout_s - time.monotonic()
+        kw.setdefault("max_reconnects", self.max_reconnects)
         return await wire.follow(
             *self.gw, job.job_id, user, timeout_s=remaining, on_event=self._on_event, **kw
         )
 
     def _followed(self, job: Job, f: wire.Follow) -> None:
+        for status, retry_after in f.refusals:
+            self.refusals[f"HTTP {status}" + (" + Retry-After" if retry_after else "")] += 1
         job.seqs = f.seqs
         job.reconnects = f.reconnects
         if f.terminal is None:

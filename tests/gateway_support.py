@@ -59,8 +59,17 @@ def private_redis_port() -> int:
         return _private_port[0]
     port = free_port()
     d = tempfile.mkdtemp(prefix="eco2-test-redis-")
+    proc = start_redis(port, Path(d))
+    _private_redis[:] = [proc]
+    _private_port[:] = [port]
+    atexit.register(_stop_private_redis, proc, d)
+    return port
+
+
+def start_redis(port: int, data: Path) -> subprocess.Popen[bytes]:
+    """A redis-server configured as the stack's, on `port`; returns once it accepts connections."""
     proc = subprocess.Popen(
-        redis_argv("127.0.0.1", port, Path(d)),
+        redis_argv("127.0.0.1", port, data),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
@@ -70,14 +79,10 @@ def private_redis_port() -> int:
     while True:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
+                return proc
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("could not start a private redis-server for the tests")
+            raise RuntimeError(f"could not start a private redis-server on {port}")
         time.sleep(0.05)
-    _private_redis[:] = [proc]
-    _private_port[:] = [port]
-    atexit.register(_stop_private_redis, proc, d)
-    return port
 
 
 def _stop_private_redis(proc: subprocess.Popen[bytes], d: str) -> None:

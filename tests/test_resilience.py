@@ -10,7 +10,6 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,6 @@ from contract import keys
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, VISION
 from eco2 import install
-from eco2.stack import redis_argv
 from gateway.client import follow
 from streams import view
 from streams.state import StateStore
@@ -45,6 +43,7 @@ from .gateway_support import (
     log_path,
     router_proc,
     seqs,
+    start_redis,
     wait_ready,
     wait_routed,
 )
@@ -64,20 +63,7 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.popen = subprocess.Popen(
-            redis_argv("127.0.0.1", self.port, self.dir),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            assert self.popen.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+        self.popen = start_redis(self.port, self.dir)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.popen is not None and self.popen.poll() is None:
@@ -340,3 +326,40 @@ async def _job_ids(bootstrap: str, topics: list[str]) -> dict[str, set[str]]:
     finally:
         await consumer.stop()
     return out
+
+
+async def test_result_while_the_view_is_lost_comes_from_postgres_or_is_a_503(
+    settings: Settings, zero_latency_model: str, own_redis: RedisServer, uid: str
+) -> None:
+    """An API on a Redis of its own that no router feeds: its cache holds only the `queued` state
+    it wrote itself, a stale state. Once that Redis is known to have lost the view, the result
+    endpoint no longer trusts it: a finished job is answered from Postgres (the stack's writer
+    stored it), an unknown one with 503 + Retry-After, not 404."""
+    r = aioredis.from_url(own_redis.url)
+    await view.mark_ready(r)
+    api = api_proc(settings, own_redis.url)
+    api.start()
+    try:
+        url = await wait_ready(api)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            job_id = (await post_scan(http, uid, 1)).json()["job_id"]
+            path = f"/api/v1/scan/{job_id}/result"
+            assert (await http.get(path, headers={"X-User-ID": uid})).status_code == 202  # stale, trusted
+            await r.delete(keys.VIEW)  # the view is lost (as after a FLUSHALL)
+            deadline = time.monotonic() + 60
+            while True:
+                resp = await http.get(path, headers={"X-User-ID": uid})
+                if resp.status_code == 200:
+                    break
+                # not yet in Postgres: a declared wait, never the stale 202
+                assert resp.status_code == 503 and resp.headers["Retry-After"], resp.text
+                assert time.monotonic() < deadline, "the stack's writer never stored the job"
+                await asyncio.sleep(0.5)
+            assert resp.json()["job_id"] == job_id and resp.json()["status"] == "completed"
+            other = await http.get(path, headers={"X-User-ID": "someone-else"})
+            assert other.status_code == 404
+            unknown = await http.get(f"/api/v1/scan/{uuid.uuid4().hex}/result", headers={"X-User-ID": uid})
+            assert unknown.status_code == 503 and unknown.json()["error"] == "rebuilding"
+    finally:
+        api.kill(signal.SIGTERM)
+        await r.aclose()
