@@ -74,6 +74,7 @@ class Gateway:
         self.active = 0
         self.run_id: str | None = None  # the Redis server's, as last seen by the view watcher
         self.view_ok = False
+        self.epoch: str | None = None
         self._view_changed = asyncio.Event()
 
     def view_ready(self) -> bool:
@@ -84,9 +85,16 @@ class Gateway:
         while True:
             try:
                 self.run_id = await view.run_id(self.redis)
-                ok = await view.status(self.redis, self.run_id) == "ready"
+                st, epoch = await view.read(self.redis, self.run_id)
+                ok = st == "ready"
             except RedisError:
-                ok = False
+                ok, epoch = False, self.epoch
+            if ok and self.view_ok and epoch != self.epoch:
+                # Lost and rebuilt between two looks: the rebuild does not publish what it
+                # replays, so open streams re-read their history all the same.
+                log.warning("Redis view was rebuilt (epoch %s)", epoch)
+                self.hub.resync_all("view")
+            self.epoch = epoch
             if ok != self.view_ok:
                 log.warning("Redis view %s", "ready" if ok else "lost or rebuilding: holding new streams")
                 self.view_ok = ok

@@ -44,7 +44,9 @@ class Healer:
 
     def __init__(self, s: Settings, store: StateStore) -> None:
         self.s = s
-        self.store = store
+        # Replayed events are not published: streams are held or resynced from history when the
+        # view turns ready, so a flood of old events on pub/sub would only cost the gateways CPU.
+        self.store = StateStore(store.redis, store.ttl_s, store.finished_ttl_s, publish=False)
         lease = max(int(s.view_check_s * 10), 5)
         self.claim = Claim(store.redis, f"{socket.gethostname()}-{os.getpid()}", lease)
         self.task: asyncio.Task[None] | None = None

@@ -23,8 +23,8 @@ from contract import keys
 from contract.events import TERMINAL_STAGES, ScanEvent
 from contract.topics import shard_of
 
-# KEYS: state, history.  ARGV: seq, event json, channel, ttl, stage, status, progress, user,
-# result json ("" when none), ttl once finished. Returns 1 when the event was new.
+# KEYS: state, history.  ARGV: seq, event json, channel ("" = do not publish), ttl, stage, status,
+# progress, user, result json ("" when none), ttl once finished. Returns 1 when the event was new.
 # A finished job's keys keep only the finished TTL, whatever arrives after its terminal event.
 _APPLY = """
 local terminal = TERMINAL
@@ -45,7 +45,7 @@ local st = redis.call('HMGET', KEYS[1], 'stage', 'status')
 if st[2] == 'failed' or terminal[st[1]] then ttl = ARGV[10] end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
-if new == 1 then redis.call('PUBLISH', ARGV[3], ARGV[2]) end
+if new == 1 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[2]) end
 return new
 """.replace("TERMINAL", "{" + ", ".join(f"['{s}'] = true" for s in TERMINAL_STAGES) + "}")
 
@@ -91,10 +91,13 @@ class StateStore:
     Postgres), not the day a running one may need, or Redis held every job of the last 24 hours
     (~27 KiB each, ~12 GiB at 100 VUs: the soak's finding, docs/benchmarks.md)."""
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int, finished_ttl_s: int | None = None) -> None:
+    def __init__(
+        self, client: aioredis.Redis, ttl_s: int, finished_ttl_s: int | None = None, publish: bool = True
+    ) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self.finished_ttl_s = finished_ttl_s or ttl_s
+        self.publish = publish  # False: history and state only (the automatic rebuild)
         self._apply = client.register_script(_APPLY)
 
     async def apply(self, events: Iterable[ScanEvent]) -> list[bool]:
@@ -109,7 +112,7 @@ class StateStore:
                     args=[
                         ev.seq,
                         data,
-                        keys.shard_channel(shard_of(ev.job_id)),
+                        keys.shard_channel(shard_of(ev.job_id)) if self.publish else "",
                         self.ttl_s,
                         ev.stage,
                         ev.status,

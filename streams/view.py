@@ -59,16 +59,21 @@ async def run_id(redis: aioredis.Redis) -> str:
     return str(info["run_id"])
 
 
-async def status(redis: aioredis.Redis, server_run_id: str | None = None) -> Status:
-    """The view's status; with `server_run_id` (the caller's latest INFO), a marker written by
-    another server run counts as lost."""
-    raw = await redis.hmget(keys.VIEW, ["status", "run_id"])  # type: ignore[misc]
-    st, rid = (_text(v) for v in raw)
+async def read(redis: aioredis.Redis, server_run_id: str | None = None) -> tuple[Status, str | None]:
+    """The view's status and epoch (a new epoch = the view was rebuilt); with `server_run_id` (the
+    caller's latest INFO), a marker written by another server run counts as lost."""
+    raw = await redis.hmget(keys.VIEW, ["status", "run_id", "epoch"])  # type: ignore[misc]
+    st, rid, epoch = (_text(v) for v in raw)
     if st not in ("ready", "rebuilding"):
-        return "lost"
+        return "lost", epoch
     if server_run_id is not None and rid != server_run_id:
-        return "lost"
-    return st  # type: ignore[return-value]
+        return "lost", epoch
+    return st, epoch  # type: ignore[return-value]
+
+
+async def status(redis: aioredis.Redis, server_run_id: str | None = None) -> Status:
+    """The view's status (see `read`)."""
+    return (await read(redis, server_run_id))[0]
 
 
 async def current(redis: aioredis.Redis) -> Status:
