@@ -289,7 +289,11 @@ def create_app(s: Settings | None = None) -> FastAPI:
                 # A lost or rebuilding view may not know the job, or only part of its history:
                 # hold the request for the rebuild, else 503 (never a partial history as whole).
                 if not await gw.wait_view(s.view_wait_s):
-                    return _error(503, "event history is being rebuilt; retry shortly", {"Retry-After": "2"})
+                    return _error(
+                        503,
+                        "event history is being rebuilt (or Redis is down); retry shortly",
+                        {"Retry-After": "2"},
+                    )
                 owner = await gw.owner(job_id)
                 if owner is None:  # a job just submitted may reach Redis a moment after its POST
                     deadline = time.monotonic() + s.unknown_job_wait_s
