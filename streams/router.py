@@ -129,12 +129,16 @@ def register(app: faust.App, s: Settings, progress: Progress | None = None) -> N
             stores.append(StateStore(redis, s.state_ttl_s, s.result_ttl_s))
         return stores[0]
 
+    checks: list[asyncio.Task[None]] = []
+
     @app.timer(s.view_check_s)
     async def watch_view() -> None:
-        """Notice a lost view (flushed or restarted Redis) and rebuild it from the log."""
+        """Notice a lost view (flushed or restarted Redis) and rebuild it from the log. A check
+        runs beside the timer, so one slowed by a Redis outage never makes the ticks overlap."""
         if not healers:
             healers.append(Healer(s, store()))
-        await healers[0].check()
+        if not checks or checks[0].done():
+            checks[:] = [asyncio.create_task(healers[0].check(), name="view-check")]
 
     @app.agent(topic(app, EVENTS), name="eco2-router")
     async def route(stream: faust.StreamT[bytes]) -> None:
