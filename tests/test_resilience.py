@@ -363,3 +363,27 @@ async def test_result_while_the_view_is_lost_comes_from_postgres_or_is_a_503(
     finally:
         api.kill(signal.SIGTERM)
         await r.aclose()
+
+
+async def test_view_claim_one_rebuilder_and_restart_detection(own_redis: RedisServer) -> None:
+    """The marker's rules, on a real Redis: a missing view is claimed by one router only (the
+    lease), a marker of another server run (a restart) counts as lost, and a rebuild finishing
+    after the view was lost again does not mark it ready."""
+    r = aioredis.from_url(own_redis.url)
+    try:
+        a, b = view.Claim(r, "router-a", 5), view.Claim(r, "router-b", 5)
+        assert await view.current(r) == "lost"
+        assert await a.take() and not await b.take()  # one rebuilder at a time
+        assert await view.current(r) == "rebuilding"
+        assert await a.renew() and await a.finish()
+        assert await view.current(r) == "ready" and not await b.take()
+        await r.hset(keys.VIEW, "run_id", "another-server-run")  # as after a restart (AOF)
+        assert await view.current(r) == "lost"
+        assert await b.take()
+        await r.flushall()  # lost again while b rebuilds
+        assert not await b.renew() and not await b.finish()
+        assert await view.current(r) == "lost"
+        await r.hset(keys.VIEW, mapping={"status": "rebuilding", "run_id": await view.run_id(r)})
+        assert await a.take()  # rebuilding, but its rebuilder's lease is gone: taken over
+    finally:
+        await r.aclose()
