@@ -266,9 +266,9 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
         "post_503": post_5xx.get("HTTP 503", 0),
         "stream_refusals": dict(load.refusals),
         "stream_5xx_not_503": sum(
-            v for k, v in load.refusals.items() if k.startswith("HTTP 5") and "503" not in k
+            v for k, v in load.refusals.items() if k.startswith("HTTP 5") and k != "HTTP 503 + Retry-After"
         ),
-        "stream_503": sum(v for k, v in load.refusals.items() if "503" in k),
+        "stream_503": load.refusals.get("HTTP 503 + Retry-After", 0),
         "live": {
             "streams_checked": sse["jobs_checked"],
             "streams_unfinished": len(unfinished),
