@@ -29,6 +29,7 @@ from contract.topics import BY_NAME, EVENTS, VISION
 from eco2 import install
 from gateway.client import follow
 from streams import view
+from streams.rebuild import rebuild
 from streams.state import StateStore
 
 from .conftest import eco2
@@ -386,4 +387,31 @@ async def test_view_claim_one_rebuilder_and_restart_detection(own_redis: RedisSe
         await r.hset(keys.VIEW, mapping={"status": "rebuilding", "run_id": await view.run_id(r)})
         assert await a.take()  # rebuilding, but its rebuilder's lease is gone: taken over
     finally:
+        await r.aclose()
+
+
+async def test_rebuild_replays_the_window_not_the_whole_log(
+    settings: Settings, producer: EventProducer, own_redis: RedisServer, uid: str
+) -> None:
+    """The automatic rebuild starts at offsets-for-times(since): an event older than the window
+    stays out, one inside it is replayed, and nothing is published while replaying."""
+    old, new = job(uid), job(uid)
+    await producer.send(full_events(old)[0])
+    await asyncio.sleep(1.5)
+    since_ms = int(time.time() * 1000)
+    await producer.send(full_events(new)[0])
+    r = aioredis.from_url(own_redis.url)
+    ps = r.pubsub()
+    try:
+        await ps.psubscribe("scan:live:*")
+        store = StateStore(r, settings.state_ttl_s, publish=False)
+        stats = await rebuild(settings, echo=lambda _: None, since_ms=since_ms, store=store)
+        assert new.job_id in stats.jobs and old.job_id not in stats.jobs
+        assert await history_len(r, new.job_id) == 1 and await history_len(r, old.job_id) == 0
+        msgs = []
+        while (m := await ps.get_message(ignore_subscribe_messages=True, timeout=0.2)) is not None:
+            msgs.append(m)
+        assert msgs == []
+    finally:
+        await ps.aclose()
         await r.aclose()
