@@ -77,7 +77,9 @@ def events_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
         ),
         404: _refusal("no such job, or not the caller's (the two are indistinguishable)", "job not found"),
         503: _refusal(
-            "the gateway is full or cannot read the job's state; retry after Retry-After seconds",
+            "the gateway is full, cannot read the job's state, or the event history is being rebuilt "
+            "after Redis lost it (a stream is first held up to ECO2_VIEW_WAIT_S for the rebuild); "
+            "retry after Retry-After seconds",
             "too many streams on this gateway; retry shortly",
             headers={"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}},
         ),

@@ -120,7 +120,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
         # redis-py already retried a dropped connection; Redis is really unavailable.
-        REQUESTS.labels(request.url.path.rsplit("/", 1)[-1], "503").inc()
+        REQUESTS.labels("submit" if request.method == "POST" else "result", "503").inc()
         return unavailable(f"state store unavailable: {type(exc).__name__}")
 
     @app.exception_handler(ResultStoreDown)

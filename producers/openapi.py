@@ -149,8 +149,13 @@ def submit_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
             {"reused": ("idempotency_key_reused", "X-Idempotency-Key was used with a different body")},
         ),
         503: _error(
-            "Kafka did not take the job; nothing was queued, retry (the same X-Idempotency-Key is safe)",
-            {"unavailable": ("unavailable", "could not queue the scan: KafkaConnectionError")},
+            f"Kafka did not take the job within {s.api_submit_timeout_s:g} s (or Redis is down): not "
+            "accepted, retry after Retry-After seconds (the same X-Idempotency-Key is safe)",
+            {
+                "unavailable": ("unavailable", "could not queue the scan: TimeoutError"),
+                "redis": ("unavailable", "state store unavailable: ConnectionError"),
+            },
+            headers={"Retry-After": RETRY_AFTER},
         ),
     }
 
@@ -170,6 +175,15 @@ def result_responses() -> dict[int | str, dict[str, Any]]:
         404: _error(
             "no such job, or not the caller's (the two are indistinguishable)",
             {"not_found": ("not_found", "no such scan")},
+        ),
+        503: _error(
+            "the job state is being rebuilt from the log after Redis lost it and the job is not "
+            "finished in Postgres, or Redis/Postgres does not answer: retry after Retry-After seconds",
+            {
+                "rebuilding": ("rebuilding", "scan state is being rebuilt; retry shortly"),
+                "unavailable": ("unavailable", "state store unavailable: ConnectionError"),
+            },
+            headers={"Retry-After": RETRY_AFTER},
         ),
     }
 
