@@ -7,6 +7,7 @@ never the stack's, so the other tests are not disturbed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -188,6 +189,22 @@ def api_proc(settings: Settings, redis_url: str, kafka: str | None = None) -> Pr
     )
 
 
+@contextlib.asynccontextmanager
+async def running_api(settings: Settings, server: RedisServer) -> AsyncIterator[tuple[str, aioredis.Redis]]:
+    """A scan API process of the test's own on `server` (its view marked whole, no router needed);
+    yields its URL and a client of that Redis."""
+    r = aioredis.from_url(server.url)
+    await view.mark_ready(r)
+    api = api_proc(settings, server.url)
+    api.start()
+    try:
+        yield await wait_ready(api), r
+    finally:
+        api.kill(signal.SIGTERM)
+        await r.aclose()
+    assert "Traceback" not in api.log.read_text(), api.tail()
+
+
 async def post_scan(http: httpx.AsyncClient, user: str, n: int) -> httpx.Response:
     body = {"image_url": f"https://images.example.com/resilience/clear_pet-{n}.jpg"}
     return await http.post("/api/v1/scan", json=body, headers={"X-User-ID": user})
@@ -199,12 +216,7 @@ async def test_redis_restart_gives_no_5xx(
     """The API's pooled Redis connections all die with a Redis restart; the next requests must
     reconnect (redis-py's retry), not answer 500. A result asked for while the view is not whole
     is a 503 with Retry-After, never a 500 or a wrong state."""
-    r = aioredis.from_url(own_redis.url)
-    await view.mark_ready(r)
-    api = api_proc(settings, own_redis.url)
-    api.start()
-    try:
-        url = await wait_ready(api)
+    async with running_api(settings, own_redis) as (url, _):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             # Warm the pool: many connections, all of which the restart will leave stale.
             first = await asyncio.gather(*(post_scan(http, uid, i) for i in range(20)))
@@ -237,10 +249,6 @@ async def test_redis_restart_gives_no_5xx(
                 assert res.status_code in (200, 202, 503), res.text
                 if res.status_code == 503:
                     assert res.headers["Retry-After"] and res.json()["error"] == "rebuilding", res.text
-    finally:
-        api.kill(signal.SIGTERM)
-        await r.aclose()
-    assert "Traceback" not in api.log.read_text(), api.tail()
 
 
 async def test_post_while_kafka_is_down_is_a_bounded_503_and_accepted_jobs_are_kept(
@@ -336,12 +344,7 @@ async def test_result_while_the_view_is_lost_comes_from_postgres_or_is_a_503(
     it wrote itself, a stale state. Once that Redis is known to have lost the view, the result
     endpoint no longer trusts it: a finished job is answered from Postgres (the stack's writer
     stored it), an unknown one with 503 + Retry-After, not 404."""
-    r = aioredis.from_url(own_redis.url)
-    await view.mark_ready(r)
-    api = api_proc(settings, own_redis.url)
-    api.start()
-    try:
-        url = await wait_ready(api)
+    async with running_api(settings, own_redis) as (url, r):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             job_id = (await post_scan(http, uid, 1)).json()["job_id"]
             path = f"/api/v1/scan/{job_id}/result"
@@ -361,9 +364,6 @@ async def test_result_while_the_view_is_lost_comes_from_postgres_or_is_a_503(
             assert other.status_code == 404
             unknown = await http.get(f"/api/v1/scan/{uuid.uuid4().hex}/result", headers={"X-User-ID": uid})
             assert unknown.status_code == 503 and unknown.json()["error"] == "rebuilding"
-    finally:
-        api.kill(signal.SIGTERM)
-        await r.aclose()
 
 
 async def test_view_claim_one_rebuilder_and_restart_detection(own_redis: RedisServer) -> None:
