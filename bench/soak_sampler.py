@@ -19,12 +19,15 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from contract import keys
 from contract.runtime_metrics import ASYNCIO_TASKS
 from contract.settings import Settings
 from contract.topics import TOPICS
 from eco2.stack import data_dir
 
 from .stats import percentile, rss_kib, tree_cpu_s
+
+VIEW_MARKER = keys.VIEW.encode()
 
 
 def _fds(pid: int) -> int | None:
@@ -161,6 +164,8 @@ class Sampler:
         any_probe: dict[str, list[bytes]] = collections.defaultdict(list)
         run_probe: dict[str, list[bytes]] = collections.defaultdict(list)
         async for key in self._redis.scan_iter(count=5000):
+            if key == VIEW_MARKER:
+                continue  # one key by design, without TTL: it says whether the view is whole
             parts = key.decode(errors="replace").split(":")
             prefix = ":".join(parts[:2])
             counts[prefix] += 1
