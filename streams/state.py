@@ -17,7 +17,6 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract import keys
 from contract.events import TERMINAL_STAGES, ScanEvent
@@ -55,11 +54,14 @@ def retry_options() -> dict[str, Any]:
     stale connection (Redis restarted, a failover) reconnects and is retried with jittered backoff
     (about 2.5 s in all) instead of surfacing as an error; idle pooled connections are
     health-checked before use. Only a Redis that stays down gets past this (callers answer 503 or
-    hold their work). Every command the project retries is idempotent (the Lua apply, reads,
-    SET NX GET whose caller recognises its own value)."""
+    hold their work). A timeout is not retried: a hung Redis would only multiply the wait (the
+    router's health probe counts on it surfacing after `socket_timeout`). Every command the
+    project retries is idempotent (the Lua apply, reads, SET NX GET whose caller recognises its
+    own value)."""
+    backoff = ExponentialWithJitterBackoff(cap=0.5, base=0.05)
     return {
-        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=6),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "retry": Retry(backoff, retries=6, supported_errors=(RedisConnectionError,)),
+        "retry_on_error": [RedisConnectionError],
         "health_check_interval": 5,
         "socket_connect_timeout": 2,
         "socket_timeout": 5,

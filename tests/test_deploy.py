@@ -797,7 +797,7 @@ def _exported_metrics() -> set[str]:
 
 
 # Alerts may name a metric another issue adds; listed here until it is exported, then removed.
-NOT_YET_EXPORTED = {"eco2_view_rebuilding"}  # the router's rebuild gauge (issue #11)
+NOT_YET_EXPORTED: set[str] = set()
 
 
 def _promql_metric_names(expr: str) -> set[str]:
