@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = 24 * 3600  # how long an X-Idempotency-Key is remembered
     max_idempotency_key_len: int = 200
     api_txn_producers: int = 4  # transactional producers committing job batches in parallel
-    api_submit_timeout_s: float = 5.0  # a POST that Kafka cannot take this fast answers 503
+    api_submit_timeout_s: float = 10.0  # a POST that Kafka cannot take this fast answers 503
 
     # Redis state.
     state_ttl_s: int = 24 * 3600  # a job's state and history while it runs
