@@ -10,6 +10,7 @@ replay the log (after a crash or `eco2 state rebuild`) without clients seeing an
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -107,6 +108,7 @@ class StateStore:
         # The context manager resets the pipeline even when Redis fails mid-batch.
         async with self.redis.pipeline(transaction=False) as pipe:
             count = 0
+            now = time.time()
             for ev in events:
                 data = ev.model_dump_json()
                 await self._apply(
@@ -121,7 +123,7 @@ class StateStore:
                         ev.progress,
                         ev.user_id,
                         json.dumps(ev.result) if ev.result is not None else "",
-                        self.finished_ttl_s,
+                        self._finished_ttl(ev, now),
                     ],
                     client=pipe,
                 )
@@ -129,6 +131,12 @@ class StateStore:
             if not count:
                 return []
             return [bool(r) for r in await pipe.execute()]
+
+    def _finished_ttl(self, ev: ScanEvent, now: float) -> int:
+        """A finished job stays `finished_ttl_s` after its event, not after the apply: a rebuild
+        replaying a day of the log (streams/heal.py) would otherwise bring back every job of that
+        day for another hour (~13 KiB each: tens of GiB at 300 VUs). An old event expires in 1 s."""
+        return max(1, int(self.finished_ttl_s - max(0.0, now - ev.ts)))
 
     async def state(self, job_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hgetall(keys.state(job_id))  # type: ignore[misc]

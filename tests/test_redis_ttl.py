@@ -8,6 +8,7 @@ then comes from Postgres), whatever arrives after the terminal event.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -53,6 +54,25 @@ async def test_finished_jobs_keep_the_short_ttl(rdb: aioredis.Redis, uid: str, f
     await store.apply([late[-1], *late[:-1]])
     assert all(0 < t <= FINISHED for t in await ttls(rdb, k.job_id))
     await rdb.delete(*(f(x.job_id) for x in (j, k) for f in (keys.state, keys.history)))
+
+
+async def test_a_replayed_old_job_keeps_only_what_is_left_of_its_finished_ttl(
+    rdb: aioredis.Redis, uid: str
+) -> None:
+    """A rebuild replays up to a day of `scan.events`: jobs that ended long ago must not come
+    back for another `result_ttl_s` (Redis would hold a day of jobs again, the soak's finding)."""
+    store = StateStore(rdb, RUNNING, FINISHED)
+    old, recent = job(uid), job(uid)
+    now = time.time()
+    aged = [e.model_copy(update={"ts": now - 2 * FINISHED - 60 + e.seq}) for e in full_events(old)]
+    await store.apply(aged[:-1])
+    assert all(FINISHED < t <= RUNNING for t in await ttls(rdb, old.job_id))  # still running: kept
+    await store.apply(aged[-1:])
+    assert all(t in (-2, 1) for t in await ttls(rdb, old.job_id))  # ended long ago: gone within 1 s
+    ended = [e.model_copy(update={"ts": now - FINISHED / 2}) for e in full_events(recent)]
+    await store.apply(ended)
+    assert all(FINISHED / 2 - 5 <= t <= FINISHED / 2 + 1 for t in await ttls(rdb, recent.job_id))
+    await rdb.delete(*(f(x.job_id) for x in (old, recent) for f in (keys.state, keys.history)))
 
 
 async def test_one_ttl_when_no_finished_ttl_is_given(rdb: aioredis.Redis, uid: str) -> None:
