@@ -1,11 +1,12 @@
-"""SSE fan-out of one gateway process: N concurrent clients, each following its own job.
+"""SSE fan-out of the gateway: N concurrent clients, each following its own job.
 
-A private gateway (`python -m gateway`, free port) on a private redis-server, so the numbers are
-one process's and no other traffic reaches it (pub/sub is server-wide). Steps: N synthetic jobs get
-their `queued` state; N clients connect (at `connect_rate`/s) and each waits on its stream; then
-every job's remaining 9 events are applied through `StateStore.apply` (what the router does:
-history, state, PUBLISH) at `rate` events/s in total, stage by stage across all jobs, each event's
-`ts` set just before it is applied.
+Private gateway processes (`python -m gateway`, `gateways` of them on one free port, as
+`ECO2_GATEWAY_PROCESSES` runs them) on a private redis-server, so no other traffic reaches them
+(pub/sub is server-wide). Steps: N synthetic jobs get their `queued` state; N clients connect (at
+`connect_rate`/s) and each waits on its stream; then every job's remaining 9 events are applied
+through `StateStore.apply` (what the router does: history, state, PUBLISH) at `rate` events/s in
+total, stage by stage across all jobs, each event's `ts` set just before it is applied. The same
+run against Centrifugo (the same clients and events through its server API) is bench/peer.py.
 
 Measured: delivery latency (event ts -> client receipt, same clock), lost/duplicated events per
 client, the gateway's memory per connection (VmRSS before and after the clients connected), its
@@ -17,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from contract.events import ScanEvent
+from contract.events import ScanEvent, ScanJob
 from contract.settings import Settings
 from streams.state import StateStore
 
@@ -44,15 +47,33 @@ class FanoutConfig:
     connect_rate: float = 500.0  # new client connections per second
     timeout_s: float = 300.0
     name: str = ""
+    gateways: int = 1  # gateway processes sharing the port (SO_REUSEPORT)
 
     @property
     def events_per_s(self) -> float:
         return self.rate or self.clients * EVENTS_PER_JOB / JOB_SECONDS
 
 
-async def _gateway_conns(client: aioredis.Redis, pid: int) -> int:
-    name = f"eco2-gateway-{pid}"
-    return sum(1 for c in await client.client_list() if c.get("name") == name)
+async def _gateway_conns(client: aioredis.Redis, pids: list[int]) -> int:
+    names = {f"eco2-gateway-{pid}" for pid in pids}
+    return sum(1 for c in await client.client_list() if c.get("name") in names)
+
+
+@dataclass
+class Server:
+    """The fan-out server under test and how the benchmark drives it."""
+
+    name: str  # "gateway" | "centrifugo"
+    pids: list[int]  # its processes: CPU and memory per connection
+    prepare: Callable[[list[list[ScanEvent]]], Awaitable[None]]  # before the clients connect
+    publish: Callable[[list[ScanEvent]], Awaitable[object]]  # one batch of live events
+    follow: Callable[[ScanJob, Fanout], Coroutine[Any, Any, wire.Follow]]
+    # What it needs beside it (the gateway's Redis: history, state, pub/sub): counted with it.
+    helper_pids: list[int] = field(default_factory=list)
+    redis_conns: Callable[[], Awaitable[int]] | None = None
+    # Whether a client's first event (queued) comes from a history read when it connects;
+    # otherwise the connect reply stands for it and seq 1 is not checked.
+    history_on_connect: bool = True
 
 
 class Fanout:
@@ -64,6 +85,9 @@ class Fanout:
         self.events = 0
         self.publishing = False
 
+    def connected(self) -> None:
+        self.streaming += 1
+
     def on_event(self, ev: dict[str, Any], received: float) -> None:
         self.events += 1
         if int(ev["seq"]) == 1:
@@ -74,34 +98,78 @@ class Fanout:
         self.recent.append((time.monotonic(), lat))
 
 
+@contextlib.asynccontextmanager
+async def gateway_server(s: Settings, cfg: FanoutConfig, run: str) -> AsyncIterator[Server]:
+    """`cfg.gateways` private gateway processes on one port, on a private Redis."""
+    async with harness.private_redis(s) as (redis_url, redis_proc):
+        port = harness.free_port()
+        env = {
+            "ECO2_GATEWAY_PORT": str(port),
+            "ECO2_GATEWAY_PROCESSES": str(cfg.gateways),
+            "ECO2_REDIS_URL": redis_url,
+            "ECO2_MAX_CONNECTIONS": str(cfg.clients + 100),
+            "ECO2_MAX_STREAM_S": str(cfg.timeout_s + 60),
+        }
+        procs = [
+            harness.python_proc(s, f"gateway-{run}-{i}", ["gateway"], env).start()
+            for i in range(cfg.gateways)
+        ]
+        client = aioredis.from_url(redis_url)
+        store = StateStore(client, s.state_ttl_s)
+        pids = [p.pid for p in procs]
+        try:
+            for p in procs:
+                await harness.wait_http(f"http://127.0.0.1:{port}/ready", p)
+
+            async def prepare(evs: list[list[ScanEvent]]) -> None:
+                for k in range(0, len(evs), 1000):
+                    await store.apply([e[0] for e in evs[k : k + 1000]])
+
+            async def follow(j: ScanJob, fan: Fanout) -> wire.Follow:
+                return await wire.follow(
+                    "127.0.0.1", port, j.job_id, j.user_id, timeout_s=cfg.timeout_s, on_event=fan.on_event
+                )
+
+            async def conns() -> int:
+                return await _gateway_conns(client, pids)
+
+            yield Server(
+                name="gateway",
+                pids=pids,
+                prepare=prepare,
+                publish=store.apply,
+                follow=follow,
+                helper_pids=[redis_proc.pid],
+                redis_conns=conns,
+            )
+        finally:
+            for p in procs:
+                p.stop()
+            await client.aclose()
+
+
 async def run_fanout(s: Settings, cfg: FanoutConfig, say: Any = print) -> dict[str, Any]:
     """Needs nothing of the stack: the gateway and its Redis are the benchmark's own."""
-    async with harness.private_redis(s) as (redis_url, _):
-        return await _fanout(s, cfg, redis_url, say)
+    run = synthetic.run_id()
+    async with gateway_server(s, cfg, run) as server:
+        return await fanout(server, cfg, run, say)
 
 
-async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> dict[str, Any]:
+def _rss(pids: list[int]) -> int:
+    return sum(rss_kib(pid) or 0 for pid in pids)
+
+
+def _cpu(pids: list[int]) -> float:
+    return sum(tree_cpu_s(pids).values())
+
+
+async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[str, Any]:
     nofile = harness.raise_fd_limit()
     if cfg.clients + 200 > nofile:
         raise harness.BenchError(
             f"{cfg.clients} clients need more open files than this process may have ({nofile})"
         )
-    run = synthetic.run_id()
-    port = harness.free_port()
-    proc = harness.python_proc(
-        s,
-        f"gateway-{run}",
-        ["gateway"],
-        {
-            "ECO2_GATEWAY_PORT": str(port),
-            "ECO2_REDIS_URL": redis_url,
-            "ECO2_MAX_CONNECTIONS": str(cfg.clients + 100),
-            "ECO2_MAX_STREAM_S": str(cfg.timeout_s + 60),
-        },
-    ).start()
     started = time.time()
-    client = aioredis.from_url(redis_url)
-    store = StateStore(client, s.state_ttl_s)
     jobs = [synthetic.job(run, n, user=f"bench-{run}-{n}") for n in range(cfg.clients)]
     fan = Fanout(cfg)
     tasks: list[asyncio.Task[wire.Follow]] = []
@@ -109,31 +177,26 @@ async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> d
     meter = CpuMeter()
     lag = LoopLag()
     sampler: asyncio.Task[None] | None = None
+    pids, every = server.pids, server.pids + server.helper_pids
+    conns = server.redis_conns
     try:
-        await harness.wait_http(f"http://127.0.0.1:{port}/ready", proc)
-        pid = proc.pid
-        rss0 = rss_kib(pid) or 0
-        conns0 = await _gateway_conns(client, pid)
+        rss0 = _rss(pids)
+        conns0 = await conns() if conns else None
         evs = [synthetic.events(j) for j in jobs]
-        for k in range(0, len(jobs), 1000):
-            await store.apply([e[0] for e in evs[k : k + 1000]])
+        await server.prepare(evs)
         quiet_gc()
         lag.start()
-        sampler = asyncio.create_task(_sample(fan, tasks, pid, meter, lag, series, client))
+        sampler = asyncio.create_task(_sample(fan, tasks, server, meter, lag, series))
 
-        say(f"fanout: connecting {cfg.clients:,} SSE clients to gateway pid {pid} at {cfg.connect_rate:g}/s")
-        host = "127.0.0.1"
+        say(
+            f"fanout: connecting {cfg.clients:,} SSE clients to {server.name} (pids {pids}) "
+            f"at {cfg.connect_rate:g}/s"
+        )
         t_conn = time.monotonic()
         per_tick = max(int(cfg.connect_rate / 10), 1)
         for k in range(0, len(jobs), per_tick):
             for j in jobs[k : k + per_tick]:
-                tasks.append(
-                    asyncio.create_task(
-                        wire.follow(
-                            host, port, j.job_id, j.user_id, timeout_s=cfg.timeout_s, on_event=fan.on_event
-                        )
-                    )
-                )
+                tasks.append(asyncio.create_task(server.follow(j, fan)))
             await asyncio.sleep(0.1)
         deadline = time.monotonic() + 60.0
         while (
@@ -142,18 +205,18 @@ async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> d
             await asyncio.sleep(0.2)
         connect_s = time.monotonic() - t_conn
         await asyncio.sleep(1.0)  # let allocations settle before reading memory
-        rss1 = rss_kib(pid) or 0
-        conns1 = await _gateway_conns(client, pid)
+        rss1 = _rss(pids)
+        conns1 = await conns() if conns else None
         connected = fan.streaming
         say(
-            f"fanout: {connected:,} streaming after {connect_s:.1f}s; gateway RSS {rss0 / 1024:.0f} -> "
+            f"fanout: {connected:,} streaming after {connect_s:.1f}s; {server.name} RSS {rss0 / 1024:.0f} -> "
             f"{rss1 / 1024:.0f} MiB, {conns1} Redis connections"
         )
 
         rate = cfg.events_per_s
         say(f"fanout: applying {cfg.clients * (EVENTS_PER_JOB - 1):,} events at {rate:,.0f}/s")
         fan.publishing = True
-        cpu_gw0 = tree_cpu_s([pid]).get(pid, 0.0)
+        cpu_gw0, cpu_all0 = _cpu(pids), _cpu(every)
         t_pub = time.monotonic()
         sent = 0
         step = max(int(rate * 0.05), 1)  # events per Redis round trip: 20 round trips a second
@@ -164,7 +227,7 @@ async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> d
                 for e in evs[j0 : j0 + step]:
                     e[k].ts = now
                     batch.append(e[k])
-                await store.apply(batch)
+                await server.publish(batch)
                 sent += len(batch)
                 ahead = t_pub + sent / rate - time.monotonic()
                 if ahead > 0:
@@ -172,9 +235,11 @@ async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> d
         publish_s = time.monotonic() - t_pub
         done, pending = await asyncio.wait(tasks, timeout=60.0)
         fan.publishing = False
-        gw_cpu = tree_cpu_s([pid]).get(pid, 0.0) - cpu_gw0
-        rss2 = rss_kib(pid) or 0
-        conns_peak = max([conns1, *(r["gateway_redis_conns"] for r in series)])
+        gw_cpu = _cpu(pids) - cpu_gw0
+        all_cpu = _cpu(every) - cpu_all0
+        rss2 = _rss(pids)
+        peaks = [r["gateway_redis_conns"] for r in series if r.get("gateway_redis_conns") is not None]
+        conns_peak = max([conns1, *peaks]) if conns1 is not None else None
     finally:
         for t in tasks:
             t.cancel()
@@ -183,12 +248,11 @@ async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> d
             sampler.cancel()
             await lag.stop()
             await asyncio.gather(sampler, return_exceptions=True)
-        proc.stop()
-        await client.aclose()
 
     follows = [t.result() for t in done if not t.cancelled() and t.exception() is None]
     finished = [f for f in follows if f.terminal is not None]
-    checks = [check_seqs(f.seqs, None) for f in finished]
+    first = [] if server.history_on_connect else [1]  # the connect reply stands for seq 1
+    checks = [check_seqs(first + f.seqs, None) for f in finished]
     errors = collections.Counter(f.error for f in follows if f.error)
     errors.update(
         type(t.exception()).__name__ for t in done if not t.cancelled() and t.exception() is not None
@@ -211,6 +275,8 @@ async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> d
         "duplicated": sum(c["duplicated"] for c in checks),
         "out_of_order_clients": sum(c["out_of_order"] for c in checks),
         "reconnects": sum(f.reconnects for f in follows),
+        "server": server.name,
+        "processes": len(pids),
         "gateway_rss_mib": {
             "before": round(rss0 / 1024, 1),
             "connected": round(rss1 / 1024, 1),
@@ -220,6 +286,9 @@ async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> d
         "gateway_redis_connections": {"before": conns0, "connected": conns1, "peak": conns_peak},
         "gateway_cpu_s_while_publishing": round(gw_cpu, 2),
         "gateway_cpu_pct_while_publishing": round(100 * gw_cpu / max(publish_s, 1e-6), 1),
+        # With what it needs beside it (the gateway's Redis; Centrifugo: nothing) per 1,000 events.
+        "server_cpu_pct_while_publishing": round(100 * all_cpu / max(publish_s, 1e-6), 1),
+        "server_cpu_ms_per_1000_events": round(1000 * 1000 * all_cpu / max(sent, 1), 1),
         "generator_cpu": meter.total(),
         "generator_loop_lag_ms": lag.summary_ms(),
     }
@@ -253,10 +322,11 @@ async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> d
             "verdict": "PASS" if bad == 0 and finished else "MISS",
         },
     ]
+    who = server.name if len(pids) == 1 else f"{len(pids)} {server.name} processes"
     return {
         "kind": "fanout",
         "name": cfg.name or f"fanout-{cfg.clients}",
-        "title": f"SSE fan-out: {cfg.clients:,} clients on one gateway",
+        "title": f"SSE fan-out: {cfg.clients:,} clients on {who}",
         "description": __doc__,
         "started_at": started,
         "config": {**asdict(cfg), "events_per_s": round(rate, 1)},
@@ -287,26 +357,25 @@ async def _fanout(s: Settings, cfg: FanoutConfig, redis_url: str, say: Any) -> d
 async def _sample(
     fan: Fanout,
     tasks: list[asyncio.Task[wire.Follow]],
-    pid: int,
+    server: Server,
     meter: CpuMeter,
     lag: LoopLag,
     series: list[dict[str, Any]],
-    client: aioredis.Redis,
 ) -> None:
     t0 = time.monotonic()
     lag_at = 0
     last_events = 0
-    last_cpu = tree_cpu_s([pid]).get(pid, 0.0)
+    last_cpu = _cpu(server.pids)
     while True:
         await asyncio.sleep(1.0)
         now = time.monotonic()
         while fan.recent and fan.recent[0][0] < now - 1.0:
             fan.recent.popleft()
         lats = [x * 1000 for _, x in fan.recent]
-        cpu = tree_cpu_s([pid]).get(pid, 0.0)
+        cpu = _cpu(server.pids)
         gen, box = meter.tick()
         lag_at, lag_max = lag.since(lag_at)
-        rss = rss_kib(pid)
+        rss = _rss(server.pids)
         series.append(
             {
                 "t": round(now - t0, 1),
@@ -315,9 +384,9 @@ async def _sample(
                 "events_per_s": fan.events - last_events,
                 "p50_ms": _round(percentile(lats, 50)),
                 "p99_ms": _round(percentile(lats, 99)),
-                "gateway_rss_mib": None if rss is None else round(rss / 1024, 1),
+                "gateway_rss_mib": round(rss / 1024, 1),
                 "gateway_cpu_pct": round(100 * (cpu - last_cpu), 1),
-                "gateway_redis_conns": await _gateway_conns(client, pid),
+                "gateway_redis_conns": await server.redis_conns() if server.redis_conns else None,
                 "gen_cpu_pct": gen,
                 "gen_loop_lag_ms": lag_max,
                 "machine_cpu_pct": box,

@@ -124,6 +124,10 @@ def markdown(report: dict[str, Any]) -> str:
         from .soak_verdict import markdown as soak_md
 
         body = soak_md(report)
+    elif kind == "peer":
+        from .peer import markdown as peer_md
+
+        body = peer_md(report)
     else:
         body = _load_md(report) if kind == "load" else _micro_md(report)
     return "\n".join(body) + "\n"
@@ -331,6 +335,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if report.get("kind") == "peer":
+        from .peer import plot as peer_plot
+
+        return peer_plot(report, path)
     series: list[dict[str, Any]] = report.get("series") or []
     panels = PANELS.get(report.get("kind", ""), report.get("panels") or [])
     if not series or not panels:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,3 +278,62 @@ async def follow(
         if out.reconnects > max_reconnects or time.monotonic() >= deadline:
             return out
         await asyncio.sleep(min(0.25 * out.reconnects, 2.0))
+
+
+async def follow_centrifugo(
+    host: str,
+    port: int,
+    token: str,
+    *,
+    timeout_s: float,
+    on_event: OnEvent | None = None,
+    on_connect: Callable[[], None] | None = None,
+) -> Follow:
+    """One client of Centrifugo's unidirectional SSE (`/connection/uni_sse`): the connect command
+    (a JWT whose `channels` claim subscribes it to its job's channel on the server side) goes in
+    the `cf_connect` URL parameter; the stream then carries a `connect` reply, `{}` pings and
+    `{"channel": ..., "pub": {"data": <event>}}` pushes. Used by the fan-out benchmark's peer run
+    (bench/peer.py) to compare the gateway with Centrifugo on the same clients and events. Its
+    uni_sse has no Last-Event-ID, so a dropped stream is not resumed: it ends this follow."""
+    out = Follow()
+    path = "/connection/uni_sse?cf_connect=" + urllib.parse.quote(json.dumps({"token": token}))
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(_request_bytes("GET", host, port, path, {"Accept": "text/event-stream"}, None))
+            await writer.drain()
+            status, rhead = await _read_head(reader)
+            out.opened_at = time.time()
+            if status != 200:
+                body = await reader.read(2048)
+                out.error = f"HTTP {status}: {body[-200:].decode(errors='replace')}"
+                return out
+            async for data in _sse_fields(reader, rhead):
+                now = time.time()
+                push = json.loads(data)
+                if "connect" in push:
+                    if on_connect is not None:
+                        on_connect()
+                    continue
+                pub = push.get("pub")
+                if pub is None:
+                    continue  # ping, join/leave, ...
+                ev = pub["data"]
+                out.seqs.append(int(ev["seq"]))
+                out.events.append(ev)
+                out.received.append(now)
+                if on_event is not None:
+                    on_event(ev, now)
+                if ev.get("status") == "failed" or ev.get("stage") == "done":
+                    out.terminal = ev
+                    return out
+            out.error = "stream ended before the terminal event"
+    except TimeoutError:
+        out.error = f"no terminal event after {timeout_s:.0f}s"
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        out.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if writer is not None:
+            writer.close()
+    return out

@@ -197,14 +197,55 @@ def fanout(
     ] = 0.0,
     connect_rate: Annotated[float, typer.Option("--connect-rate", help="new connections per second")] = 500.0,
     timeout: Annotated[float, typer.Option("--timeout", help="max seconds per client stream")] = 300.0,
+    gateways: Annotated[int, typer.Option("--gateways", help="gateway processes sharing the port")] = 1,
     name: NameOpt = "",
     out: OutOpt = None,
 ) -> None:
-    """SSE fan-out of one (private) gateway process: delivery latency, memory and Redis connections."""
+    """SSE fan-out of (private) gateway processes: delivery latency, memory and Redis connections."""
     from bench.micro_fanout import FanoutConfig, run_fanout
 
-    cfg = FanoutConfig(clients=clients, rate=rate, connect_rate=connect_rate, timeout_s=timeout, name=name)
+    cfg = FanoutConfig(
+        clients=clients, rate=rate, connect_rate=connect_rate, timeout_s=timeout, name=name, gateways=gateways
+    )
     _finish(_run(run_fanout(get_settings(), cfg, typer.echo)), out)
+
+
+@bench_app.command("peer")
+def peer(
+    clients: Annotated[int, typer.Option("--clients", help="concurrent SSE clients")] = 10_000,
+    rates: Annotated[str, typer.Option("--rates", help="events/s in total, comma-separated")] = "1000,6667",
+    gateways: Annotated[int, typer.Option("--gateways", help="gateway processes sharing the port")] = 1,
+    build: Annotated[
+        bool, typer.Option("--build", help="go install the pinned Centrifugo into .local/bin first")
+    ] = False,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """The fan-out benchmark against the gateway and against Centrifugo, side by side (never in
+    `make test`; skipped with a message where Centrifugo is missing and Go cannot build it)."""
+    from bench.peer import (
+        PeerConfig,
+        PeerMissing,
+        build_centrifugo,
+        centrifugo_binary,
+        missing_peer_message,
+        run_peer,
+    )
+
+    s = get_settings()
+    try:
+        if build and centrifugo_binary(s) is None:
+            build_centrifugo(s, typer.echo)
+    except PeerMissing as exc:
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(0) from exc
+    cfg = PeerConfig(
+        clients=clients, rates=tuple(float(r) for r in rates.split(",") if r), gateways=gateways, name=name
+    )
+    if centrifugo_binary(s) is None:
+        typer.secho(missing_peer_message(), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(0)
+    _finish(_run(run_peer(s, cfg, typer.echo, out)), out)
 
 
 @bench_app.command("chaos")

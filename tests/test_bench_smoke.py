@@ -137,6 +137,92 @@ async def test_wire_reads_chunked_sse_split_anywhere_and_keepalive_responses() -
         await server.wait_closed()
 
 
+async def test_centrifugo_client_reads_connect_pings_and_publications() -> None:
+    """The peer run's Centrifugo client (bench/peer.py): the connect command travels in
+    `cf_connect`, the connect reply counts as streaming, pings and joins are skipped, and each
+    publication's data is an event, up to the terminal one."""
+    pushes = [{"connect": {"client": "c", "subs": {"j": {}}}}, {}, {"channel": "j", "join": {"info": {}}}]
+    pushes += [
+        {
+            "channel": "j",
+            "pub": {"data": {"job_id": "j", "seq": seq, "ts": 1.0, "stage": "x", "status": "started"}},
+        }
+        for seq in EXPECTED_SEQS[1:-1]
+    ]
+    pushes.append({"channel": "j", "pub": {"data": {"job_id": "j", "seq": 51, "ts": 1.0, "stage": "done"}}})
+    raw = "".join(f"data: {json.dumps(p)}\n\n" for p in pushes).encode()
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n" + raw)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connects: list[int] = []
+    try:
+        f = await wire.follow_centrifugo(
+            "127.0.0.1", port, "tok.en", timeout_s=5, on_connect=lambda: connects.append(1)
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert heads[0].startswith(b"GET /connection/uni_sse?cf_connect=%7B%22token%22%3A%20%22tok.en%22%7D ")
+    assert connects == [1] and f.seqs == EXPECTED_SEQS[1:] and f.terminal is not None and f.error is None
+
+
+def test_peer_report_side_by_side_and_skip_without_centrifugo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer comparison's ratios, verdicts and files; and where no Centrifugo is installed it
+    is found missing (the CLI then skips, exit 0) instead of failing half-way."""
+    from bench import peer
+    from bench.report import write
+
+    rows = [
+        {
+            "server": name,
+            "processes": n,
+            "rate": rate,
+            "achieved": rate,
+            "streaming": 10,
+            "finished": 10,
+            "p50_ms": p99 / 4,
+            "p99_ms": p99,
+            "lost": 0,
+            "duplicated": 0,
+            "kib_per_connection": 40.0,
+            "cpu_pct": cpu,
+            "cpu_ms_per_1000_events": cpu,
+        }
+        for name, n, rate, p99, cpu in [
+            ("gateway", 2, 1000.0, 30.0, 90.0),
+            ("centrifugo", 1, 1000.0, 10.0, 20.0),
+            ("gateway", 2, 6667.0, 80.0, 60.0),
+            ("centrifugo", 1, 6667.0, 50.0, 40.0),
+        ]
+    ]
+    rep = peer._report(peer.PeerConfig(clients=10, gateways=2), 0.0, rows, ["a.json"])
+    assert rep["results"]["ratios"] == [
+        {"rate": 1000.0, "p99_ratio": 3.0, "cpu_ratio": 4.5},
+        {"rate": 6667.0, "p99_ratio": 1.6, "cpu_ratio": 1.5},
+    ]
+    verdicts = {t["target"]: t["verdict"] for t in rep["targets"]}
+    assert verdicts["delivery p99 vs Centrifugo at 1,000 events/s"] == "MISS"
+    assert verdicts["CPU per event vs Centrifugo at 6,667 events/s"] == "PASS"
+    assert verdicts["gateway delivery p99 at 6,667 events/s"] == "PASS"
+    paths = write(rep, tmp_path)
+    assert "| gateway x2 | 6,667 (6,667) | 10 / 10 | 20.0 ms | 80.0 ms |" in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+    monkeypatch.setenv("ECO2_CENTRIFUGO_BIN", "")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert peer.centrifugo_binary(Settings(local_dir=tmp_path)) is None
+    assert peer.missing_peer_message().startswith("skipped: Centrifugo not found")
+
+
 # --- integration: each benchmark, tiny ------------------------------------------------------------
 
 
@@ -292,7 +378,10 @@ def test_router_smoke(tmp_path: Path, stack_status: dict[str, Any]) -> None:
 
 
 @integration
-def test_fanout_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, Any]) -> None:
+@pytest.mark.parametrize("gateways", [1, 2])
+def test_fanout_smoke(
+    tmp_path: Path, settings: Settings, stack_status: dict[str, Any], gateways: int
+) -> None:
     eco2(
         "bench",
         "fanout",
@@ -302,6 +391,8 @@ def test_fanout_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str
         "250",
         "--timeout",
         "60",
+        "--gateways",
+        str(gateways),
         "--name",
         "smoke-fanout",
         "--out",
@@ -310,11 +401,12 @@ def test_fanout_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str
     )
     rep = report(tmp_path, "smoke-fanout")
     r = rep["results"]
+    assert r["processes"] == gateways and r["server"] == "gateway"
     assert r["connected"] == r["finished"] == 50
     assert r["events_received"] == 50 * len(EXPECTED_SEQS)
     assert (r["lost"], r["duplicated"], r["out_of_order_clients"]) == (0, 0, 0)
     assert r["delivery_ms"]["n"] == 50 * (len(EXPECTED_SEQS) - 1)
     # Redis connections of the gateway are fixed (pool + one pub/sub), whatever the number of clients.
-    assert 1 <= r["gateway_redis_connections"]["peak"] <= settings.gateway_redis_pool + 1
+    assert gateways <= r["gateway_redis_connections"]["peak"] <= gateways * (settings.gateway_redis_pool + 1)
     assert r["gateway_kib_per_connection"] is not None
     assert verdicts(rep)["lost/duplicated events"] == "PASS"
