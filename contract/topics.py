@@ -43,7 +43,15 @@ STAGE_TOPICS: dict[str, str] = {
     "reward": REWARD,
 }
 
-_stage_config = {"retention.ms": str(7 * DAY_MS), "cleanup.policy": "delete"}
+# Retention is sized to what reads each log (docs/operations.md, "Kafka disk"): a stage topic is
+# read within seconds and kept through a long weekend's outage of its stage; scan.events feeds the
+# Redis view's rebuild, which replays the state TTL (a day), kept three so a lost view is rebuilt
+# whole even when noticed days later. At 300 VUs around the clock that is ~26 GiB per broker with
+# zstd (7 and 14 days without compression were ~185 GiB: the 20-minute soak's MISS).
+STAGE_RETENTION_DAYS = 3
+EVENTS_RETENTION_DAYS = 3
+
+_stage_config = {"retention.ms": str(STAGE_RETENTION_DAYS * DAY_MS), "cleanup.policy": "delete"}
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(VISION, STAGE_PARTITIONS, _stage_config, "jobs waiting for image classification"),
@@ -53,8 +61,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(
         EVENTS,
         EVENTS_PARTITIONS,
-        # Kept two weeks: `eco2 state rebuild` replays it into Redis.
-        {"retention.ms": str(14 * DAY_MS), "cleanup.policy": "delete"},
+        {"retention.ms": str(EVENTS_RETENTION_DAYS * DAY_MS), "cleanup.policy": "delete"},
         "progress events, 4 shards keyed by job_id",
     ),
     TopicSpec(

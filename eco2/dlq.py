@@ -222,7 +222,11 @@ async def replay(
     failures = 0
     conn = await asyncpg.connect(s.postgres_dsn, timeout=10)
     producer = AIOKafkaProducer(
-        bootstrap_servers=s.kafka_bootstrap, enable_idempotence=True, acks="all", **s.kafka_client_kwargs()
+        bootstrap_servers=s.kafka_bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        compression_type=s.kafka_compression_type,
+        **s.kafka_client_kwargs(),
     )
     await producer.start()
     try:

@@ -270,7 +270,10 @@ def _java(s: Settings, home: Path, heap: str = "512m") -> list[str]:
 
 def _kafka_argv(s: Settings, node: KafkaNode) -> list[str]:
     heap = s.kafka_heap or ("768m" if node.count == 1 else "512m")
-    return [*_java(s, install.kafka_home(s), heap), "kafka.Kafka", str(_kafka_config(s, node))]
+    # AlwaysPreTouch: the heap is touched at start, so the broker's RSS is its heap from the first
+    # second instead of creeping up for an hour as G1 first uses each region (the soak's MISS).
+    java = [*_java(s, install.kafka_home(s), heap), "-XX:+AlwaysPreTouch"]
+    return [*java, "kafka.Kafka", str(_kafka_config(s, node))]
 
 
 async def create_topics(s: Settings) -> list[str]:
@@ -342,11 +345,13 @@ def redis_argv(host: str, port: int, data: Path) -> list[str]:
 
     AOF with an fsync every second: a clean restart keeps everything (memo and idempotency keys
     included) and a crash loses at most about a second of writes; the view of `scan.events` heals
-    itself either way (streams/heal.py). See docs/operations.md."""
+    itself either way (streams/heal.py). No RDB snapshots, as in `deploy/redis/redis.yaml`: with AOF
+    they add nothing to recovery, and their fork and full dump every minute under load cost 2-6 ms
+    of CPU per scan (docs/benchmarks.md). See docs/operations.md."""
     return [
         "redis-server",
         *("--bind", host, "--port", str(port), "--dir", str(data)),
-        *("--save", "60 1000", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no"),
+        *("--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no"),
         *("--maxclients", "20000", "--protected-mode", "no"),
     ]
 

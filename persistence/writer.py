@@ -86,6 +86,7 @@ class Writer:
             bootstrap_servers=s.kafka_bootstrap,
             enable_idempotence=True,
             acks="all",
+            compression_type=s.kafka_compression_type,
             **s.kafka_client_kwargs(),
         )
         await self._hold("kafka producer start", self._producer.start)

@@ -49,6 +49,7 @@ class JobWriter:
             enable_idempotence=True,
             acks="all",
             linger_ms=0,
+            compression_type=self.s.kafka_compression_type,
             transactional_id=f"{self.prefix}-{i}",
             request_timeout_ms=10000,
             **self.s.kafka_client_kwargs(),

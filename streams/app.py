@@ -112,6 +112,7 @@ def create_app(app_id: str, s: Settings, fetch: tuple[int, int] | None = None) -
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, s.stage_concurrency * 4),
         producer_linger=s.kafka_linger_ms / 1000.0,
+        producer_compression_type=s.kafka_compression_type,
         logging_config=None,
     )
     app.eco2_consumer_overrides = consumer_overrides(s, fetch)  # type: ignore[attr-defined]

@@ -6,10 +6,12 @@ import asyncio
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -124,6 +126,59 @@ def test_events_readable_with_kcat(settings: Settings, zero_latency_model: str, 
     assert all(r[1].startswith("traceparent=00-") for r in rows)
     trace_ids = {r[1].split("-")[1] for r in rows}
     assert len(trace_ids) == 1, "every stage must continue the same trace"
+
+
+def _batches(segment: Path) -> list[tuple[int, int]]:
+    """(attributes, max timestamp) of every record batch (format v2) in a Kafka log segment."""
+    data, out, pos = segment.read_bytes(), [], 0
+    while pos + 61 <= len(data):
+        (length,) = struct.unpack_from(">i", data, pos + 8)
+        (attributes,) = struct.unpack_from(">h", data, pos + 21)
+        (max_ts,) = struct.unpack_from(">q", data, pos + 35)
+        out.append((attributes, max_ts))
+        pos += 12 + length
+    return out
+
+
+def test_records_are_stored_compressed(settings: Settings, zero_latency_model: str, uid: str):
+    """Issue 16: Kafka's logs at retention. Every batch the API and the stage workers wrote for a
+    scan is stored zstd-compressed (codec 4 in the batch attributes); control batches (transaction
+    markers) are never compressed."""
+    from eco2.stack import data_dir
+
+    t0 = int(time.time() * 1000)
+
+    async def one() -> str:
+        async with httpx.AsyncClient(base_url=settings.api_url, timeout=30) as http:
+            job_id = (await submit(http, img("glass_bottle-jar", uid), f"user-{uid}"))["job_id"]
+            await job_events(settings, [job_id], since())
+            return str(job_id)
+
+    job_id = asyncio.run(one())
+    logs = data_dir(settings) / "kafka" / "logs"
+    dirs = [logs / f"{EVENTS}-{shard_of(job_id)}"]
+    dirs += [
+        logs / f"{topic}-{partition_for(job_id, BY_NAME[topic].partitions)}"
+        for topic in STAGE_TOPICS.values()
+    ]
+    for d in dirs:
+        assert d.is_dir(), f"no log directory {d} (the local stack's single node keeps them here)"
+        new = [(a, ts) for seg in sorted(d.glob("*.log")) for a, ts in _batches(seg) if ts >= t0]
+        data = [a for a, _ in new if not a & 0x20]
+        assert data, f"no batch written to {d.name} since the scan started"
+        codecs = {a & 0x07 for a in data}
+        assert codecs == {4}, f"{d.name}: batch codecs {codecs} (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd)"
+
+
+@pytest.mark.parametrize("component", ["workers", "router", "writer"])
+def test_kafka_side_processes_run_on_uvloop(settings: Settings, stack_status, component: str):
+    """Issue 13: the stage workers, router and writer run on uvloop (as uvicorn runs the API and
+    gateway); asyncio's selector loop cost them a large share of their CPU per scan."""
+    port = getattr(settings, f"{component}_metrics_port")
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'eco2_event_loop_info{loop="uvloop"} 1.0' in text, [
+        line for line in text.splitlines() if "event_loop" in line
+    ]
 
 
 async def test_every_rule_category_and_the_fallback(api: httpx.AsyncClient, settings: Settings, uid: str):

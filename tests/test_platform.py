@@ -126,6 +126,23 @@ async def test_redis_round_trip(settings: Settings, stack_status, uid):
         await r.aclose()
 
 
+async def test_redis_persists_as_the_manifest_does(settings: Settings, stack_status):
+    """The local Redis runs with the persistence of `deploy/redis/redis.yaml` (AOF every second,
+    no RDB snapshots): what the benchmarks measure is what Kubernetes runs."""
+    import yaml
+
+    manifest = Path(__file__).parent.parent / "deploy" / "redis" / "redis.yaml"
+    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d and d["kind"] == "StatefulSet"]
+    argv = docs[0]["spec"]["template"]["spec"]["containers"][0]["command"]
+    want = {name: argv[argv.index(f"--{name}") + 1] for name in ("appendonly", "appendfsync", "save")}
+    r = aioredis.from_url(settings.redis_url)
+    try:
+        got = {name: (await r.config_get(name))[name] for name in want}
+    finally:
+        await r.aclose()
+    assert got == want
+
+
 async def test_postgres_round_trip(settings: Settings, stack_status, uid):
     conn = await asyncpg.connect(settings.postgres_dsn)
     try:
@@ -194,6 +211,21 @@ def test_status_json_names_every_service(stack_status):
     assert {"kafka", "redis", "postgres"} <= set(stack_status)
     assert stack_status["postgres"]["url"].startswith("postgresql://")
     assert ":" in stack_status["kafka"]["url"] and "//" not in stack_status["kafka"]["url"]
+
+
+def test_broker_heap_is_resident_from_the_start(settings: Settings, stack_status):
+    """Issue 16: the soak saw a fresh broker's RSS climb +313 MiB/h as G1 first used its heap.
+    With AlwaysPreTouch the heap is resident at start, so RSS is flat from the first sample."""
+    from eco2 import stack
+
+    pid = stack.read_pid(settings, stack.find("kafka"))
+    assert pid is not None, "the stack's broker is not running"
+    heap_mib = int((settings.kafka_heap or "768m").rstrip("m"))
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_mib = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+    assert rss_mib >= heap_mib, (
+        f"broker RSS {rss_mib:.0f} MiB < its {heap_mib} MiB heap: heap not pre-touched"
+    )
 
 
 def test_up_is_idempotent(stack_status):

@@ -30,3 +30,14 @@ def test_partition_for_is_the_java_murmur2_partitioner():
         assert partition_for(key, 4) == (java_hash & 0x7FFFFFFF) % 4
         assert partition_for(key, 12) == (java_hash & 0x7FFFFFFF) % 12
     assert shard_of("foobar") == (-790332482 & 0x7FFFFFFF) % 4
+
+
+def test_events_retention_covers_the_view_rebuild_window():
+    """A lost Redis view is rebuilt by replaying `scan.events` over the rebuild window (the state
+    TTL by default): the topic must still hold that window, with margin to notice the loss."""
+    from contract.settings import Settings
+
+    s = Settings()
+    window_ms = (s.rebuild_window_s or s.state_ttl_s) * 1000
+    keep_ms = int({t.name: t for t in TOPICS}[EVENTS].config["retention.ms"])
+    assert keep_ms >= 2 * window_ms, f"scan.events keeps {keep_ms} ms, the rebuild replays {window_ms} ms"
