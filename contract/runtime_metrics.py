@@ -42,9 +42,6 @@ def track_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Export `eco2_asyncio_tasks` for `loop` (default: the running one). Idempotent."""
     global _collector
     loop = loop or asyncio.get_running_loop()
-    from .event_loop import export
-
-    export(loop)
     with _lock:
         if _collector is None:
             _collector = _LoopTasks()

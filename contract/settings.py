@@ -84,9 +84,6 @@ class Settings(BaseSettings):
     stage_max_retries: int = 3
     retry_backoff_s: float = 0.5
     metrics_port: int = 9100  # 0 disables the Prometheus endpoint
-    event_loop: Literal["uvloop", "asyncio"] = (
-        "uvloop"  # stage workers, router, writer (contract/event_loop.py)
-    )
     # Local stack: processes per component. Workers share one consumer group (same ECO2_STAGES),
     # routers share eco2-router, gateways share the gateway port (SO_REUSEPORT). Process i > 1
     # serves its metrics on the component's metrics port + 10 * (i - 1).

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import signal
 
-from contract import event_loop
 from contract.runtime_metrics import track_event_loop
 from contract.settings import get_settings
 from streams.health import serve
@@ -31,7 +30,6 @@ async def _run() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    event_loop.use(get_settings())
     asyncio.run(_run())
 
 

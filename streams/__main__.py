@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 
-from contract import event_loop
 from contract.events import PIPELINE
 from contract.runtime_metrics import track_event_loop
 from contract.settings import get_settings
@@ -26,7 +25,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     s = get_settings()
-    event_loop.use(s)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     quiet_noisy_loggers()
     if args.role == "worker":

@@ -170,17 +170,6 @@ def test_records_are_stored_compressed(settings: Settings, zero_latency_model: s
         assert codecs == {4}, f"{d.name}: batch codecs {codecs} (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd)"
 
 
-@pytest.mark.parametrize("component", ["workers", "router", "writer"])
-def test_kafka_side_processes_run_on_uvloop(settings: Settings, stack_status, component: str):
-    """Issue 13: the stage workers, router and writer run on uvloop (as uvicorn runs the API and
-    gateway); asyncio's selector loop cost them a large share of their CPU per scan."""
-    port = getattr(settings, f"{component}_metrics_port")
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    assert 'eco2_event_loop_info{loop="uvloop"} 1.0' in text, [
-        line for line in text.splitlines() if "event_loop" in line
-    ]
-
-
 async def test_every_rule_category_and_the_fallback(api: httpx.AsyncClient, settings: Settings, uid: str):
     t0 = since()
     user = f"user-{uid}"
