@@ -220,7 +220,8 @@ def test_broker_heap_is_resident_from_the_start(settings: Settings, stack_status
 
     pid = stack.read_pid(settings, stack.find("kafka"))
     assert pid is not None, "the stack's broker is not running"
-    heap_mib = int((settings.kafka_heap or "768m").rstrip("m"))
+    heap = (settings.kafka_heap or "768m").lower()
+    heap_mib = int(heap[:-1]) * (1024 if heap.endswith("g") else 1)
     status = Path(f"/proc/{pid}/status").read_text()
     rss_mib = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
     assert rss_mib >= heap_mib, (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -107,6 +108,47 @@ async def test_page_with_someone_elses_token_shows_a_refused_stream(
     assert "stream refused" in (await page.text_content("#status") or "")
     assert await page.evaluate("window.eco2Log") == []
     await delete_jobs(settings, [j.job_id])
+
+
+async def test_page_reopens_its_stream_after_a_503_and_shows_each_event_once(
+    settings: Settings, page: Page, uid: str
+) -> None:
+    """While the Redis view is rebuilt the gateway holds a new stream, then answers 503 +
+    Retry-After, and a browser's EventSource gives up on any non-200 answer. The page asks why,
+    waits Retry-After and reopens; the reopened stream replays the history, shown once."""
+    import redis.asyncio as aioredis
+
+    from contract import keys
+    from streams import view
+    from streams.state import StateStore
+
+    from .gateway_support import gateway_proc, isolated_redis_url, wait_ready
+
+    url = isolated_redis_url(settings, db=7)  # a view of its own: only this test marks it
+    r = aioredis.from_url(url)
+    j = job(uid)
+    proc = gateway_proc(settings, ECO2_REDIS_URL=url, ECO2_VIEW_WAIT_S="0.5")
+    proc.start()
+    try:
+        await StateStore(r, settings.state_ttl_s).apply(full_events(j))
+        rid = await view.run_id(r)
+        await r.hset(keys.VIEW, mapping={"status": "rebuilding", "run_id": rid, "epoch": uid})  # type: ignore[misc]
+        base = await wait_ready(proc)
+        await page.goto(f"{base}/?job={j.job_id}&token={stream_token.issue(settings, j.job_id, uid)}")
+        deadline = asyncio.get_running_loop().time() + 20
+        while "retrying" not in (status := await page.text_content("#status") or ""):
+            assert asyncio.get_running_loop().time() < deadline, f"no retry shown; status {status!r}"
+            await asyncio.sleep(0.1)
+        assert "HTTP 503" in status and await page.evaluate("window.eco2Log") == []
+        await view.mark_ready(r)  # the rebuild is over
+        await watch_progress(page, 30)
+        assert await page.get_attribute("body", "data-state") == "done"
+        log = await page.evaluate("window.eco2Log")
+        assert log == [f"{e.stage}:{e.status}" for e in full_events(j)], log
+    finally:
+        proc.kill(signal.SIGTERM)
+        await r.flushdb()
+        await r.aclose()
 
 
 async def test_page_submits_a_real_scan(
