@@ -423,6 +423,32 @@ def test_allow_list_setting(uid: str):
         check_image_url("https://cdn.eco2.app.evil.com/a.jpg", s)
 
 
+async def test_overlap_check_sees_every_other_live_stage_group(settings: Settings, stack_status, uid: str):
+    """Two other live groups running `rule` are both reported (a DescribeGroups request for
+    several groups failed to decode with aiokafka 0.14 and Kafka 4: the check silently saw none)."""
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.groups import overlapping_groups
+
+    names = [f"eco2-stage-rule-t{uid}{k}" for k in "ab"]
+    # Members are what the check counts, not the topic: a quiet one, read from its end.
+    consumers = [
+        AIOKafkaConsumer("scan.persistence.dlq", bootstrap_servers=settings.kafka_bootstrap, group_id=name)
+        for name in names
+    ]
+    try:
+        for c in consumers:
+            await c.start()
+        deadline = time.monotonic() + 60
+        while not all(c.assignment() for c in consumers):  # joined: members of live groups
+            assert time.monotonic() < deadline, "test consumers never got their partitions"
+            await asyncio.sleep(0.2)
+        assert await overlapping_groups(settings, ["rule"]) == sorted(names)
+    finally:
+        for c in consumers:
+            await c.stop()
+
+
 def test_worker_runs_a_subset_of_stages():
     """`--stages` picks agents; unknown stage names are refused with a clear message."""
     out = subprocess.run(
