@@ -443,7 +443,8 @@ async def test_overlap_check_sees_every_other_live_stage_group(settings: Setting
         while not all(c.assignment() for c in consumers):  # joined: members of live groups
             assert time.monotonic() < deadline, "test consumers never got their partitions"
             await asyncio.sleep(0.2)
-        assert await overlapping_groups(settings, ["rule"]) == sorted(names)
+        found = await overlapping_groups(settings, ["rule"])  # the stack's own worker group too
+        assert set(names) <= set(found), found
     finally:
         for c in consumers:
             await c.stop()
