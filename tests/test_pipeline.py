@@ -87,17 +87,21 @@ async def test_scan_end_to_end_events_in_seq_order(api: httpx.AsyncClient, setti
     assert result["reward"] == done["reward"]
 
 
-def test_events_readable_with_kcat(settings: Settings, zero_latency_model: str, uid: str):
-    """Every message is plain JSON keyed by job id, with a traceparent header, readable by kcat."""
-    user = f"user-{uid}"
+def scan_to_the_end(settings: Settings, uid: str) -> str:
+    """One scan through the real API, waited for until its events are all in Kafka; its job id."""
 
     async def one() -> str:
         async with httpx.AsyncClient(base_url=settings.api_url, timeout=30) as http:
-            job_id = (await submit(http, img("glass_bottle-jar", uid), user))["job_id"]
+            job_id = (await submit(http, img("glass_bottle-jar", uid), f"user-{uid}"))["job_id"]
             await job_events(settings, [job_id], since())
             return str(job_id)
 
-    job_id = asyncio.run(one())
+    return asyncio.run(one())
+
+
+def test_events_readable_with_kcat(settings: Settings, zero_latency_model: str, uid: str):
+    """Every message is plain JSON keyed by job id, with a traceparent header, readable by kcat."""
+    job_id = scan_to_the_end(settings, uid)
     out = subprocess.run(
         [
             "kcat",
@@ -148,13 +152,7 @@ def test_records_are_stored_compressed(settings: Settings, zero_latency_model: s
 
     t0 = int(time.time() * 1000)
 
-    async def one() -> str:
-        async with httpx.AsyncClient(base_url=settings.api_url, timeout=30) as http:
-            job_id = (await submit(http, img("glass_bottle-jar", uid), f"user-{uid}"))["job_id"]
-            await job_events(settings, [job_id], since())
-            return str(job_id)
-
-    job_id = asyncio.run(one())
+    job_id = scan_to_the_end(settings, uid)
     logs = data_dir(settings) / "kafka" / "logs"
     dirs = [logs / f"{EVENTS}-{shard_of(job_id)}"]
     dirs += [
