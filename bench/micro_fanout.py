@@ -8,6 +8,14 @@ through `StateStore.apply` (what the router does: history, state, PUBLISH) at `r
 total, stage by stage across all jobs, each event's `ts` set just before it is applied. The same
 run against Centrifugo (the same clients and events through its server API) is bench/peer.py.
 
+With `streams` > 1 the streams end as real ones do (churn): each client follows one job to its
+terminal event, its stream closes, and it opens a new one for its next job, whose `queued` state
+was applied just before the previous job's terminal event; `streams` jobs per client in all, the
+events of every client's current job applied round by round at `rate`. Reported beside the rest:
+streams opened per second, the gateway's CPU per stream (open, 10 events, close), and stalls:
+spans over 50 ms in which an applied event waited and no client received anything (a server
+pausing every stream, e.g. for a garbage collection; or the generator, whose loop lag is beside).
+
 Measured: delivery latency (event ts -> client receipt, same clock), lost/duplicated events per
 client, the gateway's memory per connection (VmRSS before and after the clients connected), its
 Redis connections (`CLIENT LIST` entries named after its pid: fixed, whatever N), its CPU, and the
@@ -36,6 +44,7 @@ from .stats import CpuMeter, LoopLag, machine, percentile, quiet_gc, rss_kib, su
 
 TARGET_CLIENTS = 10_000
 TARGET_P99_MS = 100.0
+STALL_MS = 50.0  # churn: no gap in the merged delivery longer than this
 EVENTS_PER_JOB = 10
 JOB_SECONDS = 15.0  # the original's model time per job: a live job emits its 10 events over ~15 s
 
@@ -48,6 +57,7 @@ class FanoutConfig:
     timeout_s: float = 300.0
     name: str = ""
     gateways: int = 1  # gateway processes sharing the port (SO_REUSEPORT)
+    streams: int = 1  # jobs each client follows one after the other (> 1: streams that end)
 
     @property
     def events_per_s(self) -> float:
@@ -84,6 +94,9 @@ class Fanout:
         self.streaming = 0
         self.events = 0
         self.publishing = False
+        self.last_received = 0.0
+        self.stalls: list[float] = []  # stalls over STALL_MS while publishing (see on_event)
+        self.max_gap = 0.0
 
     def connected(self) -> None:
         self.streaming += 1
@@ -91,11 +104,21 @@ class Fanout:
     def on_event(self, ev: dict[str, Any], received: float) -> None:
         self.events += 1
         if int(ev["seq"]) == 1:
-            self.streaming += 1  # its first event: the queued one, read from history
+            self.streaming += 1  # a stream's first event: the queued one, read from history
             return
         lat = received - float(ev["ts"])
         self.delivery.append(lat)
         self.recent.append((time.monotonic(), lat))
+        if self.publishing:
+            # How long nothing at all was delivered while this event was waiting: since it was
+            # applied or since the previous delivery, whichever is later. The publisher's pacing
+            # (idle between batches) does not count; a server pausing every stream does.
+            gap = received - max(float(ev["ts"]), self.last_received)
+            if gap > self.max_gap:
+                self.max_gap = gap
+            if gap * 1000 > STALL_MS:
+                self.stalls.append(gap)
+            self.last_received = max(self.last_received, received)
 
 
 @contextlib.asynccontextmanager
@@ -107,7 +130,8 @@ async def gateway_server(s: Settings, cfg: FanoutConfig, run: str) -> AsyncItera
             "ECO2_GATEWAY_PORT": str(port),
             "ECO2_GATEWAY_PROCESSES": str(cfg.gateways),
             "ECO2_REDIS_URL": redis_url,
-            "ECO2_MAX_CONNECTIONS": str(cfg.clients + 100),
+            # A client's next stream may open before the gateway has released its last one.
+            "ECO2_MAX_CONNECTIONS": str(cfg.clients * (2 if cfg.streams > 1 else 1) + 100),
             "ECO2_MAX_STREAM_S": str(cfg.timeout_s + 60),
         }
         procs = [
@@ -170,9 +194,14 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
             f"{cfg.clients} clients need more open files than this process may have ({nofile})"
         )
     started = time.time()
-    jobs = [synthetic.job(run, n, user=f"bench-{run}-{n}") for n in range(cfg.clients)]
+    streams = max(cfg.streams, 1)
+    # jobs[i][q]: client i's q-th job (one user per client, as one phone scans one item after another)
+    jobs = [
+        [synthetic.job(run, i * streams + q, user=f"bench-{run}-{i}") for q in range(streams)]
+        for i in range(cfg.clients)
+    ]
     fan = Fanout(cfg)
-    tasks: list[asyncio.Task[wire.Follow]] = []
+    tasks: list[asyncio.Task[list[wire.Follow]]] = []
     series: list[dict[str, Any]] = []
     meter = CpuMeter()
     lag = LoopLag()
@@ -182,8 +211,8 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
     try:
         rss0 = _rss(pids)
         conns0 = await conns() if conns else None
-        evs = [synthetic.events(j) for j in jobs]
-        await server.prepare(evs)
+        evs = [[synthetic.events(j) for j in mine] for mine in jobs]
+        await server.prepare([mine[0] for mine in evs])
         quiet_gc()
         lag.start()
         sampler = asyncio.create_task(_sample(fan, tasks, server, meter, lag, series))
@@ -195,8 +224,8 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         t_conn = time.monotonic()
         per_tick = max(int(cfg.connect_rate / 10), 1)
         for k in range(0, len(jobs), per_tick):
-            for j in jobs[k : k + per_tick]:
-                tasks.append(asyncio.create_task(server.follow(j, fan)))
+            for mine in jobs[k : k + per_tick]:
+                tasks.append(asyncio.create_task(_client(server, mine, fan)))
             await asyncio.sleep(0.1)
         deadline = time.monotonic() + 60.0
         while (
@@ -214,27 +243,36 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         )
 
         rate = cfg.events_per_s
-        say(f"fanout: applying {cfg.clients * (EVENTS_PER_JOB - 1):,} events at {rate:,.0f}/s")
+        live = cfg.clients * streams * (EVENTS_PER_JOB - 1)
+        say(
+            f"fanout: applying {live:,} events at {rate:,.0f}/s"
+            + (f", {streams} streams per client one after the other" if streams > 1 else "")
+        )
         fan.publishing = True
         cpu_gw0, cpu_all0 = _cpu(pids), _cpu(every)
         t_pub = time.monotonic()
         sent = 0
         step = max(int(rate * 0.05), 1)  # events per Redis round trip: 20 round trips a second
-        for k in range(1, EVENTS_PER_JOB):
-            for j0 in range(0, len(jobs), step):
-                batch: list[ScanEvent] = []
-                now = time.time()
-                for e in evs[j0 : j0 + step]:
-                    e[k].ts = now
-                    batch.append(e[k])
-                await server.publish(batch)
-                sent += len(batch)
-                ahead = t_pub + sent / rate - time.monotonic()
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
+        for q in range(streams):
+            for k in range(1, EVENTS_PER_JOB):
+                for j0 in range(0, len(jobs), step):
+                    batch: list[ScanEvent] = []
+                    now = time.time()
+                    for client_evs in evs[j0 : j0 + step]:
+                        if k == EVENTS_PER_JOB - 1 and q + 1 < streams:
+                            batch.append(client_evs[q + 1][0])  # the next scan is queued before this ends
+                        e = client_evs[q][k]
+                        e.ts = now
+                        batch.append(e)
+                    await server.publish(batch)
+                    sent += len(evs[j0 : j0 + step])  # live events only: rate is theirs
+                    ahead = t_pub + sent / rate - time.monotonic()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
         publish_s = time.monotonic() - t_pub
         done, pending = await asyncio.wait(tasks, timeout=60.0)
         fan.publishing = False
+        opened = fan.streaming  # every stream's first event (or connect reply) counts it
         gw_cpu = _cpu(pids) - cpu_gw0
         all_cpu = _cpu(every) - cpu_all0
         rss2 = _rss(pids)
@@ -249,7 +287,7 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
             await lag.stop()
             await asyncio.gather(sampler, return_exceptions=True)
 
-    follows = [t.result() for t in done if not t.cancelled() and t.exception() is None]
+    follows = [f for t in done if not t.cancelled() and t.exception() is None for f in t.result()]
     finished = [f for f in follows if f.terminal is not None]
     first = [] if server.history_on_connect else [1]  # the connect reply stands for seq 1
     checks = [check_seqs(first + f.seqs, None) for f in finished]
@@ -264,7 +302,13 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         "connected": connected,
         "connect_s": round(connect_s, 1),
         "finished": len(finished),
-        "unfinished": len(pending) + len(follows) - len(finished),
+        "unfinished": cfg.clients * streams - len(finished),
+        "streams_per_client": streams,
+        "streams_opened": opened,
+        "streams_per_s": round(opened / publish_s, 1) if streams > 1 and publish_s > 0 else None,
+        "gateway_cpu_ms_per_stream": round(1000 * gw_cpu / opened, 3) if streams > 1 and opened else None,
+        "stalls_over_50ms": len(fan.stalls),
+        "max_delivery_gap_ms": round(fan.max_gap * 1000, 1),
         "errors": dict(errors.most_common(5)),
         "events_applied": sent,
         "apply_rate_target": round(rate, 1),
@@ -275,6 +319,7 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         "duplicated": sum(c["duplicated"] for c in checks),
         "out_of_order_clients": sum(c["out_of_order"] for c in checks),
         "reconnects": sum(f.reconnects for f in follows),
+        "refusals": dict(collections.Counter(str(code) for f in follows for code, _ in f.refusals)),
         "server": server.name,
         "processes": len(pids),
         "gateway_rss_mib": {
@@ -305,9 +350,11 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         },
         {
             "target": "all clients served",
-            "goal": f"{cfg.clients:,} streaming and finished",
+            "goal": f"{cfg.clients:,} streaming and {cfg.clients * streams:,} streams finished",
             "measured": f"{connected:,} / {len(finished):,}",
-            "verdict": "PASS" if connected == cfg.clients == len(finished) else "MISS",
+            "verdict": "PASS"
+            if connected == cfg.clients and len(finished) == cfg.clients * streams
+            else "MISS",
         },
         {
             "target": "delivery p99",
@@ -315,6 +362,18 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
             "measured": None if p99 is None else f"{p99:.1f} ms",
             "verdict": "n/a" if p99 is None else ("PASS" if p99 <= TARGET_P99_MS else "MISS"),
         },
+        *(
+            [
+                {
+                    "target": "no stall (an event waiting while no client received anything)",
+                    "goal": f"<= {STALL_MS:g} ms",
+                    "measured": f"{fan.max_gap * 1000:.1f} ms ({len(fan.stalls)} over)",
+                    "verdict": "PASS" if not fan.stalls else "MISS",
+                }
+            ]
+            if streams > 1
+            else []
+        ),
         {
             "target": "lost/duplicated events",
             "goal": "0",
@@ -323,10 +382,11 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         },
     ]
     who = server.name if len(pids) == 1 else f"{len(pids)} {server.name} processes"
+    churn = f", {streams} streams each, one after the other" if streams > 1 else ""
     return {
         "kind": "fanout",
         "name": cfg.name or f"fanout-{cfg.clients}",
-        "title": f"SSE fan-out: {cfg.clients:,} clients on {who}",
+        "title": f"SSE fan-out: {cfg.clients:,} clients{churn} on {who}",
         "description": __doc__,
         "started_at": started,
         "config": {**asdict(cfg), "events_per_s": round(rate, 1)},
@@ -335,7 +395,7 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         "targets": targets,
         "series": series,
         "panels": [
-            ("clients", [("streaming", "streaming clients"), ("open", "open streams")]),
+            ("clients", [("open", "clients streaming"), ("right:streams_per_s", "streams opened/s")]),
             ("events/s", [("events_per_s", "events delivered")]),
             (
                 "delivery",
@@ -354,9 +414,20 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
     }
 
 
+async def _client(server: Server, jobs: list[ScanJob], fan: Fanout) -> list[wire.Follow]:
+    """One client: its jobs' streams one after the other, each opened once the last one ended."""
+    follows: list[wire.Follow] = []
+    for j in jobs:
+        f = await server.follow(j, fan)
+        follows.append(f)
+        if f.terminal is None:
+            break  # its error is reported; the rest of its jobs count as unfinished
+    return follows
+
+
 async def _sample(
     fan: Fanout,
-    tasks: list[asyncio.Task[wire.Follow]],
+    tasks: list[asyncio.Task[list[wire.Follow]]],
     server: Server,
     meter: CpuMeter,
     lag: LoopLag,
@@ -364,7 +435,7 @@ async def _sample(
 ) -> None:
     t0 = time.monotonic()
     lag_at = 0
-    last_events = 0
+    last_events = last_streams = 0
     last_cpu = _cpu(server.pids)
     while True:
         await asyncio.sleep(1.0)
@@ -381,6 +452,7 @@ async def _sample(
                 "t": round(now - t0, 1),
                 "streaming": fan.streaming,
                 "open": sum(1 for t in tasks if not t.done()),
+                "streams_per_s": fan.streaming - last_streams,
                 "events_per_s": fan.events - last_events,
                 "p50_ms": _round(percentile(lats, 50)),
                 "p99_ms": _round(percentile(lats, 99)),
@@ -392,7 +464,7 @@ async def _sample(
                 "machine_cpu_pct": box,
             }
         )
-        last_events, last_cpu = fan.events, cpu
+        last_events, last_cpu, last_streams = fan.events, cpu, fan.streaming
 
 
 def _round(x: float | None) -> float | None:

@@ -160,6 +160,7 @@ class PeerConfig:
     clients: int = 10_000
     rates: tuple[float, ...] = RATES
     gateways: int = 1
+    streams: int = 1  # > 1: streams that end (see FanoutConfig.streams)
     connect_rate: float = 500.0
     timeout_s: float = 300.0
     name: str = ""
@@ -183,7 +184,9 @@ async def run_peer(s: Settings, cfg: PeerConfig, say: Any = print, out: Path | N
                 connect_rate=cfg.connect_rate,
                 timeout_s=cfg.timeout_s,
                 gateways=cfg.gateways,
-                name=f"peer-{label}-{cfg.clients}-{int(rate)}eps",
+                streams=cfg.streams,
+                name=f"peer-{label}-{cfg.clients}-{int(rate)}eps"
+                + (f"-churn{cfg.streams}" if cfg.streams > 1 else ""),
             )
             say(f"peer: {label} at {rate:,.0f} events/s")
             async with server_cm(s, fcfg, run) as server:

@@ -551,15 +551,24 @@ def results_section(reports: list[dict[str, Any]]) -> str:
             continue
         r = rep["results"]
         d = r["delivery_ms"]
+        churn = (r.get("streams_per_client") or 1) > 1
+        who = "one gateway" if r.get("processes", 1) == 1 else f"{r['processes']} gateway processes"
         mrows.append(
             [
-                f"SSE fan-out, one gateway, {r['clients']:,} clients",
+                f"SSE fan-out, {who}, {r['clients']:,} clients"
+                + (
+                    f", streams ending ({r['streams_per_s']:,} opened/s, "
+                    f"{_v(r['gateway_cpu_ms_per_stream'], ' ms', 2)} gateway CPU per stream, "
+                    f"max delivery gap {_v(r['max_delivery_gap_ms'], ' ms')})"
+                    if churn
+                    else ""
+                ),
                 f"{r['connected']:,} streaming; delivery p50 {_v(d['p50'], ' ms')}, "
                 f"p99 {_v(d['p99'], ' ms')} at {_v(r['apply_rate_achieved'], '', 0)} events/s; "
                 f"{_v(r['gateway_kib_per_connection'])} KiB "
                 f"per connection; {r['gateway_redis_connections']['peak']} Redis connections; "
                 f"lost/dup {r['lost']}/{r['duplicated']}",
-                " · ".join(_verdict(rep, p) for p in ("10,000", "delivery p99")),
+                " · ".join(_verdict(rep, p) for p in ("no stall" if churn else "10,000", "delivery p99")),
                 f"`{rep['_file']}`",
             ]
         )

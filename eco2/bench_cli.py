@@ -188,6 +188,15 @@ def router(
     _finish(_run(run_router(get_settings(), cfg, typer.echo)), out)
 
 
+StreamsOpt = Annotated[
+    int,
+    typer.Option(
+        "--streams",
+        help="jobs each client follows one after the other, a new stream each (> 1: streams that end)",
+    ),
+]
+
+
 @bench_app.command("fanout")
 def fanout(
     clients: Annotated[int, typer.Option("--clients", help="concurrent SSE clients")] = 10_000,
@@ -198,6 +207,7 @@ def fanout(
     connect_rate: Annotated[float, typer.Option("--connect-rate", help="new connections per second")] = 500.0,
     timeout: Annotated[float, typer.Option("--timeout", help="max seconds per client stream")] = 300.0,
     gateways: Annotated[int, typer.Option("--gateways", help="gateway processes sharing the port")] = 1,
+    streams: StreamsOpt = 1,
     name: NameOpt = "",
     out: OutOpt = None,
 ) -> None:
@@ -205,7 +215,13 @@ def fanout(
     from bench.micro_fanout import FanoutConfig, run_fanout
 
     cfg = FanoutConfig(
-        clients=clients, rate=rate, connect_rate=connect_rate, timeout_s=timeout, name=name, gateways=gateways
+        clients=clients,
+        rate=rate,
+        connect_rate=connect_rate,
+        timeout_s=timeout,
+        name=name,
+        gateways=gateways,
+        streams=streams,
     )
     _finish(_run(run_fanout(get_settings(), cfg, typer.echo)), out)
 
@@ -215,6 +231,7 @@ def peer(
     clients: Annotated[int, typer.Option("--clients", help="concurrent SSE clients")] = 10_000,
     rates: Annotated[str, typer.Option("--rates", help="events/s in total, comma-separated")] = "1000,6667",
     gateways: Annotated[int, typer.Option("--gateways", help="gateway processes sharing the port")] = 1,
+    streams: StreamsOpt = 1,
     build: Annotated[
         bool, typer.Option("--build", help="go install the pinned Centrifugo into .local/bin first")
     ] = False,
@@ -240,7 +257,11 @@ def peer(
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(0) from exc
     cfg = PeerConfig(
-        clients=clients, rates=tuple(float(r) for r in rates.split(",") if r), gateways=gateways, name=name
+        clients=clients,
+        rates=tuple(float(r) for r in rates.split(",") if r),
+        gateways=gateways,
+        streams=streams,
+        name=name,
     )
     if centrifugo_binary(s) is None:
         typer.secho(missing_peer_message(), fg=typer.colors.YELLOW, err=True)

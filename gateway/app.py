@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -62,6 +63,15 @@ async def _on_loop(fn: Callable[[], None]) -> None:
     """Runs a stream's release on the event loop: Starlette runs a plain function given as a
     BackgroundTask in a worker thread, a thread hop per stream close (issue 13's profile)."""
     fn()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What opening a stream needs to know, read in one round trip (`Gateway.snapshot`)."""
+
+    view_ready: bool
+    owner: tuple[str, int, bool] | None  # (user_id, latest seq, finished); None: unknown job
+    history: list[Item]
 
 
 class Gateway:
@@ -123,15 +133,21 @@ class Gateway:
         raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
         return [Item.parse(r) for r in raw]  # type: ignore[arg-type]
 
-    async def owner(self, job_id: str) -> tuple[str, int, bool] | None:
-        """(user_id, latest seq, finished) of a job, or None when Redis does not know it."""
-        user, seq, stage, status = await self.redis.hmget(  # type: ignore[misc]
-            keys.state(job_id), ["user_id", "seq", "stage", "status"]
-        )
-        if user is None or seq is None:
-            return None
-        finished = _text(status) == "failed" or _text(stage) in TERMINAL_STAGES
-        return _text(user), int(seq), finished
+    async def snapshot(self, job_id: str, after: int) -> Snapshot:
+        """The view's status, the job's owner and its history after `after`, as of one instant
+        (MULTI/EXEC: one round trip per stream opened, not three; issue 13's churn profile)."""
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hmget(keys.VIEW, list(view.MARKER_FIELDS))
+            p.hmget(keys.state(job_id), ["user_id", "seq", "stage", "status"])
+            p.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
+            marker, state, history = await p.execute()
+        st, _ = view.interpret(marker, self.run_id)
+        user, seq, stage, status = state
+        owner = None
+        if user is not None and seq is not None:
+            finished = _text(status) == "failed" or _text(stage) in TERMINAL_STAGES
+            owner = (_text(user), int(seq), finished)
+        return Snapshot(st == "ready" and self.view_ok, owner, [Item.parse(r) for r in history])
 
     def slot(self, release_sub: Callable[[], None]) -> Callable[[], None]:
         """Count one stream; the returned release is idempotent (generator end or response end)."""
@@ -285,30 +301,33 @@ def create_app(s: Settings | None = None) -> FastAPI:
         release = gw.slot(lambda: gw.hub.unsubscribe(sub))
         streaming = False
         try:
+            last = _last_seq(last_event_id)
             try:
+                snap = await gw.snapshot(job_id, last)
                 # A lost or rebuilding view may not know the job, or only part of its history:
                 # hold the request for the rebuild, else 503 (never a partial history as whole).
-                if not await gw.wait_view(s.view_wait_s):
-                    return _error(
-                        503,
-                        "event history is being rebuilt (or Redis is down); retry shortly",
-                        {"Retry-After": "2"},
-                    )
-                owner = await gw.owner(job_id)
-                if owner is None:  # a job just submitted may reach Redis a moment after its POST
+                view_deadline = time.monotonic() + s.view_wait_s
+                while not snap.view_ready:
+                    if not await gw.wait_view(view_deadline - time.monotonic()):
+                        return _error(
+                            503,
+                            "event history is being rebuilt (or Redis is down); retry shortly",
+                            {"Retry-After": "2"},
+                        )
+                    snap = await gw.snapshot(job_id, last)
+                if snap.owner is None:  # a job just submitted may reach Redis a moment after its POST
                     deadline = time.monotonic() + s.unknown_job_wait_s
-                    while owner is None and time.monotonic() < deadline:
+                    while snap.owner is None and time.monotonic() < deadline:
                         await sub.wait(deadline - time.monotonic())
-                        owner = await gw.owner(job_id)
-                        if owner is None:
-                            sub.drain()  # the stream reads history once it starts anyway
-                            sub.resync = False
+                        sub.drain()  # whatever came live is in the history read next
+                        sub.resync = False
+                        snap = await gw.snapshot(job_id, last)
             except RedisError as exc:
                 log.warning("state lookup of %s failed: %s", job_id, exc)
                 return _error(503, "job state unavailable; retry shortly", {"Retry-After": "1"})
+            owner = snap.owner
             if owner is None or owner[0] != uid:
                 return _error(404, "job not found")  # the same answer for someone else's job
-            last = _last_seq(last_event_id)
             if owner[2] and last >= owner[1]:
                 return Response(status_code=204)  # finished and fully delivered: EventSource stops
             stream = JobStream(
@@ -316,6 +335,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
                 last,
                 sub,
                 gw.read_history,
+                history=snap.history,
                 keepalive_s=s.keepalive_s,
                 max_stream_s=s.max_stream_s,
                 gap_wait_s=s.gap_wait_s,

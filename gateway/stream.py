@@ -49,6 +49,7 @@ class JobStream:
         sub: Subscriber,
         read_history: ReadHistory,
         *,
+        history: list[Item] | None = None,
         keepalive_s: float,
         max_stream_s: float,
         gap_wait_s: float,
@@ -64,6 +65,7 @@ class JobStream:
         self.view_ready = view_ready
         self.pending: dict[int, Item] = {}
         self.done = False
+        self.history = history  # read after subscribing, with the owner check (one round trip)
 
     async def _fill(self) -> None:
         self.sub.resync = False  # cleared before reading: a later overflow flags it again
@@ -101,7 +103,12 @@ class JobStream:
         last_write = clock()
         gap_deadline: float | None = None
         gap_read_at = -1
-        await self._fill()
+        if self.history is None:
+            await self._fill()
+        else:  # the resync flag stays: anything flagged since that read is read again below
+            for item in self.history:
+                self._add(item)
+            self.history = None
         while True:
             for item in self._ready():
                 SENT.inc()

@@ -59,10 +59,17 @@ async def run_id(redis: aioredis.Redis) -> str:
     return str(info["run_id"])
 
 
+MARKER_FIELDS = ("status", "run_id", "epoch")  # HMGET these of keys.VIEW, then `interpret`
+
+
 async def read(redis: aioredis.Redis, server_run_id: str | None = None) -> tuple[Status, str | None]:
     """The view's status and epoch (a new epoch = the view was rebuilt); with `server_run_id` (the
     caller's latest INFO), a marker written by another server run counts as lost."""
-    raw = await redis.hmget(keys.VIEW, ["status", "run_id", "epoch"])  # type: ignore[misc]
+    return interpret(await redis.hmget(keys.VIEW, list(MARKER_FIELDS)), server_run_id)  # type: ignore[misc]
+
+
+def interpret(raw: list[Any], server_run_id: str | None = None) -> tuple[Status, str | None]:
+    """`read` on the marker's MARKER_FIELDS values, for callers that fetch them in a pipeline."""
     st, rid, epoch = (_text(v) for v in raw)
     if st not in ("ready", "rebuilding"):
         return "lost", epoch

@@ -16,6 +16,7 @@ import pytest
 from bench import wire
 from bench.harness import cpu_per_job
 from bench.load import EXPECTED_SEQS, LoadConfig, check_seqs
+from bench.micro_fanout import Fanout, FanoutConfig
 from bench.report import END, START, load_reports, results_section, write_docs
 from bench.stats import percentile
 from contract.settings import Settings
@@ -377,11 +378,24 @@ def test_router_smoke(tmp_path: Path, stack_status: dict[str, Any]) -> None:
     assert lag["stack_router_lag_left"] == 0
 
 
+def test_fanout_stall_counts_a_pause_not_the_publishers_pacing() -> None:
+    """A stall is time in which an applied event waited and nothing at all was delivered."""
+    fan = Fanout(FanoutConfig(clients=1))
+    fan.publishing = True
+    fan.on_event({"seq": 10, "ts": 100.0}, 100.001)
+    fan.on_event({"seq": 11, "ts": 100.2}, 100.201)  # applied 200 ms later: pacing, no stall
+    fan.on_event({"seq": 20, "ts": 100.21}, 100.35)  # waited 140 ms, nothing else delivered
+    fan.on_event({"seq": 21, "ts": 100.22}, 100.36)  # waited as long, but behind the one above
+    assert len(fan.stalls) == 1 and round(fan.max_gap, 3) == 0.14
+
+
 @integration
-@pytest.mark.parametrize("gateways", [1, 2])
+@pytest.mark.parametrize(("gateways", "streams"), [(1, 1), (2, 1), (1, 3)], ids=["1gw", "2gw", "churn"])
 def test_fanout_smoke(
-    tmp_path: Path, settings: Settings, stack_status: dict[str, Any], gateways: int
+    tmp_path: Path, settings: Settings, stack_status: dict[str, Any], gateways: int, streams: int
 ) -> None:
+    """With `streams` > 1 every client follows its jobs one after the other, a new stream for
+    each, opened after the last one ended (issue 13's churn)."""
     eco2(
         "bench",
         "fanout",
@@ -393,6 +407,8 @@ def test_fanout_smoke(
         "60",
         "--gateways",
         str(gateways),
+        "--streams",
+        str(streams),
         "--name",
         "smoke-fanout",
         "--out",
@@ -402,10 +418,13 @@ def test_fanout_smoke(
     rep = report(tmp_path, "smoke-fanout")
     r = rep["results"]
     assert r["processes"] == gateways and r["server"] == "gateway"
-    assert r["connected"] == r["finished"] == 50
-    assert r["events_received"] == 50 * len(EXPECTED_SEQS)
+    assert r["connected"] == 50 and r["finished"] == r["streams_opened"] == 50 * streams
+    assert r["events_received"] == 50 * streams * len(EXPECTED_SEQS)
     assert (r["lost"], r["duplicated"], r["out_of_order_clients"]) == (0, 0, 0)
-    assert r["delivery_ms"]["n"] == 50 * (len(EXPECTED_SEQS) - 1)
+    assert r["delivery_ms"]["n"] == 50 * streams * (len(EXPECTED_SEQS) - 1)
+    if streams > 1:
+        assert r["gateway_cpu_ms_per_stream"] > 0 and r["max_delivery_gap_ms"] >= 0
+        assert "no stall (an event waiting while no client received anything)" in verdicts(rep)
     # Redis connections of the gateway are fixed (pool + one pub/sub), whatever the number of clients.
     assert gateways <= r["gateway_redis_connections"]["peak"] <= gateways * (settings.gateway_redis_pool + 1)
     assert r["gateway_kib_per_connection"] is not None
