@@ -221,7 +221,7 @@ async def test_client_reconnects_with_last_event_id_and_dedupes() -> None:
         after = int(last or 0)
         # Each connection sends 4 events, repeating the last one already delivered, then drops.
         start = max(order.index(after), 0) if after else 0
-        chunk = order[start : start + 4]
+        chunk = order[start:start + 4]
         body = ": keepalive\r\n\r\n" + "".join(sse(EVENTS[s]) for s in chunk)
         return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
 

@@ -98,10 +98,7 @@ def job_and_events(
     """A scan's events: queued, vision started/completed, then done (or a failure) with its result."""
     created = now()
     job = ScanJob(
-        job_id=job_id,
-        user_id=user,
-        image_url=f"https://img.example/{job_id}.jpg",
-        model="gpt-4o-mini",
+        job_id=job_id, user_id=user, image_url=f"https://img.example/{job_id}.jpg", model="gpt-4o-mini",
         created_at=created,
     )
     reward = Reward(granted=code is not None, character_code=code, reason="test")
@@ -141,10 +138,7 @@ async def produce(s: Settings, values: list[tuple[str, bytes]], topic: str = EVE
         parts = BY_NAME[topic].partitions
         futs = [
             await producer.send(
-                topic,
-                value,
-                key=key.encode(),
-                partition=partition_for(key, parts),
+                topic, value, key=key.encode(), partition=partition_for(key, parts),
                 headers=trace.headers(trace.new_traceparent()),
             )
             for key, value in values
@@ -236,9 +230,8 @@ async def test_replaying_the_same_events_changes_nothing(settings: Settings, sha
     values: list[tuple[str, bytes]] = []
     for i in range(30):
         # One user scans the same character many times: one ownership row, the earliest scan's.
-        _, events = job_and_events(
-            f"{prefix}{i:02d}", user, code="CAN" if i % 2 else "PET", finished=1_700_000_000.0 + (30 - i)
-        )
+        _, events = job_and_events(f"{prefix}{i:02d}", user, code="CAN" if i % 2 else "PET",
+                                   finished=1_700_000_000.0 + (30 - i))
         values += as_values(events)
     await produce(settings, values)
     await eventually(lambda: _count_is(pg, prefix, 30), what="30 rows")
@@ -355,21 +348,12 @@ async def test_poison_records_are_dead_lettered_and_replayed_after_a_fix(setting
 
 async def test_pipeline_dead_letter_replays_to_its_stage_topic(settings: Settings, stack_status, uid):
     job = ScanJob(
-        job_id=f"pd-{uid}",
-        user_id=f"user-{uid}",
-        image_url="https://img.example/x.jpg",
-        model="gpt-4o-mini",
-        created_at=now(),
-        classification={"major": "recyclable", "middle": "metal"},
+        job_id=f"pd-{uid}", user_id=f"user-{uid}", image_url="https://img.example/x.jpg", model="gpt-4o-mini",
+        created_at=now(), classification={"major": "recyclable", "middle": "metal"},
     )
     letter = DeadLetter(
-        source="pipeline",
-        topic=RULE,
-        key=job.job_id,
-        value=job.model_dump(),
-        stage="rule",
-        reason="rule_error",
-        error="test dead letter",
+        source="pipeline", topic=RULE, key=job.job_id, value=job.model_dump(), stage="rule",
+        reason="rule_error", error="test dead letter",
     )
     await produce(settings, [(job.job_id, letter.model_dump_json().encode())], topic=DLQ)
     rows = await dead_letters(settings, DLQ, {job.job_id})

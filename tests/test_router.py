@@ -241,11 +241,7 @@ async def test_rebuild_restores_state_and_resumable_history(
     proc = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "eco2.cli", "state", "rebuild"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        env={**os.environ, **env},
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, **env},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "done:" in proc.stdout and "events" in proc.stdout, proc.stdout
@@ -254,8 +250,7 @@ async def test_rebuild_restores_state_and_resumable_history(
         after = await store.state(j.job_id)
         assert after is not None
         assert {k: after[k] for k in ("seq", "stage", "status", "user_id", "result")} == {
-            k: before[j.job_id][k]
-            for k in ("seq", "stage", "status", "user_id", "result")  # type: ignore[index]
+            k: before[j.job_id][k] for k in ("seq", "stage", "status", "user_id", "result")  # type: ignore[index]
         }
     # Histories are back and resumable from any point.
     rest = await follow(gw_gateway, done_job.job_id, uid, last_event_id=21)

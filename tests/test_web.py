@@ -20,14 +20,8 @@ pytest_plugins = ["tests.gateway_fixtures"]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 STAGES = ["queued", "vision", "rule", "answer", "reward", "done"]
 
@@ -65,7 +59,10 @@ async def watch_progress(page: Page, timeout_s: float) -> list[str]:
 
 
 async def stage_statuses(page: Page) -> dict[str, str | None]:
-    return {s: await page.get_attribute(f'#stages li[data-stage="{s}"]', "data-status") for s in STAGES}
+    return {
+        s: await page.get_attribute(f'#stages li[data-stage="{s}"]', "data-status")
+        for s in STAGES
+    }
 
 
 async def test_page_shows_progress_to_the_final_stage(
