@@ -11,10 +11,12 @@ run against Centrifugo (the same clients and events through its server API) is b
 With `streams` > 1 the streams end as real ones do (churn): each client follows one job to its
 terminal event, its stream closes, and it opens a new one for its next job, whose `queued` state
 was applied just before the previous job's terminal event; `streams` jobs per client in all, the
-events of every client's current job applied round by round at `rate`. Reported beside the rest:
-streams opened per second, the gateway's CPU per stream (open, 10 events, close), and stalls:
-spans over 50 ms in which an applied event waited and no client received anything (a server
-pausing every stream, e.g. for a garbage collection; or the generator, whose loop lag is beside).
+events of every client's current job applied round by round at `rate`, the clients' jobs
+staggered so that a ninth of them end a stream in every round (steady churn, not all at once).
+Reported beside the rest: streams opened per second, the gateway's CPU per stream (open, 10
+events, close), and stalls: spans over 50 ms in which an applied event waited and no client
+received anything (a server pausing every stream, e.g. for a garbage collection; or the
+generator, whose loop lag is reported beside).
 
 Measured: delivery latency (event ts -> client receipt, same clock), lost/duplicated events per
 client, the gateway's memory per connection (VmRSS before and after the clients connected), its
@@ -35,6 +37,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from contract.events import ScanEvent, ScanJob
+from contract.runtime_metrics import GC_PAUSE
 from contract.settings import Settings
 from streams.state import StateStore
 
@@ -84,6 +87,8 @@ class Server:
     # Whether a client's first event (queued) comes from a history read when it connects;
     # otherwise the connect reply stands for it and seq 1 is not checked.
     history_on_connect: bool = True
+    # The server's /metrics text (one process's, where several share a port), for its GC pauses.
+    metrics: Callable[[], Awaitable[str]] | None = None
 
 
 class Fanout:
@@ -157,6 +162,13 @@ async def gateway_server(s: Settings, cfg: FanoutConfig, run: str) -> AsyncItera
             async def conns() -> int:
                 return await _gateway_conns(client, pids)
 
+            async def metrics() -> str:
+                conn = wire.Connection("127.0.0.1", port)
+                try:
+                    return (await conn.request("GET", "/metrics/")).body.decode()
+                finally:
+                    conn.close()
+
             yield Server(
                 name="gateway",
                 pids=pids,
@@ -165,6 +177,7 @@ async def gateway_server(s: Settings, cfg: FanoutConfig, run: str) -> AsyncItera
                 follow=follow,
                 helper_pids=[redis_proc.pid],
                 redis_conns=conns,
+                metrics=metrics,
             )
         finally:
             for p in procs:
@@ -250,25 +263,32 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         )
         fan.publishing = True
         cpu_gw0, cpu_all0 = _cpu(pids), _cpu(every)
+        gc0 = gc_pauses(await server.metrics()) if server.metrics else None
         t_pub = time.monotonic()
         sent = 0
         step = max(int(rate * 0.05), 1)  # events per Redis round trip: 20 round trips a second
-        for q in range(streams):
-            for k in range(1, EVENTS_PER_JOB):
-                for j0 in range(0, len(jobs), step):
-                    batch: list[ScanEvent] = []
-                    now = time.time()
-                    for client_evs in evs[j0 : j0 + step]:
-                        if k == EVENTS_PER_JOB - 1 and q + 1 < streams:
-                            batch.append(client_evs[q + 1][0])  # the next scan is queued before this ends
-                        e = client_evs[q][k]
-                        e.ts = now
-                        batch.append(e)
-                    await server.publish(batch)
-                    sent += len(evs[j0 : j0 + step])  # live events only: rate is theirs
-                    ahead = t_pub + sent / rate - time.monotonic()
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
+        live_per_job = EVENTS_PER_JOB - 1
+        # With churn, client i starts i % 9 rounds late, so a ninth of the clients end a stream in
+        # every round (steady churn), not all of them in the same one (a thundering herd).
+        offset = [i % live_per_job if streams > 1 else 0 for i in range(len(jobs))]
+        for r in range(live_per_job * streams + max(offset)):
+            due = [i for i in range(len(jobs)) if 0 <= r - offset[i] < live_per_job * streams]
+            for j0 in range(0, len(due), step):
+                batch: list[ScanEvent] = []
+                now = time.time()
+                for i in due[j0 : j0 + step]:
+                    q, k = divmod(r - offset[i], live_per_job)
+                    k += 1
+                    if k == live_per_job and q + 1 < streams:
+                        batch.append(evs[i][q + 1][0])  # the next scan is queued before this ends
+                    e = evs[i][q][k]
+                    e.ts = now
+                    batch.append(e)
+                await server.publish(batch)
+                sent += len(due[j0 : j0 + step])  # live events only: rate is theirs
+                ahead = t_pub + sent / rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
         publish_s = time.monotonic() - t_pub
         done, pending = await asyncio.wait(tasks, timeout=60.0)
         fan.publishing = False
@@ -276,6 +296,7 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         gw_cpu = _cpu(pids) - cpu_gw0
         all_cpu = _cpu(every) - cpu_all0
         rss2 = _rss(pids)
+        gc1 = gc_pauses(await server.metrics()) if server.metrics else None
         peaks = [r["gateway_redis_conns"] for r in series if r.get("gateway_redis_conns") is not None]
         conns_peak = max([conns1, *peaks]) if conns1 is not None else None
     finally:
@@ -334,6 +355,8 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         # With what it needs beside it (the gateway's Redis; Centrifugo: nothing) per 1,000 events.
         "server_cpu_pct_while_publishing": round(100 * all_cpu / max(publish_s, 1e-6), 1),
         "server_cpu_ms_per_1000_events": round(1000 * 1000 * all_cpu / max(sent, 1), 1),
+        # One gateway process's collections while publishing (several share the port: any one).
+        "gateway_gc_pauses": _gc_delta(gc0, gc1),
         "generator_cpu": meter.total(),
         "generator_loop_lag_ms": lag.summary_ms(),
     }
@@ -414,6 +437,42 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
     }
 
 
+def gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
+    """Per generation: collections, seconds in them, and how many took over STALL_MS (from the
+    `eco2_gc_pause_seconds` histogram of contract/runtime_metrics.py)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[str, float]] = {}
+    for fam in text_string_to_metric_families(metrics):
+        if fam.name != GC_PAUSE:
+            continue
+        for sample in fam.samples:
+            g = out.setdefault(
+                sample.labels.get("generation", ""), {"count": 0.0, "seconds": 0.0, "over": 0.0}
+            )
+            if sample.name.endswith("_count"):
+                g["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                g["seconds"] = sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == STALL_MS / 1000:
+                g["over"] = -sample.value  # count - (those <= STALL_MS), completed below
+    for g in out.values():
+        g["over"] += g["count"]
+    return out
+
+
+def _gc_delta(
+    a: dict[str, dict[str, float]] | None, b: dict[str, dict[str, float]] | None
+) -> dict[str, dict[str, float]] | None:
+    if a is None or b is None:
+        return None
+    zero = {"count": 0.0, "seconds": 0.0, "over": 0.0}
+    return {
+        gen: {k: round(v - a.get(gen, zero)[k], 3) for k, v in vals.items()}
+        for gen, vals in sorted(b.items())
+    }
+
+
 async def _client(server: Server, jobs: list[ScanJob], fan: Fanout) -> list[wire.Follow]:
     """One client: its jobs' streams one after the other, each opened once the last one ended."""
     follows: list[wire.Follow] = []
@@ -433,7 +492,7 @@ async def _sample(
     lag: LoopLag,
     series: list[dict[str, Any]],
 ) -> None:
-    t0 = time.monotonic()
+    t0 = last_t = time.monotonic()
     lag_at = 0
     last_events = last_streams = 0
     last_cpu = _cpu(server.pids)
@@ -452,19 +511,20 @@ async def _sample(
                 "t": round(now - t0, 1),
                 "streaming": fan.streaming,
                 "open": sum(1 for t in tasks if not t.done()),
-                "streams_per_s": fan.streaming - last_streams,
-                "events_per_s": fan.events - last_events,
+                "streams_per_s": round((fan.streaming - last_streams) / max(now - last_t, 1e-3)),
+                "events_per_s": round((fan.events - last_events) / max(now - last_t, 1e-3)),
                 "p50_ms": _round(percentile(lats, 50)),
                 "p99_ms": _round(percentile(lats, 99)),
                 "gateway_rss_mib": round(rss / 1024, 1),
-                "gateway_cpu_pct": round(100 * (cpu - last_cpu), 1),
+                # per second of the actual interval: a busy generator wakes up late
+                "gateway_cpu_pct": round(100 * (cpu - last_cpu) / max(now - last_t, 1e-3), 1),
                 "gateway_redis_conns": await server.redis_conns() if server.redis_conns else None,
                 "gen_cpu_pct": gen,
                 "gen_loop_lag_ms": lag_max,
                 "machine_cpu_pct": box,
             }
         )
-        last_events, last_cpu, last_streams = fan.events, cpu, fan.streaming
+        last_events, last_cpu, last_streams, last_t = fan.events, cpu, fan.streaming, now
 
 
 def _round(x: float | None) -> float | None:

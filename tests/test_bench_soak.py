@@ -5,6 +5,7 @@ model call counts, and a 20-second smoke soak against the stack so the harness c
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -388,3 +389,20 @@ def test_soak_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, 
     keys = rep["results"]["redis_keys"]["run"]
     assert keys["scan:state"]["ttl_max_s"] <= settings.result_ttl_s  # every job finished: short TTL
     assert keys["scan:memo"]["ttl_max_s"] <= settings.memo_ttl_s
+
+
+async def test_gc_pauses_are_measured_once_per_collection() -> None:
+    from prometheus_client import REGISTRY
+
+    from contract.runtime_metrics import GC_PAUSE
+
+    track_event_loop()
+    track_event_loop()  # idempotent: one callback, one observation per collection
+
+    def count() -> float:
+        return REGISTRY.get_sample_value(f"{GC_PAUSE}_count", {"generation": "2"}) or 0.0
+
+    before = count()
+    gc.collect()
+    gc.collect()
+    assert count() == before + 2
