@@ -37,3 +37,7 @@ def memo(job_id: str, name: str) -> str:
 VIEW = "scan:view"
 # Held (with a TTL, renewed) by the one router process rebuilding the view.
 VIEW_REBUILDER = "scan:view:rebuilder"
+# The router group's committed `scan.events` offsets, written while the view is ready: the view
+# holds every event below them. A restart that brings the view back from the AOF brings this
+# back with it (the AOF is sequential), so the rebuild replays from here, not the whole window.
+VIEW_CHECKPOINT = "scan:view:checkpoint"

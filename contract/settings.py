@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     # still holds the view, and how far back a rebuild replays (0 = state_ttl_s).
     view_check_s: float = 1.0
     rebuild_window_s: int = 0
+    # How often a router records the offsets below which the ready view is whole (the checkpoint
+    # a rebuild after a restart starts from); 0 = never (every rebuild replays the window).
+    view_checkpoint_s: float = 5.0
 
     # SSE gateway.
     keepalive_s: float = 15.0

@@ -6,6 +6,12 @@ claims the rebuild and replays the window the view is meant to hold (`state_ttl_
 `rebuild_window_s`) from the offsets-for-times of its start to the end offsets at that moment,
 through the same idempotent apply, while the router agent keeps routing new events. Then it marks
 the view ready, unless the view was lost again meanwhile (the next check starts over).
+
+While the view is ready, every `view_checkpoint_s` a router records the group's committed
+offsets as the view's checkpoint (everything below them is applied: the commit rule). A restart
+that reloads the AOF brings the checkpoint back only if everything written before it came back
+too (the AOF is a sequential log), so that rebuild starts at the checkpoint: seconds of events,
+not the day of the window. A flushed or emptied Redis has no checkpoint: the whole window.
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ import os
 import socket
 import time
 
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import Counter, Gauge
 
 from contract.settings import Settings
+from contract.topics import BY_NAME, EVENTS
 
 from .app import trace_logger
 from .rebuild import rebuild
 from .state import StateStore
-from .view import Claim
+from .view import Claim, checkpoint, run_id
 
 log = trace_logger("eco2.router.heal")
 
@@ -33,6 +42,9 @@ REPLAYED = Counter("eco2_view_rebuild_events_total", "events replayed by automat
 REBUILDING = Gauge("eco2_view_rebuilding", "1 while this process rebuilds the Redis view")
 LAST_SECONDS = Gauge("eco2_view_rebuild_last_seconds", "duration of the last finished rebuild")
 LAST_EVENTS = Gauge("eco2_view_rebuild_last_events", "events replayed by the last finished rebuild")
+# from: checkpoint | window
+STARTS = Counter("eco2_view_rebuild_starts_total", "automatic rebuilds by where they started", ["start"])
+CHECKPOINTS = Counter("eco2_view_checkpoints_total", "view checkpoints written")
 
 
 def window_s(s: Settings) -> int:
@@ -42,8 +54,11 @@ def window_s(s: Settings) -> int:
 class Healer:
     """One per router process: checks the marker and runs at most one rebuild at a time."""
 
-    def __init__(self, s: Settings, store: StateStore) -> None:
+    def __init__(self, s: Settings, store: StateStore, group: str | None = None) -> None:
         self.s = s
+        self.group = group or s.router_group  # whose committed offsets the checkpoint records
+        self._admin: AIOKafkaAdminClient | None = None
+        self._checkpoint_at = 0.0
         # Replayed events are not published: streams are held or resynced from history when the
         # view turns ready, so a flood of old events on pub/sub would only cost the gateways CPU.
         self.store = StateStore(store.redis, store.ttl_s, store.finished_ttl_s, publish=False)
@@ -60,30 +75,64 @@ class Healer:
                 return
             if await self.claim.take():
                 self.task = asyncio.create_task(self._rebuild(), name="view-rebuild")
+            elif (
+                self.s.view_checkpoint_s
+                and time.monotonic() - self._checkpoint_at >= self.s.view_checkpoint_s
+            ):
+                self._checkpoint_at = time.monotonic()
+                await self._checkpoint()
         except Exception as exc:  # Redis down: the router's apply retries; check again next tick
             log.warning("view check failed: %s", exc)
+
+    async def _checkpoint(self) -> None:
+        """The group's committed offsets (read first), then the checkpoint, if the view is ready."""
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.s.kafka_bootstrap, **self.s.kafka_client_kwargs()
+            )
+            await admin.start()
+            self._admin = admin
+        tps = [TopicPartition(EVENTS, p) for p in range(BY_NAME[EVENTS].partitions)]
+        committed = await self._admin.list_consumer_group_offsets(self.group, partitions=tps)
+        offsets = {tp.partition: m.offset for tp, m in committed.items() if m is not None and m.offset >= 0}
+        if offsets and await checkpoint(self.store.redis, await run_id(self.store.redis), offsets):
+            CHECKPOINTS.inc()
 
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        if self._admin is not None:
+            await self._admin.close()
 
     async def _rebuild(self) -> None:
         since = time.time() - window_s(self.s)
-        log.warning(
-            "view rebuild started (epoch %s): replaying scan.events since %s (%ds window)",
-            self.claim.epoch,
-            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
-            window_s(self.s),
-        )
         REBUILDING.set(1)
         t0 = time.monotonic()
         try:
+            resume = await self.claim.resume_offsets()
+            if resume is not None:
+                STARTS.labels("checkpoint").inc()
+                log.warning(
+                    "view rebuild started (epoch %s): replaying scan.events from the checkpoint of %s %s",
+                    self.claim.epoch,
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resume[1])),
+                    resume[0],
+                )
+            else:
+                STARTS.labels("window").inc()
+                log.warning(
+                    "view rebuild started (epoch %s): replaying scan.events since %s (%ds window)",
+                    self.claim.epoch,
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+                    window_s(self.s),
+                )
             stats = await rebuild(
                 self.s,
                 echo=lambda line: log.info("rebuild: %s", line.strip()),
                 since_ms=int(since * 1000),
                 store=self.store,
+                start_offsets=resume[0] if resume is not None else None,
             )
             REPLAYED.labels("new").inc(stats.new)
             REPLAYED.labels("duplicate").inc(stats.events - stats.invalid - stats.new)

@@ -2,7 +2,8 @@
 
 Redis is only a cache of the log: read all partitions from the beginning (`eco2 state rebuild`)
 or from a point in time (the router's automatic rebuild: the state TTL's window, found with
-offsets-for-times) to the end they had when the rebuild started (a plain consumer, no group,
+offsets-for-times; or, after a restart that kept the view, from its checkpoint's offsets) to the
+end they had when the rebuild started (a plain consumer, no group,
 nothing committed) and apply in batches through the same idempotent StateStore the router uses,
 so running it next to a live router is safe.
 """
@@ -10,7 +11,7 @@ so running it next to a live router is safe.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -48,9 +49,11 @@ async def rebuild(
     progress_every_s: float = 1.0,
     since_ms: int | None = None,
     store: StateStore | None = None,
+    start_offsets: Mapping[int, int] | None = None,
 ) -> RebuildStats:
     """Replay `scan.events` into Redis: from the beginning, or from the first offset at or after
-    `since_ms` (epoch milliseconds) in each partition; through `store` when given."""
+    `since_ms` (epoch milliseconds) in each partition, or from `start_offsets` ({partition:
+    offset}) where given; through `store` when given."""
     stats = RebuildStats()
     t0 = time.monotonic()
     consumer = AIOKafkaConsumer(
@@ -72,13 +75,18 @@ async def rebuild(
         consumer.assign(tps)
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
-        if since_ms is None:
+        starts = dict(start_offsets or {})
+        if since_ms is None and not starts:
             await consumer.seek_to_beginning(*tps)
         else:
-            found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+            rest = [tp for tp in tps if tp.partition not in starts]
+            found = await consumer.offsets_for_times({tp: since_ms or 0 for tp in rest}) if rest else {}
             for tp in tps:
-                at = found.get(tp)
-                begin[tp] = at.offset if at is not None else end[tp]  # None: nothing that recent
+                if tp.partition in starts:
+                    begin[tp] = min(max(starts[tp.partition], begin[tp]), end[tp])
+                else:
+                    at = found.get(tp)
+                    begin[tp] = at.offset if at is not None else end[tp]  # None: nothing that recent
                 consumer.seek(tp, begin[tp])
         total = sum(end[tp] - begin[tp] for tp in tps)
         remaining = {tp for tp in tps if end[tp] > begin[tp]}

@@ -136,7 +136,7 @@ def register(app: faust.App, s: Settings, progress: Progress | None = None) -> N
         """Notice a lost view (flushed or restarted Redis) and rebuild it from the log. A check
         runs beside the timer, so one slowed by a Redis outage never makes the ticks overlap."""
         if not healers:
-            healers.append(Healer(s, store()))
+            healers.append(Healer(s, store(), group=app.conf.id))
         if not checks or checks[0].done():
             checks[:] = [asyncio.create_task(healers[0].check(), name="view-check")]
 

@@ -24,16 +24,40 @@ from contract import keys
 
 Status = Literal["ready", "rebuilding", "lost"]
 
-# KEYS: view, rebuilder.  ARGV: epoch, owner, lease seconds, run_id, now.
+# KEYS: view, rebuilder, checkpoint.  ARGV: epoch, owner, lease seconds, run_id, now.
 # Claims the rebuild when the view is lost, restarted, or rebuilding with no live rebuilder.
+# A checkpoint of the marker's own epoch came back with it (a restart, AOF): the view is whole
+# below its offsets, so it is handed to the new epoch; any other checkpoint is dropped.
 _CLAIM = """
 local status = redis.call('HGET', KEYS[1], 'status')
 local run_id = redis.call('HGET', KEYS[1], 'run_id')
 if status == 'ready' and run_id == ARGV[4] then return 0 end
 if status == 'rebuilding' and run_id == ARGV[4] and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if status and epoch and redis.call('HGET', KEYS[3], 'epoch') == epoch then
+  redis.call('HSET', KEYS[3], 'epoch', ARGV[1])
+else
+  redis.call('DEL', KEYS[3])
+end
 redis.call('HSET', KEYS[1], 'status', 'rebuilding', 'epoch', ARGV[1], 'run_id', ARGV[4],
            'since', ARGV[5], 'reason', status or 'missing')
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+# KEYS: view, checkpoint.  ARGV: run_id, now, then partition and offset pairs.
+# Only while the view is ready on this server run: offsets below which it holds every event.
+_CHECKPOINT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'ready' or redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then
+  return 0
+end
+local fields = {'epoch', redis.call('HGET', KEYS[1], 'epoch'), 'at', ARGV[2]}
+for i = 3, #ARGV, 2 do
+  fields[#fields + 1] = 'p' .. ARGV[i]
+  fields[#fields + 1] = ARGV[i + 1]
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(fields))
 return 1
 """
 
@@ -118,7 +142,17 @@ class Claim:
         self.epoch = uuid.uuid4().hex
         rid = await run_id(self.redis)
         args: list[str | int | float] = [self.epoch, self.owner, self.lease_s, rid, time.time()]
-        return bool(await self.redis.eval(_CLAIM, 2, *self._keys(), *args))  # type: ignore[misc]
+        return bool(await self.redis.eval(_CLAIM, 3, *self._keys(), keys.VIEW_CHECKPOINT, *args))  # type: ignore[misc]
+
+    async def resume_offsets(self) -> tuple[dict[int, int], float] | None:
+        """The checkpoint handed to this claim's epoch: ({partition: offset}, written at), or None
+        (the view was flushed or emptied: replay the whole window)."""
+        raw = await self.redis.hgetall(keys.VIEW_CHECKPOINT)  # type: ignore[misc]
+        cp = {_text(k): _text(v) for k, v in raw.items()}
+        if not self.epoch or cp.get("epoch") != self.epoch:
+            return None
+        offsets = {int(k[1:]): int(v) for k, v in cp.items() if k and k.startswith("p") and v is not None}
+        return offsets, float(cp.get("at") or 0)
 
     async def renew(self) -> bool:
         """Extend the lease; False when the view was lost (or re-claimed) since the claim."""
@@ -128,6 +162,16 @@ class Claim:
     async def finish(self) -> bool:
         """Mark the view ready; False when it was lost again meanwhile (then rebuild again)."""
         return bool(await self.redis.eval(_FINISH, 2, *self._keys(), self.epoch, time.time()))  # type: ignore[misc]
+
+
+async def checkpoint(redis: aioredis.Redis, server_run_id: str, offsets: dict[int, int]) -> bool:
+    """Record that the view holds every `scan.events` record below `offsets` (the router
+    group's committed offsets, read before this call); written only while the view is ready on
+    the server run `server_run_id`. True when written."""
+    args: list[str | int | float] = [server_run_id, time.time()]
+    for partition, offset in sorted(offsets.items()):
+        args += [partition, offset]
+    return bool(await redis.eval(_CHECKPOINT, 2, keys.VIEW, keys.VIEW_CHECKPOINT, *args))  # type: ignore[misc]
 
 
 def _text(v: bytes | str | None) -> str | None:

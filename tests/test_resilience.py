@@ -23,6 +23,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.exceptions import BusyLoadingError
 
 from contract import keys
 from contract.settings import Settings
@@ -417,3 +418,109 @@ async def test_rebuild_replays_the_window_not_the_whole_log(
     finally:
         await ps.aclose()
         await r.aclose()
+
+
+async def test_view_checkpoint_survives_a_restart_and_nothing_else(own_redis: RedisServer) -> None:
+    """The checkpoint (offsets below which the view is whole) is written only while the view is
+    ready on this server run; a claim after a restart (the marker came back from the AOF) hands
+    it to the new rebuild; after a flush, or with a checkpoint of another epoch, there is none."""
+    r = aioredis.from_url(own_redis.url)
+    try:
+        rid = await view.run_id(r)
+        a = view.Claim(r, "router-a", 5)
+        assert not await view.checkpoint(r, rid, {0: 5})  # no view yet: nothing to vouch for
+        assert await a.take() and await a.finish()
+        assert not await view.checkpoint(r, "another-server-run", {0: 5})
+        assert await view.checkpoint(r, rid, {0: 5, 1: 7, 3: 2})
+
+        await r.hset(keys.VIEW, "run_id", "another-server-run")  # as after a restart (AOF)
+        b = view.Claim(r, "router-b", 5)
+        assert await b.take()
+        resumed = await b.resume_offsets()
+        assert resumed is not None and resumed[0] == {0: 5, 1: 7, 3: 2}
+        assert not await view.checkpoint(r, rid, {0: 9})  # rebuilding: not ready
+        await r.delete(keys.VIEW_REBUILDER)  # b died mid-rebuild: c takes over, from the same point
+        c = view.Claim(r, "router-c", 5)
+        assert await c.take()
+        assert (await c.resume_offsets() or ({},))[0] == {0: 5, 1: 7, 3: 2}
+        assert await b.resume_offsets() is None  # b's epoch is over
+        assert await c.finish() and await view.checkpoint(r, rid, {0: 9, 1: 9})
+
+        await r.flushall()  # everything lost: the whole window
+        d = view.Claim(r, "router-d", 5)
+        assert await d.take() and await d.resume_offsets() is None and await d.finish()
+        await r.hset(keys.VIEW_CHECKPOINT, mapping={"epoch": "an-older-epoch", "p0": 1})
+        await r.hset(keys.VIEW, "run_id", "another-server-run")
+        e = view.Claim(r, "router-e", 5)
+        assert await e.take() and await e.resume_offsets() is None  # not the marker's epoch
+        assert not await r.exists(keys.VIEW_CHECKPOINT)
+    finally:
+        await r.aclose()
+
+
+async def end_offsets(settings: Settings) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka_client_kwargs())
+    await consumer.start()
+    try:
+        tps = [TopicPartition(EVENTS, p) for p in range(BY_NAME[EVENTS].partitions)]
+        return {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
+    finally:
+        await consumer.stop()
+
+
+async def test_redis_restart_rebuilds_from_the_checkpoint_not_the_window(
+    settings: Settings, producer: EventProducer, own_redis: RedisServer, uid: str
+) -> None:
+    """A clean restart (the AOF reloads everything, under a new run_id): the router replays from
+    its checkpoint, not the day-long window: the job routed before the checkpoint is not read
+    again, the one produced during the rebuild is whole."""
+    group = f"eco2-router-test-{uuid.uuid4().hex[:8]}"
+    await commit_at_end(settings, group)
+    router = router_proc(settings, group, own_redis.url)
+    router.env.update(ECO2_VIEW_CHECK_S="0.5", ECO2_VIEW_CHECKPOINT_S="0.5")
+    r = aioredis.from_url(own_redis.url)
+    before, during = job(uid), job(uid)
+    router.start()
+    try:
+        await wait_routed(settings, producer, router, redis_url=own_redis.url)
+        await producer.send_all(full_events(before))
+        deadline = time.monotonic() + 30
+        while await history_len(r, before.job_id) < len(FULL):
+            assert time.monotonic() < deadline, router.tail()
+            await asyncio.sleep(0.1)
+        end = await end_offsets(settings)
+        deadline = time.monotonic() + 30
+        while True:  # a checkpoint at the log's end: it covers `before` (commits follow applies)
+            cp = {k.decode(): v.decode() for k, v in (await r.hgetall(keys.VIEW_CHECKPOINT)).items()}  # type: ignore[misc,union-attr]
+            if all(int(cp.get(f"p{p}", -1)) >= off for p, off in end.items()):
+                break
+            assert time.monotonic() < deadline, (cp, end, router.tail())
+            await asyncio.sleep(0.2)
+
+        await r.aclose()
+        own_redis.stop()  # SIGTERM: a clean shutdown writes the AOF out
+        own_redis.start()
+        r = aioredis.from_url(own_redis.url)
+        await producer.send_all(full_events(during))
+
+        async def healed() -> bool:
+            with contextlib.suppress(BusyLoadingError):  # still loading the AOF
+                return await view.current(r) == "ready" and await history_len(r, during.job_id) == len(FULL)
+            return False
+
+        deadline = time.monotonic() + 60
+        while not await healed():
+            assert time.monotonic() < deadline, router.tail()
+            await asyncio.sleep(0.2)
+        assert await history_len(r, before.job_id) == len(FULL)  # back from the AOF
+        log = router.log.read_text()
+        assert "from the checkpoint" in log, router.tail()
+        done = [line for line in log.splitlines() if "view rebuild done" in line][-1]
+        replayed = int(done.split("): ")[1].split(" events replayed")[0])
+        # Only what came after the checkpoint (at most `during`); the window (the 5 minutes of
+        # router_proc) holds `before` and the probe events too.
+        assert replayed <= len(FULL), done
+    finally:
+        router.kill(signal.SIGTERM)
+        await r.aclose()
+        shutil.rmtree(settings.local_dir / "faust" / group, ignore_errors=True)
