@@ -78,7 +78,7 @@ def _dist(d: dict[str, Any] | None, unit: str, digits: int = 1) -> str:
 def _machine(m: dict[str, Any]) -> str:
     return (
         f"{m.get('cores')} cores ({m.get('cpu') or 'unknown CPU'}), {m.get('memory_gib')} GiB, "
-        f"Linux {m.get('kernel')}, Python {m.get('python')}; everything on one box incl. the load generator"
+        f"Linux {m.get('kernel')}, Python {m.get('python')}, everything on one box incl. the load generator"
     )
 
 
@@ -419,9 +419,6 @@ def results_section(reports: list[dict[str, Any]]) -> str:
         lambda r: (r["config"]["vus"], r["config"]["mode"]),
     )
     lines: list[str] = []
-    any_rep = next(iter(reports[::-1]), None)
-    if any_rep:
-        lines += [f"Measured on: {_machine(any_rep['machine'])}.", ""]
     rows = []
     for vus in sorted({*ORIGINAL, *STANDARD_VUS, *(v for v, _ in loads)}):
         o = ORIGINAL.get(vus)
@@ -552,7 +549,8 @@ def results_section(reports: list[dict[str, Any]]) -> str:
         r = rep["results"]
         d = r["delivery_ms"]
         churn = (r.get("streams_per_client") or 1) > 1
-        who = "one gateway" if r.get("processes", 1) == 1 else f"{r['processes']} gateway processes"
+        server = r.get("server", "gateway")
+        who = f"one {server}" if r.get("processes", 1) == 1 else f"{r['processes']} {server} processes"
         mrows.append(
             [
                 f"SSE fan-out, {who}, {r['clients']:,} clients"
@@ -566,8 +564,9 @@ def results_section(reports: list[dict[str, Any]]) -> str:
                 f"{r['connected']:,} streaming; delivery p50 {_v(d['p50'], ' ms')}, "
                 f"p99 {_v(d['p99'], ' ms')} at {_v(r['apply_rate_achieved'], '', 0)} events/s; "
                 f"{_v(r['gateway_kib_per_connection'])} KiB "
-                f"per connection; {r['gateway_redis_connections']['peak']} Redis connections; "
-                f"lost/dup {r['lost']}/{r['duplicated']}",
+                "per connection; "
+                + (f"{peak} Redis connections; " if (peak := r["gateway_redis_connections"]["peak"]) else "")
+                + f"lost/dup {r['lost']}/{r['duplicated']}",
                 " · ".join(_verdict(rep, p) for p in ("no stall" if churn else "10,000", "delivery p99")),
                 f"`{rep['_file']}`",
             ]
@@ -575,7 +574,21 @@ def results_section(reports: list[dict[str, Any]]) -> str:
     if mrows:
         lines += ["", "### Micro-benchmarks", ""]
         lines += _table(["benchmark", "result", "target", "report"], mrows)
-    return "\n".join(lines) + "\n"
+    return "\n".join(_measured_on([*loads.values(), *micro.values()]) + lines) + "\n"
+
+
+def _measured_on(used: list[dict[str, Any]]) -> list[str]:
+    """The boxes the rows ran on, with the days of their reports (rows keep their newest run)."""
+    days: dict[str, set[str]] = {}
+    for rep in used:
+        when = time.strftime("%Y-%m-%d", time.localtime(rep.get("started_at", 0)))
+        days.setdefault(_machine(rep["machine"]), set()).add(when)
+    if not days:
+        return []
+    boxes = "; ".join(
+        f"{box} ({', '.join(sorted(d))})" for box, d in sorted(days.items(), key=lambda kv: max(kv[1]))
+    )
+    return [f"Measured on: {boxes}.", ""]
 
 
 def write_docs(section: str, path: Path = DOCS) -> bool:
