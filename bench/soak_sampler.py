@@ -27,7 +27,9 @@ from eco2.stack import data_dir
 
 from .stats import percentile, rss_kib, tree_cpu_s
 
-VIEW_MARKER = keys.VIEW.encode()
+# Keys by design without a TTL: the view marker and its checkpoint (one each; they say whether,
+# and below which offsets, the view is whole).
+VIEW_KEYS = {keys.VIEW.encode(), keys.VIEW_CHECKPOINT.encode()}
 
 
 def _fds(pid: int) -> int | None:
@@ -164,8 +166,8 @@ class Sampler:
         any_probe: dict[str, list[bytes]] = collections.defaultdict(list)
         run_probe: dict[str, list[bytes]] = collections.defaultdict(list)
         async for key in self._redis.scan_iter(count=5000):
-            if key == VIEW_MARKER:
-                continue  # one key by design, without TTL: it says whether the view is whole
+            if key in VIEW_KEYS:
+                continue
             parts = key.decode(errors="replace").split(":")
             prefix = ":".join(parts[:2])
             counts[prefix] += 1

@@ -402,7 +402,11 @@ async def test_gc_pauses_are_measured_once_per_collection() -> None:
     def count() -> float:
         return REGISTRY.get_sample_value(f"{GC_PAUSE}_count", {"generation": "2"}) or 0.0
 
-    before = count()
-    gc.collect()
-    gc.collect()
-    assert count() == before + 2
+    gc.disable()  # no automatic collection in between
+    try:
+        before = count()
+        gc.collect()
+        gc.collect()
+        assert count() == before + 2
+    finally:
+        gc.enable()
