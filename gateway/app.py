@@ -115,19 +115,12 @@ class Gateway:
                 self._view_changed = asyncio.Event()
             await asyncio.sleep(VIEW_WATCH_S)
 
-    async def wait_view(self, timeout_s: float) -> bool:
-        """True once the view is whole (checked against Redis, not only the watcher's last look),
-        False after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.view_ok and await view.status(self.redis, self.run_id) == "ready":
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, VIEW_WATCH_S)):
-                    await self._view_changed.wait()
+    async def view_changed(self, timeout_s: float) -> None:
+        """Wait until the watcher sees the view change, at most `timeout_s` (and never longer than
+        one watcher period); the caller then looks at Redis itself (`snapshot`)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(min(timeout_s, VIEW_WATCH_S), 0.0)):
+                await self._view_changed.wait()
 
     async def read_history(self, job_id: str, after: int) -> list[Item]:
         raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
@@ -308,12 +301,14 @@ def create_app(s: Settings | None = None) -> FastAPI:
                 # hold the request for the rebuild, else 503 (never a partial history as whole).
                 view_deadline = time.monotonic() + s.view_wait_s
                 while not snap.view_ready:
-                    if not await gw.wait_view(view_deadline - time.monotonic()):
+                    left = view_deadline - time.monotonic()
+                    if left <= 0:
                         return _error(
                             503,
                             "event history is being rebuilt (or Redis is down); retry shortly",
                             {"Retry-After": "2"},
                         )
+                    await gw.view_changed(left)
                     snap = await gw.snapshot(job_id, last)
                 if snap.owner is None:  # a job just submitted may reach Redis a moment after its POST
                     deadline = time.monotonic() + s.unknown_job_wait_s

@@ -31,7 +31,7 @@ from contract.topics import BY_NAME, EVENTS
 from .app import trace_logger
 from .rebuild import rebuild
 from .state import StateStore
-from .view import Claim, checkpoint, run_id
+from .view import Claim, checkpoint
 
 log = trace_logger("eco2.router.heal")
 
@@ -45,6 +45,10 @@ LAST_EVENTS = Gauge("eco2_view_rebuild_last_events", "events replayed by the las
 # from: checkpoint | window
 STARTS = Counter("eco2_view_rebuild_starts_total", "automatic rebuilds by where they started", ["start"])
 CHECKPOINTS = Counter("eco2_view_checkpoints_total", "view checkpoints written")
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def window_s(s: Settings) -> int:
@@ -95,7 +99,8 @@ class Healer:
         tps = [TopicPartition(EVENTS, p) for p in range(BY_NAME[EVENTS].partitions)]
         committed = await self._admin.list_consumer_group_offsets(self.group, partitions=tps)
         offsets = {tp.partition: m.offset for tp, m in committed.items() if m is not None and m.offset >= 0}
-        if offsets and await checkpoint(self.store.redis, await run_id(self.store.redis), offsets):
+        # The server run the claim check saw a moment ago (the Lua re-checks the marker against it).
+        if offsets and self.claim.run_id and await checkpoint(self.store.redis, self.claim.run_id, offsets):
             CHECKPOINTS.inc()
 
     async def stop(self) -> None:
@@ -112,21 +117,11 @@ class Healer:
         try:
             resume = await self.claim.resume_offsets()
             if resume is not None:
-                STARTS.labels("checkpoint").inc()
-                log.warning(
-                    "view rebuild started (epoch %s): replaying scan.events from the checkpoint of %s %s",
-                    self.claim.epoch,
-                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resume[1])),
-                    resume[0],
-                )
+                where = f"from the checkpoint of {_utc(resume[1])} {resume[0]}"
             else:
-                STARTS.labels("window").inc()
-                log.warning(
-                    "view rebuild started (epoch %s): replaying scan.events since %s (%ds window)",
-                    self.claim.epoch,
-                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
-                    window_s(self.s),
-                )
+                where = f"since {_utc(since)} ({window_s(self.s)}s window)"
+            STARTS.labels("window" if resume is None else "checkpoint").inc()
+            log.warning("view rebuild started (epoch %s): replaying scan.events %s", self.claim.epoch, where)
             stats = await rebuild(
                 self.s,
                 echo=lambda line: log.info("rebuild: %s", line.strip()),

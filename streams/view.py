@@ -133,6 +133,7 @@ class Claim:
     owner: str
     lease_s: int
     epoch: str = ""
+    run_id: str = ""  # the Redis server run seen by the last `take`
 
     def _keys(self) -> list[str]:
         return [keys.VIEW, keys.VIEW_REBUILDER]
@@ -140,7 +141,7 @@ class Claim:
     async def take(self) -> bool:
         """True when the view needs a rebuild and this process now owns it."""
         self.epoch = uuid.uuid4().hex
-        rid = await run_id(self.redis)
+        self.run_id = rid = await run_id(self.redis)
         args: list[str | int | float] = [self.epoch, self.owner, self.lease_s, rid, time.time()]
         return bool(await self.redis.eval(_CLAIM, 3, *self._keys(), keys.VIEW_CHECKPOINT, *args))  # type: ignore[misc]
 
