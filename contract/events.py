@@ -62,7 +62,10 @@ class ScanJob(BaseModel):
     user_id: str
     image_url: str
     user_input: str | None = None
-    model: str
+    # The model the client asked for, used by every model call of the job; "" = each stage's
+    # configured model (ECO2_VISION_MODEL, ECO2_ANSWER_MODEL). An empty string, not null: a worker
+    # of the previous version (model: str) reads it, and its `job.model or setting` agrees.
+    model: str = ""
     created_at: float
     classification: dict[str, Any] | None = None
     rules_key: str | None = None

@@ -193,7 +193,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             user_id=user,
             image_url=req.image_url,
             user_input=req.user_input,
-            model=req.model or s.vision_model,
+            model=req.model or "",
             created_at=now(),
         )
         queued = make_event(job, "queued", "completed")

@@ -115,6 +115,12 @@ async def _structured(
     return doc
 
 
+def model_for(job: ScanJob, configured: str) -> str:
+    """The model one call of `job` uses: the client's choice for the whole job, else the calling
+    stage's own setting (so ECO2_ANSWER_MODEL reaches the answer call)."""
+    return job.model or configured
+
+
 async def classify(api: AsyncOpenAI, s: Settings, job: ScanJob) -> dict[str, Any]:
     text = "Classify this item." + (f" The user says: {job.user_input}" if job.user_input else "")
     messages: list[dict[str, Any]] = [
@@ -128,7 +134,7 @@ async def classify(api: AsyncOpenAI, s: Settings, job: ScanJob) -> dict[str, Any
         },
     ]
     doc = await _structured(
-        api, job.model or s.vision_model, messages, "classification", rules.classification_schema()
+        api, model_for(job, s.vision_model), messages, "classification", rules.classification_schema()
     )
     if doc.get("major_category") not in rules.MAJOR_CATEGORIES:
         raise PermanentModelError(f"unknown major category {doc.get('major_category')!r}")
@@ -148,7 +154,7 @@ async def write_answer(api: AsyncOpenAI, s: Settings, job: ScanJob, advice: list
         {"role": "system", "content": ANSWER_PROMPT},
         {"role": "user", "content": json.dumps(context, ensure_ascii=False)},
     ]
-    doc = await _structured(api, job.model or s.answer_model, messages, "answer", rules.answer_schema())
+    doc = await _structured(api, model_for(job, s.answer_model), messages, "answer", rules.answer_schema())
     if not isinstance(doc.get("disposal_steps"), list) or not isinstance(doc.get("gaps", []), list):
         raise PermanentModelError("answer does not follow the schema")
     return doc
