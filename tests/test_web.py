@@ -161,9 +161,7 @@ async def test_page_submits_a_real_scan(
 ) -> None:
     """The whole app: the page POSTs to the scan API (CORS), the pipeline runs the job, the test
     router puts its events into the gateway's Redis db and the page follows them to the answer."""
-    needed = [n for n in ("api", "workers", "model") if not stack_status.get(n, {}).get("up")]
-    if needed:
-        pytest.skip(f"stack services not up: {needed}")
+    # `stack_status` fails the test when any service (api, workers, model among them) is down.
     await page.goto(gw_gateway + "/")
     await page.fill("#user", uid)
     await page.fill("#image", "https://images.example.org/scan/pet-bottle.jpg")
