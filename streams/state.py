@@ -79,11 +79,13 @@ def pooled_client(url: str, max_connections: int, name: str, **kw: Any) -> aiore
 
     redis-py's default pool raises "Too many connections" once `max_connections` are busy, which
     under load turned result polls into HTTP 500s; a bounded, blocking pool queues them instead.
+    The client owns its pool (`from_pool`), so its `aclose()` hangs up every connection (a client
+    handed a pool leaves it open).
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=10, client_name=name, **{**retry_options(), **kw}
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)
 
 
 class StateStore:
