@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     stage_max_retries: int = 3
     retry_backoff_s: float = 0.5
     metrics_port: int = 9100  # 0 disables the Prometheus endpoint
+    # Where workers, router and writer bind /metrics, /health, /ready: loopback like every other
+    # local service; the pods set 0.0.0.0 (deploy/app/config.yaml) for Prometheus and the kubelet.
+    metrics_host: str = "127.0.0.1"
     # Local stack: processes per component. Workers share one consumer group (same ECO2_STAGES),
     # routers share eco2-router, gateways share the gateway port (SO_REUSEPORT). Process i > 1
     # serves its metrics on the component's metrics port + 10 * (i - 1).

@@ -17,7 +17,7 @@ from .writer import Writer
 async def _run() -> None:
     s = get_settings()
     writer = Writer(s)
-    serve(s.metrics_port, writer.progress)  # /metrics, /health, /ready
+    serve(s.metrics_port, writer.progress, s.metrics_host)  # /metrics, /health, /ready
     track_event_loop()
     task = asyncio.create_task(writer.run())
     loop = asyncio.get_running_loop()

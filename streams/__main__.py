@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
         progress = watch_faust(app, s)
         register_router(app, s, progress)
-    serve(s.metrics_port, progress)  # /metrics, /health, /ready
+    serve(s.metrics_port, progress, s.metrics_host)  # /metrics, /health, /ready
 
     @app.task
     async def export_task_count() -> None:  # runs once the worker's event loop is up

@@ -167,8 +167,10 @@ def _tp_labels(tp: Any) -> tuple[str, str]:
 # --- the endpoint ---------------------------------------------------------------------------
 
 
-def serve(port: int, progress: Progress | None, host: str = "0.0.0.0") -> ThreadingHTTPServer | None:
-    """/metrics, /health and /ready on `port` from a daemon thread (0 disables it, e.g. in tests)."""
+def serve(port: int, progress: Progress | None, host: str = "127.0.0.1") -> ThreadingHTTPServer | None:
+    """/metrics, /health and /ready on `host`:`port` from a daemon thread (port 0 disables it).
+
+    `host` is ECO2_METRICS_HOST: loopback locally, 0.0.0.0 in the pods."""
     if not port:
         return None
 
