@@ -165,7 +165,7 @@ async def gateway_server(s: Settings, cfg: FanoutConfig, run: str) -> AsyncItera
             async def metrics() -> str:
                 conn = wire.Connection("127.0.0.1", port)
                 try:
-                    return (await conn.request("GET", "/metrics/")).body.decode()
+                    return (await conn.request("GET", "/metrics")).body.decode()
                 finally:
                     conn.close()
 

@@ -75,8 +75,8 @@ def metrics_urls(s: Settings) -> dict[str, str]:
     """Where each Python component serves its Prometheus metrics on the local stack."""
     return {
         "api": f"{s.api_url}/metrics",
-        "gateway": f"{s.gateway_url}/metrics/",
-        "model": f"http://{s.model_host}:{s.model_port}/metrics/",
+        "gateway": f"{s.gateway_url}/metrics",
+        "model": f"http://{s.model_host}:{s.model_port}/metrics",
         "workers": f"http://127.0.0.1:{s.workers_metrics_port}/metrics",
         "router": f"http://127.0.0.1:{s.router_metrics_port}/metrics",
         "writer": f"http://127.0.0.1:{s.writer_metrics_port}/metrics",

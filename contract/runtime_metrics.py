@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import REGISTRY, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -71,3 +72,14 @@ def track_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
         _collector.loops.add(loop)
         if _on_gc not in gc.callbacks:
             gc.callbacks.append(_on_gc)
+
+
+def add_metrics_route(app: Any) -> None:
+    """`GET /metrics` on a FastAPI app, answered 200 as Prometheus expects (a mounted ASGI app
+    answers `/metrics` with a 307 to `/metrics/`, which the runbooks' curl did not follow)."""
+    from fastapi import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

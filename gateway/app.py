@@ -22,7 +22,7 @@ from fastapi import FastAPI, Header, Request, Security
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyQuery
-from prometheus_client import Counter, Gauge, make_asgi_app
+from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
@@ -30,7 +30,7 @@ from starlette.background import BackgroundTask
 from contract import keys, stream_token
 from contract.events import TERMINAL_STAGES
 from contract.openapi import install_openapi
-from contract.runtime_metrics import track_event_loop
+from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
 from streams import view
 from streams.state import retry_options
@@ -230,7 +230,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
         allow_methods=["GET"],
         allow_headers=["X-User-ID", "Last-Event-ID", "Cache-Control"],
     )
-    app.mount("/metrics", make_asgi_app())
+    add_metrics_route(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

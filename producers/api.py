@@ -19,14 +19,14 @@ from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract import keys, stream_token, trace
 from contract.events import ScanJob, ScanRequest, make_event, now
 from contract.openapi import install_openapi
-from contract.runtime_metrics import track_event_loop
+from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
 from streams import rules, view
 from streams.state import StateStore, pooled_client
@@ -297,9 +297,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         ok = all(checks.values())
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    add_metrics_route(app)
 
     return app
 

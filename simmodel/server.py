@@ -28,10 +28,9 @@ from urllib.parse import urlparse
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import make_asgi_app
 from pydantic import BaseModel
 
-from contract.runtime_metrics import track_event_loop
+from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
 from streams import rules
 
@@ -180,7 +179,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
     app.state.latency = Latency(min_s=s.sim_latency_min_s, max_s=s.sim_latency_max_s)
     calls = CallCounts()
     app.state.calls = calls
-    app.mount("/metrics", make_asgi_app())
+    add_metrics_route(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -390,7 +390,7 @@ async def test_health_ready_cors_and_config(gw_gateway: str, settings: Settings)
         assert (await client.get(gw_gateway + "/config.json")).json()["api_url"] == settings.api_url
         page = await client.get(gw_gateway + "/")
         assert page.status_code == 200 and "EventSource" in page.text
-        assert "eco2_gateway_streams" in (await client.get(gw_gateway + "/metrics/")).text
+        assert "eco2_gateway_streams" in (await client.get(gw_gateway + "/metrics")).text
 
 
 async def test_pubsub_reconnect_resyncs_streams_from_history(
@@ -419,7 +419,7 @@ async def test_pubsub_reconnect_resyncs_streams_from_history(
         got = await asyncio.wait_for(client, 30)
         assert dumps(got) == dumps(events)
         async with httpx.AsyncClient() as http:
-            metrics = (await http.get(gw + "/metrics/")).text
+            metrics = (await http.get(gw + "/metrics")).text
         assert 'eco2_gateway_resyncs_total{reason="reconnect"}' in metrics
     finally:
         proc.kill(signal.SIGTERM)

@@ -47,7 +47,7 @@ async def gateway(settings: Settings) -> AsyncIterator[tuple[str, int]]:
 async def gauges(url: str, pid: int) -> tuple[int, int, int]:
     """(asyncio tasks, open streams, open fds) of the gateway process."""
     async with httpx.AsyncClient(timeout=5, follow_redirects=True) as http:
-        text = (await http.get(f"{url}/metrics/")).text
+        text = (await http.get(f"{url}/metrics")).text
 
     def value(name: str) -> int:
         m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)

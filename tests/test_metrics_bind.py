@@ -36,3 +36,16 @@ def test_the_stacks_consumer_ports_listen_on_loopback_only(settings: Settings, s
             if line.split()[3].rsplit(":", 1)[1] == str(port)
         }
         assert addrs == {"127.0.0.1"}, f"port {port} listens on {addrs}"
+
+
+@pytest.mark.integration
+def test_every_http_service_answers_metrics_at_the_documented_path(settings: Settings, stack_status: dict) -> None:
+    """`curl host:port/metrics` as the runbooks write it: 200 with the exposition, no redirect
+    (a mounted ASGI app answered the gateway's and the model's with a 307 to `/metrics/`)."""
+    import httpx
+
+    model = f"http://{settings.model_host}:{settings.model_port}"
+    for base in (settings.api_url, settings.gateway_url, model):
+        r = httpx.get(f"{base}/metrics", follow_redirects=False, timeout=10)
+        assert r.status_code == 200, (base, r.status_code)
+        assert "eco2_asyncio_tasks" in r.text
