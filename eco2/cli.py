@@ -90,7 +90,10 @@ def stack_logs(
 ) -> None:
     """Show a service's log."""
     s = get_settings()
-    svc = stack.find(name)
+    try:
+        svc = stack.find(name)
+    except stack.StackError as exc:
+        _fail(str(exc))
     path = stack.log_path(s, svc.name)
     if not path.exists():
         _fail(f"no log for {name} at {path}")

@@ -219,7 +219,10 @@ async def replay(
         chosen = [by_ref[r] for r in refs]
     if override is not None and len(chosen) != 1:
         raise ReplayError("--set-json/--edit replace one record's value: choose exactly one --offset")
-    failures = 0
+    if not chosen:
+        echo(f"{topic}: no dead letters, nothing to replay")
+        return 0
+    failures = replayed = skipped = 0
     conn = await asyncpg.connect(s.postgres_dsn, timeout=10)
     producer = AIOKafkaProducer(
         bootstrap_servers=s.kafka_bootstrap,
@@ -245,6 +248,7 @@ async def replay(
                 )
                 if replays is None:
                     echo(f"{topic}@{letter.ref}: already replayed, skipped (--force replays it again)")
+                    skipped += 1
                     continue
                 md = await producer.send_and_wait(
                     p.target,
@@ -255,9 +259,11 @@ async def replay(
                 )
             edited = " (edited)" if override is not None else ""
             echo(f"{topic}@{letter.ref}: job {p.key} -> {p.target}[{md.partition}]@{md.offset}{edited}")
+            replayed += 1
     finally:
         await producer.stop()
         await conn.close()
+    echo(f"{topic}: {replayed} replayed, {skipped} skipped, {failures} could not be")
     return failures
 
 

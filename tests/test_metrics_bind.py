@@ -39,7 +39,9 @@ def test_the_stacks_consumer_ports_listen_on_loopback_only(settings: Settings, s
 
 
 @pytest.mark.integration
-def test_every_http_service_answers_metrics_at_the_documented_path(settings: Settings, stack_status: dict) -> None:
+def test_every_http_service_answers_metrics_at_the_documented_path(
+    settings: Settings, stack_status: dict
+) -> None:
     """`curl host:port/metrics` as the runbooks write it: 200 with the exposition, no redirect
     (a mounted ASGI app answered the gateway's and the model's with a 307 to `/metrics/`)."""
     import httpx

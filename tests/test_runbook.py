@@ -235,3 +235,16 @@ def test_group_lag_lists_and_describes_the_group(
     current, end, lag = int(row[3]), int(row[4]), int(row[5])
     assert current == known_records["committed"]
     assert lag == end - current >= 1
+
+
+def test_readme_install_list_names_every_debian_package_the_stack_installs() -> None:
+    quick_start = (REPO / "README.md").read_text().split("## The local stack")[0]
+    missing = [name for name in install.APT_PACKAGES if f"`{name}`" not in quick_start]
+    assert not missing, f"README's install list omits {missing}"
+
+
+def test_docs_describe_consumer_groups_only_with_a_group() -> None:
+    """`consumer-groups --describe` alone fails: Kafka's tool wants --group or --all-groups."""
+    for doc in (REPO / "README.md", OPERATIONS):
+        for m in re.finditer(r"consumer-groups --describe[^`\n]*", doc.read_text()):
+            assert "--group" in m.group(0) or "--all-groups" in m.group(0), (doc.name, m.group(0))
