@@ -24,7 +24,11 @@ ORIGINAL: dict[int, dict[str, Any]] = {
 
 
 def write(report: dict[str, Any], out_dir: Path | None = None) -> dict[str, Path]:
-    """Write the three files; returns their paths by extension."""
+    """Write the three files; returns their paths by extension. Every report gets the box
+    reference first (bench/boxref.py)."""
+    from . import boxref
+
+    boxref.stamp(report)
     out_dir = out_dir or REPORTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(report.get("started_at", time.time())))
@@ -128,9 +132,15 @@ def markdown(report: dict[str, Any]) -> str:
         from .peer import markdown as peer_md
 
         body = peer_md(report)
+    elif kind == "ab":
+        from .ab_report import markdown as ab_md
+
+        body = ab_md(report)
     else:
         body = _load_md(report) if kind == "load" else _micro_md(report)
-    return "\n".join(body) + "\n"
+    from .boxref import markdown as boxref_md
+
+    return "\n".join([*body, *boxref_md(report)]) + "\n"
 
 
 def _load_md(report: dict[str, Any]) -> list[str]:
@@ -339,6 +349,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         from .peer import plot as peer_plot
 
         return peer_plot(report, path)
+    if report.get("kind") == "ab":
+        from .ab_report import plot as ab_plot
+
+        return ab_plot(report, path)
     series: list[dict[str, Any]] = report.get("series") or []
     panels = PANELS.get(report.get("kind", ""), report.get("panels") or [])
     if not series or not panels:

@@ -406,3 +406,38 @@ def scaleout(
         processes=processes, concurrency=concurrency, model_latency_s=model_latency, jobs=jobs, name=name
     )
     _finish(_run(run_scaleout(get_settings(), cfg)), out)
+
+
+@bench_app.command("ab", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ab(
+    ctx: typer.Context,
+    base: Annotated[str, typer.Option("--base", help="the git ref to compare against (side A)")],
+    runs: Annotated[int, typer.Option("--runs", help="runs of each side, alternating A B A B ...")] = 3,
+    pause: Annotated[float, typer.Option("--pause", help="seconds of rest between runs")] = 10.0,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="keep the temporary worktree, stack dirs and logs")
+    ] = False,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """One benchmark against REF's checkout (A) and the working tree (B), alternating on this box,
+    each run on a fresh private stack of its side's code: every figure of both, B/A and the spread
+    (bench/ab.py). The bench command and its options follow `--`, e.g.
+    `eco2 bench ab --base main --runs 3 -- load --mode sse --vus 300 --quiet`."""
+    from bench.ab import AbConfig, run_ab
+    from bench.harness import BenchError
+
+    cfg = AbConfig(base=base, bench_args=list(ctx.args), runs=runs, pause_s=pause, name=name, keep=keep)
+    try:
+        report = run_ab(get_settings(), cfg, typer.echo, out)
+    except BenchError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    _finish(report, out)
+    for f in report["headline"]:
+        fig = report["figures"][f]
+        if fig["ratio"] is not None:
+            a, b = fig["A"]["median"], fig["B"]["median"]
+            typer.echo(f"{f:<40} A {a:>12,.3f}  B {b:>12,.3f}  B/A {fig['ratio']:.3f}")
+    if any(r.get("error") for r in report["runs"]):
+        raise typer.Exit(1)
