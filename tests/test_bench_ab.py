@@ -1,0 +1,64 @@
+"""`eco2 bench ab`'s arithmetic and order, and the box reference every report carries (no stack)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import ab, ab_report, boxref
+from bench.harness import BenchError
+
+
+def test_sides_alternate_so_drift_hits_both() -> None:
+    assert ab_report.order(3) == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3)]
+
+
+def test_flatten_keeps_numbers_by_dotted_path_and_skips_the_rest() -> None:
+    got = ab_report.flatten({"a": {"b": 1, "c": [1, 2], "d": True, "e": "x"}, "f": 2.5})
+    assert got == {"a.b": 1.0, "f": 2.5}
+
+
+def test_compare_gives_medians_ratio_of_medians_and_the_spread_of_pair_ratios() -> None:
+    runs = [
+        {"side": "A", "index": 1, "figures": {"cpu_per_job.total_ms": 40.0}},
+        {"side": "B", "index": 1, "figures": {"cpu_per_job.total_ms": 20.0}},
+        {"side": "A", "index": 2, "figures": {"cpu_per_job.total_ms": 60.0}},
+        {"side": "B", "index": 2, "figures": {"cpu_per_job.total_ms": 45.0}},
+        {"side": "A", "index": 3, "figures": {"cpu_per_job.total_ms": 50.0}},
+        {"side": "B", "index": 3, "figures": {"cpu_per_job.total_ms": 25.0}},
+    ]
+    f = ab_report.compare(runs)["cpu_per_job.total_ms"]
+    assert f["A"] == {"n": 3, "min": 40.0, "median": 50.0, "max": 60.0}
+    assert f["B"]["median"] == 25.0
+    assert f["ratio"] == 0.5
+    assert f["pair_ratios"] == {"n": 3, "min": 0.5, "median": 0.5, "max": 0.75}
+
+
+def test_a_figure_only_one_side_has_gets_no_ratio() -> None:
+    f = ab_report.compare([{"side": "A", "index": 1, "figures": {"x": 1.0}}])["x"]
+    assert f["B"] is None and f["ratio"] is None and f["pair_ratios"] is None
+
+
+def test_cpu_per_job_in_box_units_divides_by_the_loops_cpu() -> None:
+    ref = {"loop_cpu_s": 2.0, "json_cpu_s": 1.0}
+    norm = boxref.normalised_cpu({"total_ms": 60.0, "by_process_ms": {"workers": 30.0}}, ref)
+    assert norm is not None and norm["total"] == 30.0 and norm["by_process"] == {"workers": 15.0}
+    figures = ab_report.figures({"cpu_per_job": {"total_ms": 60.0}}, ref)
+    assert figures["cpu_per_job_box.total"] == 30.0 and figures["box.loop_cpu_s"] == 2.0
+    assert boxref.normalised_cpu(None, ref) is None
+
+
+def test_stamp_keeps_a_measured_reference_and_adds_box_units() -> None:
+    report = {"box_ref": {"loop_cpu_s": 4.0, "json_cpu_s": 1.0}, "cpu_per_job": {"total_ms": 8.0}}
+    boxref.stamp(report)
+    assert report["cpu_per_job_box"]["total"] == 2.0
+
+
+def test_the_reference_loops_really_measure_cpu() -> None:
+    ref = boxref.measure(loop_n=200_000, json_n=2_000)
+    assert ref["loop_cpu_s"] > 0 and ref["json_cpu_s"] > 0
+
+
+@pytest.mark.parametrize("args", [[], ["nosuch"], ["load", "--out", "x"]])
+def test_ab_refuses_what_it_cannot_compare(args: list[str]) -> None:
+    with pytest.raises(BenchError, match="bench|--out"):
+        ab.check_args(args)
