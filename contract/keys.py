@@ -41,3 +41,21 @@ VIEW_REBUILDER = "scan:view:rebuilder"
 # holds every event below them. A restart that brings the view back from the AOF brings this
 # back with it (the AOF is sequential), so the rebuild replays from here, not the whole window.
 VIEW_CHECKPOINT = "scan:view:checkpoint"
+
+
+# Per-user quotas (quota/limits.py). The user id is length-prefixed like the idempotency key's.
+def quota_scans(user_id: str) -> str:
+    """Hash: the user's scan token bucket (tokens, ms timestamp of the last refill)."""
+    return f"scan:quota:{len(user_id)}:{user_id}:scans"
+
+
+def quota_inflight(user_id: str) -> str:
+    """Sorted set: the user's jobs in flight, scored by the ms their lease ends; the router removes
+    a job when it applies its terminal event (streams/state.py)."""
+    return f"scan:quota:{len(user_id)}:{user_id}:inflight"
+
+
+def quota_streams(user_id: str) -> str:
+    """Sorted set: the user's open SSE streams (one lease per stream, any gateway), scored by the
+    ms the lease ends unless its gateway renews it."""
+    return f"scan:quota:{len(user_id)}:{user_id}:streams"

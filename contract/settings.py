@@ -120,8 +120,20 @@ class Settings(BaseSettings):
     image_host_allowlist: list[str] = []  # empty = any public host
     idempotency_ttl_s: int = 24 * 3600  # how long an X-Idempotency-Key is remembered
     max_idempotency_key_len: int = 200
+    max_user_id_len: int = 128  # X-User-ID (and the gateway's dev ?user=); contract/identity.py
     api_txn_producers: int = 4  # transactional producers committing job batches in parallel
     api_submit_timeout_s: float = 10.0  # a POST that Kafka cannot take this fast answers 503
+
+    # Per-user quotas (quota/), kept in Redis and shared by every API and gateway replica. Sized
+    # from the replaced app: one scan at a time per user (~15-20 s each), a few retries. 0 = no
+    # limit. `eco2 stack up` runs the local stack without them unless set (docs/operations.md).
+    scan_burst: int = 5  # scans a user may post at once (token bucket size)
+    scan_rate_per_min: float = 6.0  # ... and sustained (tokens per minute)
+    inflight_max: int = 3  # a user's jobs between POST and their terminal event
+    inflight_lease_s: int = 600  # a job counts at most this long (longer than any job lives)
+    streams_max: int = 5  # a user's concurrent SSE streams across all gateways
+    stream_lease_s: int = 30  # a stream's slot expires unless its gateway renews it (every third)
+    quota_timeout_s: float = 0.5  # a quota check Redis cannot answer this fast is skipped (fail open)
 
     # Redis state.
     state_ttl_s: int = 24 * 3600  # a job's state and history while it runs

@@ -13,6 +13,16 @@ from .stack import AFTER_POSTGRES, APPS, Service, _py, http_ready
 # Process i > 1 of a consumer component serves its metrics this much above process 1's port.
 METRICS_PORT_STEP = 10
 
+# The per-user quotas a local stack runs without unless the checkout sets them (env or
+# .eco2.env): the tests and benchmarks drive one user far past a real user's pace. Production
+# (deploy/app/config.yaml) keeps contract/settings.py's defaults; tests/test_quota.py and
+# `eco2 bench abuse` run private API and gateway processes with them.
+LOCAL_QUOTA_FIELDS = ("scan_burst", "inflight_max", "streams_max")
+
+
+def local_quotas(s: Settings) -> dict[str, str]:
+    return {f"ECO2_{f.upper()}": "0" for f in LOCAL_QUOTA_FIELDS if f not in s.model_fields_set}
+
 
 def _metrics_service(
     name: str,
@@ -54,6 +64,7 @@ def _http_service(
     probe: str,
     nice: int = 0,
     processes: Callable[[Settings], int] | None = None,
+    env: Callable[[Settings], dict[str, str]] = lambda s: {},
 ) -> Service:
     """An HTTP server. With `processes`, that many share the port (SO_REUSEPORT; the kernel
     spreads new connections over them)."""
@@ -63,6 +74,7 @@ def _http_service(
         port=port,
         ready=http_ready(probe, url),
         argv=_py(module),
+        env=env,
         nice=nice,
         groups=("app",),
     )
@@ -86,7 +98,9 @@ APPS.extend(
             "/health",
             nice=10,
         ),
-        _http_service("api", lambda s: s.api_url, lambda s: s.api_port, "producers", "/ready"),
+        _http_service(
+            "api", lambda s: s.api_url, lambda s: s.api_port, "producers", "/ready", env=local_quotas
+        ),
         _metrics_service(
             "workers",
             lambda s: s.workers_metrics_port,
@@ -108,6 +122,7 @@ APPS.extend(
             "gateway",
             "/health",
             processes=lambda s: s.gateway_processes,
+            env=local_quotas,
         ),
     ]
 )

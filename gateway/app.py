@@ -27,11 +27,13 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
-from contract import keys, stream_token
+from contract import identity, keys, stream_token
 from contract.events import TERMINAL_STAGES
 from contract.openapi import install_openapi
 from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
+from quota import refusal
+from quota.limits import StreamLeases
 from streams import view
 from streams.state import retry_options
 
@@ -86,6 +88,7 @@ class Gateway:
         self.view_ok = False
         self.epoch: str | None = None
         self._view_changed = asyncio.Event()
+        self.leases = StreamLeases(redis, s)  # per-user stream slots across all gateways
 
     def view_ready(self) -> bool:
         return self.view_ok
@@ -208,11 +211,13 @@ def create_app(s: Settings | None = None) -> FastAPI:
         await hub.start()
         app.state.gw = gw = Gateway(s, redis, hub)
         watcher = asyncio.create_task(gw.watch_view(), name="view-watch")
+        renewer = asyncio.create_task(gw.leases.renew_forever(), name="lease-renew")
         try:
             yield
         finally:
             watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            renewer.cancel()
+            await asyncio.gather(watcher, renewer, return_exceptions=True)
             await hub.stop()
             await redis.aclose()
             await pool.disconnect()
@@ -229,6 +234,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
         allow_origins=s.cors_origins,
         allow_methods=["GET"],
         allow_headers=["X-User-ID", "Last-Event-ID", "Cache-Control"],
+        expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy"],
     )
     add_metrics_route(app)
 
@@ -286,12 +292,32 @@ def create_app(s: Settings | None = None) -> FastAPI:
             uid = request.query_params.get("user")  # development only (ECO2_GATEWAY_ALLOW_USER_QUERY)
         if not uid:
             return _error(401, "missing X-User-ID or stream token")
+        if why := identity.problem(uid, s.max_user_id_len):
+            return _error(400, f"the user id {why}")  # before Redis sees it
         if len(job_id) > openapi.MAX_JOB_ID_LEN:
             return _error(404, "job not found")
         if gw.active >= s.max_connections:
             return _error(503, "too many streams on this gateway; retry shortly", {"Retry-After": "1"})
+        decision, lease = await gw.leases.acquire(uid)
+        if not decision.allowed:
+            assert decision.refused is not None
+            REJECTED.labels("429").inc()
+            return JSONResponse(
+                {
+                    "detail": refusal.message(decision.refused, s),
+                    "limit": decision.refused,
+                    "retry_after_s": max(decision.retry_after_s, 1),
+                },
+                status_code=429,
+                headers=refusal.headers(decision, s, refusal.stream_policy(s)),
+            )
         sub = gw.hub.subscribe(job_id)  # before any read: nothing published from now on is missed
-        release = gw.slot(lambda: gw.hub.unsubscribe(sub))
+
+        def unsubscribe() -> None:
+            gw.hub.unsubscribe(sub)
+            gw.leases.release(lease)
+
+        release = gw.slot(unsubscribe)
         streaming = False
         try:
             last = _last_seq(last_event_id)

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from contract import identity
 from contract.events import FAILED_EVENT, FAILED_SEQ, SSE_EVENTS, STAGES, ScanEvent
 from contract.settings import Settings
 
@@ -71,6 +72,11 @@ def events_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
             "content": {"text/event-stream": {"schema": EVENT_SCHEMA, "example": example}},
         },
         204: {"description": "the job is finished and nothing follows Last-Event-ID: do not reconnect"},
+        400: _refusal(
+            f"the user id (X-User-ID, or the development `user` query) is longer than "
+            f"{s.max_user_id_len} characters or holds any but {identity.CHARSET_TEXT}",
+            "the user id is longer than 128 characters",
+        ),
         401: _refusal(
             "neither X-User-ID nor a valid token (missing, malformed, tampered, expired, another job's)",
             "missing X-User-ID or stream token",
@@ -125,7 +131,7 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
                 "name": "user",
                 "in": "query",
                 "required": False,
-                "schema": {"type": "string"},
+                "schema": _user_schema(s),
                 "description": "DEVELOPMENT ONLY (ECO2_GATEWAY_ALLOW_USER_QUERY): the caller's user id",
             }
         )
@@ -133,6 +139,10 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
         name = param["name"]
         if name == "Last-Event-ID":
             param["description"] = "the seq of the last event received; not a number counts as 0"
+        elif name == "X-User-ID":
+            # An empty header counts as none (the token then authenticates).
+            param["schema"] = {**_user_schema(s), "pattern": identity.USER_ID_PATTERN.replace("]+", "]*")}
+            param["schema"].pop("minLength")
         elif name == "job_id":
             param["schema"] = {"type": "string", "minLength": 1, "maxLength": MAX_JOB_ID_LEN}
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
@@ -145,3 +155,12 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
 
 
 MAX_JOB_ID_LEN = 128
+
+
+def _user_schema(s: Settings) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": s.max_user_id_len,
+        "pattern": identity.USER_ID_PATTERN,
+    }

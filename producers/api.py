@@ -23,11 +23,13 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from contract import keys, stream_token, trace
+from contract import identity, keys, stream_token, trace
 from contract.events import ScanJob, ScanRequest, make_event, now
 from contract.openapi import install_openapi
 from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
+from quota import refusal
+from quota.limits import Decision, ScanQuota
 from streams import rules, view
 from streams.state import StateStore, pooled_client
 
@@ -79,6 +81,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         track_event_loop()
         app.state.redis = pooled_client(s.redis_url, 64, f"eco2-api-{os.getpid()}")
         app.state.store = StateStore(app.state.redis, s.state_ttl_s)
+        app.state.quota = ScanQuota(app.state.redis, s)
         app.state.view = view.Reader(app.state.redis)
         app.state.writer = JobWriter(s)
         await app.state.writer.start()
@@ -103,7 +106,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         allow_origins=s.cors_origins,
         allow_methods=["GET", "POST"],
         allow_headers=["X-User-ID", "X-Idempotency-Key", "Content-Type", "Last-Event-ID"],
-        expose_headers=["Location", "Retry-After"],
+        expose_headers=["Location", "Retry-After", "RateLimit", "RateLimit-Policy"],
     )
 
     @app.middleware("http")
@@ -154,6 +157,9 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         t0 = time.perf_counter()
         if not user:
             return error(401, "unauthenticated", "the X-User-ID header is required")
+        if bad := _bad_user(user, s):
+            REQUESTS.labels("submit", "400").inc()
+            return bad
         try:
             req = check_request(body, s)
         except InvalidInput as exc:
@@ -161,11 +167,10 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             return error(400, exc.code, exc.message, field=exc.field)
         redis: aioredis.Redis = request.app.state.redis
         job_id = uuid.uuid4().hex
-        if idem is not None and not 0 < len(idem) <= s.max_idempotency_key_len:
+        if idem is not None and (why := identity.problem(idem, s.max_idempotency_key_len)):
+            REQUESTS.labels("submit", "400").inc()
             return error(
-                400,
-                "invalid_idempotency_key",
-                f"X-Idempotency-Key must be 1 to {s.max_idempotency_key_len} characters",
+                400, "invalid_idempotency_key", f"X-Idempotency-Key {why}", field="X-Idempotency-Key"
             )
         idem_key = keys.idempotency(user, idem) if idem else None
         if idem_key:
@@ -187,7 +192,15 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
                         job_id=first_job,
                     )
                 REQUESTS.labels("submit", "202").inc()
-                return _accepted(s, first_job, user)
+                return _accepted(s, first_job, user)  # a replay: no quota taken twice
+        quota: ScanQuota = request.app.state.quota
+        decision = await quota.take(user, job_id)
+        if not decision.allowed:
+            if idem_key:
+                with contextlib.suppress(RedisError):
+                    await redis.delete(idem_key)  # the key names no job: a later retry may use it
+            REQUESTS.labels("submit", "429").inc()
+            return _too_many(s, decision)
         job = ScanJob(
             job_id=job_id,
             user_id=user,
@@ -204,6 +217,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             if idem_key:
                 with contextlib.suppress(RedisError):
                     await redis.delete(idem_key)  # let the client retry with the same key
+            await quota.release(user, job_id)
             REQUESTS.labels("submit", "503").inc()
             return unavailable(f"could not queue the scan: {type(exc).__name__}")
         # The router derives the same state from scan.events; writing it here too means a
@@ -215,7 +229,8 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             log.warning("job %s accepted; its queued state not cached (%s)", job_id, exc)
         REQUESTS.labels("submit", "202").inc()
         LATENCY.labels("submit").observe(time.perf_counter() - t0)
-        return _accepted(s, job_id, user, {"traceparent": tp})
+        limits = refusal.headers(decision, s, refusal.scan_policy(s))
+        return _accepted(s, job_id, user, {"traceparent": tp, **limits})
 
     @app.get("/api/v1/scan/categories")
     async def categories() -> dict[str, Any]:
@@ -236,6 +251,9 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         t0 = time.perf_counter()
         if not user:
             return error(401, "unauthenticated", "the X-User-ID header is required")
+        if bad := _bad_user(user, s):
+            REQUESTS.labels("result", "400").inc()
+            return bad
         store: StateStore = request.app.state.store
         state = await store.state(job_id)
         if state is not None and "result" in state:  # a result is final whatever the view's state
@@ -300,6 +318,25 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     add_metrics_route(app)
 
     return app
+
+
+def _bad_user(user: str, s: Settings) -> JSONResponse | None:
+    """400 for an X-User-ID outside contract/identity.py's bounds (before Kafka or Redis sees it)."""
+    why = identity.problem(user, s.max_user_id_len)
+    return error(400, "invalid_user_id", f"X-User-ID {why}", field="X-User-ID") if why else None
+
+
+def _too_many(s: Settings, d: Decision) -> JSONResponse:
+    """429: which per-user limit refused, and when to come back (Retry-After, RateLimit fields)."""
+    assert d.refused is not None
+    return error(
+        429,
+        "rate_limited",
+        refusal.message(d.refused, s),
+        headers=refusal.headers(d, s, refusal.scan_policy(s)),
+        limit=d.refused,
+        retry_after_s=max(d.retry_after_s, 1),
+    )
 
 
 def _result_url(s: Settings, job_id: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from contract import trace
+from contract import identity, trace
 from contract.events import SSE_EVENTS, ScanResult
 from contract.settings import Settings
 
@@ -134,8 +134,9 @@ def submit_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
                 "text": ("invalid_text", "user_input is not valid Unicode text"),
                 "key": (
                     "invalid_idempotency_key",
-                    f"X-Idempotency-Key must be 1 to {s.max_idempotency_key_len} characters",
+                    f"X-Idempotency-Key is longer than {s.max_idempotency_key_len} characters",
                 ),
+                "user": ("invalid_user_id", f"X-User-ID may hold only {identity.CHARSET_TEXT}"),
                 "body": ("invalid_request", "the request is not a valid scan request"),
             },
         ),
@@ -171,6 +172,10 @@ def result_responses() -> dict[int | str, dict[str, Any]]:
                 "Location": {"description": "this result URL", "schema": {"type": "string"}},
             },
         },
+        400: _error(
+            "the X-User-ID is longer than ECO2_MAX_USER_ID_LEN or holds a character outside its set",
+            {"user": ("invalid_user_id", f"X-User-ID may hold only {identity.CHARSET_TEXT}")},
+        ),
         401: UNAUTHENTICATED,
         404: _error(
             "no such job, or not the caller's (the two are indistinguishable)",
@@ -192,12 +197,16 @@ def _gateway(s: Settings) -> str:
     return (s.public_base_url or s.gateway_url).rstrip("/")
 
 
-USER_HEADER = {
-    "type": "string",
-    "minLength": 1,
-    "description": "the caller's user id, set by the auth proxy after it authenticated the user "
-    "(a missing header is a 401)",
-}
+def user_header(s: Settings) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": s.max_user_id_len,
+        "pattern": identity.USER_ID_PATTERN,
+        "description": "the caller's user id, set by the auth proxy after it authenticated the user "
+        f"(a missing header is a 401; more than {s.max_user_id_len} characters or any but "
+        f"{identity.CHARSET_TEXT} a 400)",
+    }
 
 
 def complete(doc: dict[str, Any], s: Settings) -> None:
@@ -205,7 +214,8 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
         for op in ops.values():
             for param in op.get("parameters", []):
                 if param["name"] == "X-User-ID":
-                    param.update(required=True, schema=USER_HEADER, description=USER_HEADER["description"])
+                    schema = user_header(s)
+                    param.update(required=True, schema=schema, description=schema["description"])
             # Invalid input is a 400 ApiError here (see api.invalid), never FastAPI's 422 shape.
             if "422" in op.get("responses", {}) and "ValidationError" in str(op["responses"]["422"]):
                 del op["responses"]["422"]
@@ -222,7 +232,12 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
     )
     for param in submit.get("parameters", []):
         if param["name"] == "X-Idempotency-Key":
-            param["schema"] = {"type": "string", "minLength": 1, "maxLength": s.max_idempotency_key_len}
+            param["schema"] = {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": s.max_idempotency_key_len,
+                "pattern": identity.IDEMPOTENCY_KEY_PATTERN,
+            }
             param["description"] = (
                 "makes the POST safe to retry: the same key with the same body returns the same job "
                 f"for {s.idempotency_ttl_s} s after its first use; the same key with another body "

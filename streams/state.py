@@ -23,8 +23,9 @@ from contract import keys
 from contract.events import TERMINAL_STAGES, ScanEvent
 from contract.topics import shard_of
 
-# KEYS: state, history.  ARGV: seq, event json, channel ("" = do not publish), ttl, stage, status,
-# progress, user, result json ("" when none), ttl once finished. Returns 1 when the event was new.
+# KEYS: state, history, the owner's in-flight quota set.  ARGV: seq, event json, channel ("" = do
+# not publish), ttl, stage, status, progress, user, result json ("" when none), ttl once finished,
+# job id. Returns 1 when the event was new.
 # A finished job's keys keep only the finished TTL, whatever arrives after its terminal event.
 _APPLY = """
 local terminal = TERMINAL
@@ -46,6 +47,8 @@ if st[2] == 'failed' or terminal[st[1]] then ttl = ARGV[10] end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 if new == 1 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[2]) end
+-- A terminal event frees the job's in-flight quota slot (quota/limits.py); repeats are harmless.
+if ARGV[6] == 'failed' or terminal[ARGV[5]] then redis.call('ZREM', KEYS[3], ARGV[11]) end
 return new
 """.replace("TERMINAL", "{" + ", ".join(f"['{s}'] = true" for s in TERMINAL_STAGES) + "}")
 
@@ -114,7 +117,7 @@ class StateStore:
             for ev in events:
                 data = ev.model_dump_json()
                 await self._apply(
-                    keys=[keys.state(ev.job_id), keys.history(ev.job_id)],
+                    keys=[keys.state(ev.job_id), keys.history(ev.job_id), keys.quota_inflight(ev.user_id)],
                     args=[
                         ev.seq,
                         data,
@@ -126,6 +129,7 @@ class StateStore:
                         ev.user_id,
                         json.dumps(ev.result) if ev.result is not None else "",
                         self._finished_ttl(ev, now),
+                        ev.job_id,
                     ],
                     client=pipe,
                 )

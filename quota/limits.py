@@ -1,0 +1,271 @@
+"""Per-user quotas in Redis: scan token bucket, jobs in flight, stream leases.
+
+Each check is one Lua call, so every API and gateway replica enforces one limit per user (not
+one per replica) and two concurrent requests cannot both take the last slot. Time is Redis's
+own (`TIME`), so replicas with skewed clocks agree.
+
+- scans: a token bucket of `scan_burst` tokens refilled at `scan_rate_per_min`;
+- in flight: at most `inflight_max` jobs between their POST and their terminal event. The POST
+  adds the job, the router removes it when it applies the terminal event (streams/state.py); a
+  job also drops out after `inflight_lease_s`, so nothing is held forever if that event never
+  reaches Redis (a flushed view);
+- streams: at most `streams_max` open streams across all gateways; each is a lease its gateway
+  renews every `stream_lease_s / 3`, so a gateway killed -9 leaks its slots for one lease at most.
+
+When Redis does not answer within `quota_timeout_s` a check is skipped (fail open): the quotas
+protect the model budget and the gateways from one user, they must not turn a Redis outage into
+an outage of every user (docs/operations.md, "Quotas").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+from redis.exceptions import RedisError
+
+from contract import keys
+from contract.settings import Settings
+
+log = logging.getLogger("eco2.quota")
+
+Limit = Literal["scans", "inflight", "streams"]
+# A concurrency limit has no window: how long a refused client should wait before trying again
+# (a third of a scan at the hosted model's pace), at most until the oldest slot's lease ends.
+CONCURRENCY_RETRY_S = 5
+
+REFUSED = Counter("eco2_quota_refused_total", "requests refused by a per-user quota (429)", ["limit"])
+SKIPPED = Counter(
+    "eco2_quota_skipped_total", "quota checks skipped because Redis did not answer (fail open)", ["limit"]
+)
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: bucket, in-flight set. ARGV: burst, tokens per ms, in-flight cap, job id, lease ms.
+# Returns {refused limit or '', tokens left, in-flight slots left, retry ms, ms to a full bucket}.
+_SUBMIT = (
+    _NOW
+    + """
+local burst = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cap = tonumber(ARGV[3])
+local lease = tonumber(ARGV[5])
+local busy = 0
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  busy = redis.call('ZCARD', KEYS[2])
+  if busy >= cap then
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {'inflight', 0, 0, tonumber(first[2]) - now, 0}
+  end
+end
+local tokens = burst
+if burst > 0 then
+  local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+  if b[1] then
+    tokens = math.min(burst, tonumber(b[1]) + math.max(0, now - tonumber(b[2])) * rate)
+  end
+  if tokens < 1 then
+    return {'scans', 0, cap - busy, math.ceil((1 - tokens) / rate), math.ceil((burst - tokens) / rate)}
+  end
+  tokens = tokens - 1
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+  redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate) + 1000)
+end
+if cap > 0 then
+  redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], lease)
+  busy = busy + 1
+end
+local full = 0
+if burst > 0 then full = math.ceil((burst - tokens) / rate) end
+return {'', math.floor(tokens), cap - busy, 0, full}
+"""
+)
+
+# KEYS: the user's stream leases. ARGV: cap, lease id, lease ms.
+# Returns {1 taken | 0 refused, slots left, ms until the oldest lease ends}.
+_STREAM = (
+    _NOW
+    + """
+local cap = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= cap then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, 0, tonumber(first[2]) - now}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, cap - n - 1, 0}
+"""
+)
+
+# KEYS: lease sets. ARGV: lease ms, then one lease id per key. Renews the leases still held.
+_RENEW = (
+    _NOW
+    + """
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+return #KEYS
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one check: allowed or the limit that refused, and what the headers say."""
+
+    refused: Limit | None = None
+    scans_left: int | None = None  # tokens left in the bucket (None: no bucket)
+    scans_full_s: int = 0  # seconds until the bucket is full again
+    inflight_left: int | None = None
+    streams_left: int | None = None
+    retry_after_s: int = 0
+    skipped: bool = False  # Redis did not answer: allowed without a check
+
+    @property
+    def allowed(self) -> bool:
+        return self.refused is None
+
+
+class ScanQuota:
+    """The scan API's check: a token from the user's bucket and a slot for the job in flight."""
+
+    def __init__(self, redis: aioredis.Redis, s: Settings) -> None:
+        self.redis = redis
+        self.s = s
+        self._submit = redis.register_script(_SUBMIT)
+
+    @property
+    def enabled(self) -> bool:
+        return self.s.scan_burst > 0 or self.s.inflight_max > 0
+
+    async def take(self, user: str, job_id: str) -> Decision:
+        """Admit `job_id` for `user` (taking a token and an in-flight slot) or say which limit refused."""
+        s = self.s
+        if not self.enabled:
+            return Decision()
+        rate_per_ms = max(s.scan_rate_per_min, 1e-6) / 60_000
+        try:
+            async with asyncio.timeout(s.quota_timeout_s):
+                limit, tokens, slots, retry_ms, full_ms = await self._submit(
+                    keys=[keys.quota_scans(user), keys.quota_inflight(user)],
+                    args=[s.scan_burst, repr(rate_per_ms), s.inflight_max, job_id, s.inflight_lease_s * 1000],
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            SKIPPED.labels("scans").inc()
+            log.warning("scan quota of a user not checked (Redis: %s); admitted", type(exc).__name__)
+            return Decision(skipped=True)
+        name = _text(limit)
+        retry_s = _seconds(int(retry_ms))
+        if name == "inflight":
+            retry_s = min(retry_s, CONCURRENCY_RETRY_S)
+        decision = Decision(
+            refused=name or None,  # type: ignore[arg-type]
+            scans_left=int(tokens) if s.scan_burst > 0 else None,
+            scans_full_s=_seconds(int(full_ms)),
+            inflight_left=max(int(slots), 0) if s.inflight_max > 0 else None,
+            retry_after_s=retry_s if name else 0,
+        )
+        if decision.refused:
+            REFUSED.labels(decision.refused).inc()
+        return decision
+
+    async def release(self, user: str, job_id: str) -> None:
+        """Give back the in-flight slot of a job that was not accepted after all (Kafka refused it)."""
+        if self.s.inflight_max > 0:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self.s.quota_timeout_s):
+                    await self.redis.zrem(keys.quota_inflight(user), job_id)
+
+
+class StreamLeases:
+    """A gateway's stream slots: one lease per open stream, renewed while it lives."""
+
+    def __init__(self, redis: aioredis.Redis, s: Settings) -> None:
+        self.redis = redis
+        self.s = s
+        self.held: dict[str, str] = {}  # lease id -> user
+        self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._acquire = redis.register_script(_STREAM)
+        self._renew = redis.register_script(_RENEW)
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.s.streams_max > 0
+
+    async def acquire(self, user: str) -> tuple[Decision, str | None]:
+        """A lease for one more stream of `user`, or the refusal (fail open when Redis is silent)."""
+        if not self.enabled:
+            return Decision(), None
+        lease = self._prefix + uuid.uuid4().hex[:12]
+        try:
+            async with asyncio.timeout(self.s.quota_timeout_s):
+                taken, left, retry_ms = await self._acquire(
+                    keys=[keys.quota_streams(user)],
+                    args=[self.s.streams_max, lease, self.s.stream_lease_s * 1000],
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            SKIPPED.labels("streams").inc()
+            log.warning("stream quota of a user not checked (Redis: %s); admitted", type(exc).__name__)
+            return Decision(skipped=True), None
+        if not int(taken):
+            REFUSED.labels("streams").inc()
+            retry_s = min(_seconds(int(retry_ms)), CONCURRENCY_RETRY_S)
+            return Decision(refused="streams", streams_left=0, retry_after_s=retry_s), None
+        self.held[lease] = user
+        return Decision(streams_left=int(left)), lease
+
+    def release(self, lease: str | None) -> None:
+        """Free a stream's slot now (in the background: a stream's end must not wait for Redis)."""
+        user = self.held.pop(lease, None) if lease is not None else None
+        if lease is None or user is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._zrem(user, lease))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _zrem(self, user: str, lease: str) -> None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self.s.quota_timeout_s * 4):
+                await self.redis.zrem(keys.quota_streams(user), lease)
+
+    async def renew_forever(self) -> None:
+        """Renew every lease this gateway holds each third of the lease (one Lua call per batch)."""
+        every = max(self.s.stream_lease_s / 3, 0.2)
+        while True:
+            await asyncio.sleep(every)
+            held = list(self.held.items())
+            for i in range(0, len(held), 500):
+                batch = held[i : i + 500]
+                try:
+                    await self._renew(
+                        keys=[keys.quota_streams(user) for _, user in batch],
+                        args=[self.s.stream_lease_s * 1000, *(lease for lease, _ in batch)],
+                    )
+                except RedisError as exc:
+                    log.warning("stream leases not renewed (Redis: %s)", type(exc).__name__)
+                    break
+
+
+def _seconds(ms: int) -> int:
+    return max(1, math.ceil(ms / 1000)) if ms > 0 else 0
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

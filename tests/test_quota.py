@@ -1,0 +1,109 @@
+"""Per-user quotas against the stack's real Redis (quota/limits.py), bounded identities, and the
+fail-open path when Redis does not answer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from contract import identity, keys
+from contract.events import ScanJob, make_event, now
+from contract.settings import Settings
+from quota import refusal
+from quota.limits import ScanQuota, StreamLeases
+from streams.state import StateStore, client
+
+
+def test_identity_bounds() -> None:
+    assert identity.problem("auth0|64b1f0e2", 128) is None
+    assert identity.problem("alice@example.com", 128) is None
+    assert identity.problem("a" * 129, 128) == "is longer than 128 characters"
+    for bad in ("", "a b", "a/b", 'a"b', "é", "a\nb"):
+        assert identity.problem(bad, 128) is not None, bad
+
+
+def _tight(settings: Settings, **kw: object) -> Settings:
+    base = dict(scan_burst=2, scan_rate_per_min=60.0, inflight_max=3, streams_max=2, stream_lease_s=2)
+    return settings.model_copy(update={**base, **kw})
+
+
+async def test_bucket_refuses_then_refills(settings: Settings) -> None:
+    s = _tight(settings, inflight_max=0)
+    redis = client(s.redis_url, "test-quota")
+    user = f"q-{uuid.uuid4().hex[:8]}"
+    try:
+        quota = ScanQuota(redis, s)
+        first = [await quota.take(user, uuid.uuid4().hex) for _ in range(2)]
+        assert all(d.allowed for d in first)
+        refused = await quota.take(user, uuid.uuid4().hex)
+        assert refused.refused == "scans" and refused.retry_after_s == 1
+        h = refusal.headers(refused, s, refusal.scan_policy(s))
+        assert h["Retry-After"] == "1" and h["RateLimit"] == '"scans";r=0;t=1'
+        assert h["RateLimit-Policy"] == '"scans";q=2;w=2'
+        await asyncio.sleep(1.2)  # 60/min: one token a second
+        assert (await quota.take(user, uuid.uuid4().hex)).allowed
+    finally:
+        await redis.aclose()
+
+
+async def test_inflight_released_by_the_terminal_event(settings: Settings) -> None:
+    s = _tight(settings, scan_burst=0, inflight_max=1)
+    redis = client(s.redis_url, "test-quota")
+    user = f"q-{uuid.uuid4().hex[:8]}"
+    try:
+        quota = ScanQuota(redis, s)
+        job = ScanJob(
+            job_id=uuid.uuid4().hex,
+            user_id=user,
+            image_url="https://x.example.com/a.jpg",
+            model="gpt-4o-mini",
+            created_at=now(),
+        )
+        assert (await quota.take(user, job.job_id)).allowed
+        assert (await quota.take(user, uuid.uuid4().hex)).refused == "inflight"
+        store = StateStore(redis, 60)
+        await store.apply([make_event(job, "queued", "completed")])  # not terminal: still held
+        assert (await quota.take(user, uuid.uuid4().hex)).refused == "inflight"
+        await store.apply([make_event(job, "done", "completed")])  # what the router applies
+        assert (await quota.take(user, uuid.uuid4().hex)).allowed
+    finally:
+        await redis.aclose()
+
+
+async def test_stream_leases_shared_and_expire(settings: Settings) -> None:
+    """Two gateways share one cap; leases of a gateway that stops renewing (killed) expire."""
+    s = _tight(settings)
+    redis = client(s.redis_url, "test-quota")
+    user = f"q-{uuid.uuid4().hex[:8]}"
+    try:
+        a, b = StreamLeases(redis, s), StreamLeases(redis, s)
+        da, lease_a = await a.acquire(user)
+        db, _ = await b.acquire(user)
+        assert da.allowed and db.allowed
+        refused, _ = await b.acquire(user)
+        assert refused.refused == "streams"
+        a.release(lease_a)
+        await asyncio.sleep(0.2)
+        assert (await a.acquire(user))[0].allowed
+        await asyncio.sleep(s.stream_lease_s + 0.5)  # nobody renews: both leases lapse
+        assert (await b.acquire(user))[0].allowed
+        assert await redis.zcard(keys.quota_streams(user)) == 1
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("kind", ["scans", "streams"])
+async def test_redis_down_fails_open(settings: Settings, kind: str) -> None:
+    s = _tight(settings, redis_url="redis://127.0.0.1:1/0", quota_timeout_s=0.5)
+    redis = client(s.redis_url, "test-quota")
+    try:
+        if kind == "scans":
+            d = await ScanQuota(redis, s).take("u", "j")
+        else:
+            d, _ = await StreamLeases(redis, s).acquire("u")
+        assert d.allowed and d.skipped
+        assert refusal.headers(d, s, refusal.scan_policy(s)) == {}
+    finally:
+        await redis.aclose()
