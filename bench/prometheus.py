@@ -129,7 +129,9 @@ def targets(s: Settings) -> list[Target]:
 
     out = []
     for svc in stack.services({"app"}, s):
-        component = next((c for c in (*HTTP_COMPONENTS, *CONSUMER_COMPONENTS) if c in (svc.name, *svc.groups)), None)
+        component = next(
+            (c for c in (*HTTP_COMPONENTS, *CONSUMER_COMPONENTS) if c in (svc.name, *svc.groups)), None
+        )
         if component is None:
             continue  # the model stand-in exports nothing
         job = "eco2-http" if component in HTTP_COMPONENTS else "eco2-consumers"
@@ -227,16 +229,20 @@ class Prometheus:
 
 @asynccontextmanager
 async def running(
-    s: Settings, rules: dict[str, Any], interval_s: float = 1.0, port: int | None = None
+    s: Settings,
+    rules: dict[str, Any],
+    interval_s: float = 1.0,
+    port: int | None = None,
+    scrape: list[Target] | None = None,
 ) -> AsyncIterator[Prometheus]:
-    """Prometheus on 127.0.0.1 (a port of PORTS), scraping the stack with `rules`; stopped and
-    its data removed on exit."""
+    """Prometheus on 127.0.0.1 (a port of PORTS), scraping the stack (or `scrape`) with `rules`;
+    stopped and its data removed on exit."""
     if not Path(BINARY).exists():
         raise RuntimeError(f"no {BINARY}: `eco2 stack up` installs Debian's prometheus")
     port = port or free_port()
     work = Path(tempfile.mkdtemp(prefix="eco2-prometheus-"))
     (work / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
-    config = render_config(targets(s), "rules.yaml", interval_s)
+    config = render_config(targets(s) if scrape is None else scrape, "rules.yaml", interval_s)
     (work / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     log = work / "prometheus.log"
     with log.open("wb") as f:

@@ -136,6 +136,10 @@ def markdown(report: dict[str, Any]) -> str:
         from .ab_report import markdown as ab_md
 
         body = ab_md(report)
+    elif kind == "alerts":
+        from .alerts import markdown as alerts_md
+
+        body = alerts_md(report)
     else:
         body = _load_md(report) if kind == "load" else _micro_md(report)
     from .boxref import markdown as boxref_md

@@ -293,14 +293,27 @@ def chaos(
         int, typer.Option("--late-joiners", help="streams re-read afterwards (0 = all)")
     ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="no live progress line")] = False,
+    alerts: Annotated[
+        bool,
+        typer.Option(
+            "--alerts",
+            help="instead: the alert rules in a real Prometheus, quiet on a clean load, firing on "
+            "real faults (bench/alerts.py; --vus, --hold = clean load, --faults from "
+            "poison,stall,router,writer,redis,kafka,flush)",
+        ),
+    ] = False,
     name: NameOpt = "",
     out: OutOpt = None,
 ) -> None:
     """Load (SSE VUs) while every component is killed or restarted on a timeline; then checks that
-    nothing accepted was lost, no stream had a gap or duplicate, and no 5xx but declared 503s."""
+    nothing accepted was lost, no stream had a gap or duplicate, and no 5xx but declared 503s.
+    With --alerts: the alerts of deploy/monitoring/rules.yaml in a real Prometheus instead."""
     from bench.chaos import ChaosConfig, run_chaos
     from bench.harness import parse_latency
 
+    if alerts:
+        _chaos_alerts(vus, hold, faults, parse_latency(model_latency), name, out, quiet)
+        return
     cfg = ChaosConfig(
         vus=vus,
         hold_s=hold,
@@ -313,6 +326,33 @@ def chaos(
         progress=not quiet,
     )
     report = _run(run_chaos(get_settings(), cfg, typer.echo))
+    _finish(report, out)
+    if any(t["verdict"] == "MISS" for t in report["targets"]):
+        raise typer.Exit(2)
+
+
+def _chaos_alerts(
+    vus: int,
+    hold: float,
+    faults: str,
+    latency: tuple[float, float] | None,
+    name: str,
+    out: Path | None,
+    quiet: bool,
+) -> None:
+    from bench.alerts import FAULTS, AlertsConfig, run_alerts
+    from bench.chaos import FAULTS as KILL_FAULTS
+
+    chosen = tuple(x.strip() for x in faults.split(",") if x.strip())
+    cfg = AlertsConfig(
+        vus=vus,
+        clean_s=hold if hold != 200.0 else AlertsConfig.clean_s,  # 200 s is the kill timeline's default
+        model_latency=latency,
+        faults=tuple(FAULTS) if chosen == KILL_FAULTS else chosen,
+        name=name,
+        progress=not quiet,
+    )
+    report = _run(run_alerts(get_settings(), cfg, typer.echo))
     _finish(report, out)
     if any(t["verdict"] == "MISS" for t in report["targets"]):
         raise typer.Exit(2)
