@@ -76,6 +76,7 @@ class Caps:
 
     for_s: float | None = None
     window_s: float | None = None
+    for_by_alert: dict[str, float] = field(default_factory=dict)  # a tighter cap for one alert
 
 
 def render_rules(groups: list[dict[str, Any]], caps: Caps = Caps()) -> tuple[dict[str, Any], list[Change]]:
@@ -86,9 +87,10 @@ def render_rules(groups: list[dict[str, Any]], caps: Caps = Caps()) -> tuple[dic
     for g in out:
         for r in g["rules"]:
             name = r.get("alert") or r.get("record") or "?"
-            if caps.for_s is not None and "for" in r and seconds(r["for"]) > caps.for_s:
-                changes.append(Change(name, "for", r["for"], duration(caps.for_s)))
-                r["for"] = duration(caps.for_s)
+            cap = caps.for_by_alert.get(name, caps.for_s)
+            if cap is not None and "for" in r and seconds(r["for"]) > cap:
+                changes.append(Change(name, "for", r["for"], duration(cap)))
+                r["for"] = duration(cap)
             if caps.window_s is not None:
                 r["expr"] = _cap_windows(name, r["expr"], caps.window_s, changes)
     return {"groups": out}, changes

@@ -58,6 +58,12 @@ def test_caps_cut_only_what_is_longer_and_say_so() -> None:
     ]
     assert groups[0]["rules"][0]["for"] == "15m", "the input is not modified"
     assert prom.alert_fors(rendered) == {"Long": 30.0, "Short": 20.0, "NoFor": 0.0}
+    tight, changes = prom.render_rules(groups, prom.Caps(for_s=30, for_by_alert={"Short": 5}))
+    assert prom.alert_fors(tight) == {"Long": 30.0, "Short": 5.0, "NoFor": 0.0}
+    assert [(c.alert, c.real, c.rendered) for c in changes] == [
+        ("Long", "15m", "30s"),
+        ("Short", "20s", "5s"),
+    ]
 
 
 def test_the_deployed_rules_capped_keep_every_alert_and_threshold() -> None:
