@@ -11,6 +11,7 @@ every fault is repaired whatever happens (kill -CONT, restart through the stack 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
 import signal
@@ -30,7 +31,7 @@ from eco2 import stack
 from . import harness
 from . import prometheus as prom
 from .chaos import ChaosLoad, _back, _view_ready
-from .load import LoadConfig, LoadRun
+from .load import LoadConfig, LoadRun, image_url
 from .stats import machine
 
 Out = Callable[[str], None]
@@ -57,7 +58,7 @@ FAULTS: dict[str, FaultSpec] = {
         FaultSpec("router", "router killed (SIGKILL) under load, then restarted", ("Eco2ConsumerDown",)),
         FaultSpec("writer", "writer killed (SIGKILL) under load, then restarted", ("Eco2ConsumerDown",)),
         FaultSpec("redis", "Redis killed (SIGKILL), then restarted (AOF)", ("Eco2RouterRedisErrors",)),
-        FaultSpec("kafka", "Kafka stopped under load (POSTs answer 5xx), then started", ("Eco2Api5xx",)),
+        FaultSpec("kafka", "Kafka stopped under load, new users POSTing 2/s, then started", ("Eco2Api5xx",)),
         # The view lost: the alert is for a rebuild longer than its `for`; a shorter one must
         # leave it quiet. Judged against the rebuild's own duration (eco2_view_rebuild_last_seconds).
         FaultSpec("flush", "Redis FLUSHALL (the view lost; the router rebuilds it)", (), False),
@@ -183,12 +184,21 @@ async def inject(s: Settings, fault: str) -> Callable[[], Awaitable[str]]:
 
         return restart
     if fault == "kafka":
+        # New users keep arriving while the VUs already in the system wait on their streams
+        # (closed-loop VUs alone may post nothing for minutes during the outage).
+        statuses: collections.Counter[str] = collections.Counter()
+        arrivals = asyncio.create_task(_arrivals(s, statuses))
         await asyncio.to_thread(stack.stop, s, stack.find("kafka"))
 
         async def start() -> str:
             t0 = time.monotonic()
-            back = await _back(s, "kafka", t0, 180.0)
-            return f"kafka back in {back:.1f}s" + await _consumers_resume(s)
+            try:
+                back = await _back(s, "kafka", t0, 180.0)
+            finally:
+                arrivals.cancel()
+                await asyncio.gather(arrivals, return_exceptions=True)
+            answers = ", ".join(f"{k} x{v}" for k, v in sorted(statuses.items()))
+            return f"kafka back in {back:.1f}s; arrivals' POSTs: {answers}" + await _consumers_resume(s)
 
         return start
     if fault == "flush":
@@ -206,6 +216,33 @@ async def inject(s: Settings, fault: str) -> Callable[[], Awaitable[str]]:
 
         return rebuilt
     raise harness.BenchError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
+
+
+async def _arrivals(s: Settings, statuses: collections.Counter[str], every_s: float = 0.5) -> None:
+    """A new user's POST every `every_s` (each its own request, whatever the previous one does)."""
+    tasks: set[asyncio.Task[None]] = set()
+    async with httpx.AsyncClient(base_url=s.api_url, timeout=30) as client:
+
+        async def one(n: int) -> None:
+            body = {"image_url": image_url(10_000 + n, n)}
+            try:
+                r = await client.post("/api/v1/scan", json=body, headers={"X-User-ID": f"alerts-arrival-{n}"})
+                statuses[f"HTTP {r.status_code}"] += 1
+            except httpx.HTTPError as exc:
+                statuses[type(exc).__name__] += 1
+
+        n = 0
+        try:
+            while True:
+                task = asyncio.create_task(one(n))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                n += 1
+                await asyncio.sleep(every_s)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _consumers_resume(s: Settings, timeout_s: float = 60.0) -> str:
