@@ -79,3 +79,20 @@ async def test_follow_waits_out_a_refused_stream_for_its_retry_after() -> None:
         "rate limited (HTTP 429): too many open streams: at most 5 per user across all gateways;"
         " reconnecting in 0.05 s (Retry-After)"
     )
+
+
+def test_every_quota_setting_is_carried_into_the_deployment_with_its_default() -> None:
+    """deploy/app/config.yaml spells out each quota and identity bound, equal to contract's default."""
+    from pathlib import Path
+
+    import yaml
+
+    from contract.settings import Settings
+
+    config = yaml.safe_load((Path(__file__).parent.parent / "deploy/app/config.yaml").read_text())["data"]
+    fields = ["scan_burst", "scan_rate_per_min", "inflight_max", "inflight_lease_s", "streams_max"]
+    fields += ["stream_lease_s", "quota_timeout_s", "max_user_id_len", "max_idempotency_key_len"]
+    for f in fields:
+        default = Settings.model_fields[f].default
+        assert f"ECO2_{f.upper()}" in config, f
+        assert type(default)(config[f"ECO2_{f.upper()}"]) == default, f
