@@ -61,9 +61,9 @@ async def running(*procs: Proc) -> AsyncIterator[list[str]]:
 
 
 async def post(http: httpx.AsyncClient, url: str, user: str | bytes, **headers: str) -> httpx.Response:
-    return await http.post(
-        f"{url}/api/v1/scan", json={"image_url": IMAGE}, headers={"X-User-ID": user, **headers}
-    )
+    raw = user if isinstance(user, bytes) else user.encode()  # bytes: a non-ASCII id as sent on the wire
+    sent = [(b"X-User-ID", raw), *((k.encode(), v.encode()) for k, v in headers.items())]
+    return await http.post(f"{url}/api/v1/scan", json={"image_url": IMAGE}, headers=sent)
 
 
 def metric(text: str, name: str, label: str) -> float:
