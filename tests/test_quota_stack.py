@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -235,3 +236,27 @@ async def test_page_waits_out_a_429_and_posts_again(
                 f"document.querySelector('#job').textContent !== {first!r}", timeout=15_000
             )
             assert await page.get_attribute("body", "data-state") != "limited"
+
+
+async def test_schemathesis_finds_nothing_in_a_quota_limited_scan_api(
+    settings: Settings, stack_status: dict[str, object], tmp_path: Path, uid: str
+) -> None:
+    """With a tight bucket most POSTs are 429s: their body and fields must match the OpenAPI."""
+    from .test_contracts import BODY_LIMIT, schemathesis
+
+    api = with_env(
+        api_proc(settings, settings.redis_url),
+        ECO2_SCAN_BURST="2",
+        ECO2_SCAN_RATE_PER_MIN="1",
+        ECO2_INFLIGHT_MAX="1",
+    )
+    async with running(api) as (url,):
+        await asyncio.to_thread(
+            schemathesis, f"{url}/openapi.json", tmp_path, *("-H", f"X-User-ID: st-{uid}"), config=BODY_LIMIT
+        )
+        text = httpx.get(f"{url}/metrics").text
+        assert (
+            metric(text, "eco2_quota_refused_total", 'limit="inflight"')
+            + metric(text, "eco2_quota_refused_total", 'limit="scans"')
+            > 0
+        ), "schemathesis never met a 429"
