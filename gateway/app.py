@@ -38,7 +38,7 @@ from streams import view
 from streams.state import retry_options
 
 from . import openapi
-from .hub import Hub, Item
+from .hub import Hub, Item, history_items
 from .stream import JobStream
 
 log = logging.getLogger("eco2.gateway")
@@ -127,7 +127,7 @@ class Gateway:
 
     async def read_history(self, job_id: str, after: int) -> list[Item]:
         raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
-        return [Item.parse(r) for r in raw]  # type: ignore[arg-type]
+        return history_items(raw)  # type: ignore[arg-type]
 
     async def snapshot(self, job_id: str, after: int) -> Snapshot:
         """The view's status, the job's owner and its history after `after`, as of one instant
@@ -143,7 +143,7 @@ class Gateway:
         if user is not None and seq is not None:
             finished = _text(status) == "failed" or _text(stage) in TERMINAL_STAGES
             owner = (_text(user), int(seq), finished)
-        return Snapshot(st == "ready" and self.view_ok, owner, [Item.parse(r) for r in history])
+        return Snapshot(st == "ready" and self.view_ok, owner, history_items(history))
 
     def slot(self, release_sub: Callable[[], None]) -> Callable[[], None]:
         """Count one stream; the returned release is idempotent (generator end or response end)."""
