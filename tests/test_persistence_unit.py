@@ -7,6 +7,7 @@ import json
 import pytest
 
 from contract.events import Reward, ScanJob, ScanResult, make_event, now
+from contract.versioning import SCHEMA_VERSION
 from persistence.batcher import Batcher
 from persistence.records import Bad, ownership_of, parse
 from persistence.store import batch_args, is_data_error
@@ -173,10 +174,11 @@ def test_batch_args_dedupe_jobs_and_keep_earliest_ownership() -> None:
     rc = _result(c, reward=Reward(granted=False, reason="no").model_dump())
     ra_again = _result(a, finished_at=50.0, answer={"text": "later duplicate"})
     args = batch_args([ra, rb, rc, ra_again])
-    assert len(args) == 18
+    assert len(args) == 20
     assert args[0] == ["a", "b", "c"]  # one row per job; the first terminal event wins
     assert json.loads(args[7][0] or "null") is None  # a's answer: the first one (None)
-    assert args[14:] == [["u"], ["PET"], ["b"], [100.0]]
+    assert args[14:18] == [["u"], ["PET"], ["b"], [100.0]]
+    assert args[18:] == [[SCHEMA_VERSION] * 3, [None] * 3]  # schema version; no fields of a newer one
 
 
 def test_is_data_error_only_for_data_classes() -> None:

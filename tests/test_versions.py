@@ -148,6 +148,9 @@ async def test_router_writer_and_gateway_read_previous_and_next_minor(
     stored = await rows(settings, readable)
     assert sorted(stored) == sorted(readable)
     assert all(r["status"] == "completed" and r["reward"] for r in stored.values())
+    assert {shape: stored[jobs[shape].job_id]["v"] for shape in READABLE} == STAMP
+    assert json.loads(stored[jobs["next"].job_id]["extra"]) == {**NEW_FIELDS, **NEW_STAGE_RESULT}
+    assert stored[jobs["legacy"].job_id]["extra"] is None
     major = jobs["major"].job_id
     refused = await letters(settings, PERSISTENCE_DLQ, major, since_ms, len(FULL))
     assert {x["reason"] for x in refused} == {"unknown_version"}
@@ -172,6 +175,14 @@ async def test_router_writer_and_gateway_read_previous_and_next_minor(
         if shape == "next":
             assert NEW_FIELDS.items() <= got[-1].model_dump().items()
             assert NEW_STAGE_RESULT.items() <= result.items()
+
+    # Once Redis has let the result go, Postgres answers with the newer fields all the same.
+    nxt = jobs["next"]
+    await rdb.delete(keys.state(nxt.job_id), keys.history(nxt.job_id))
+    async with httpx.AsyncClient(base_url=settings.api_url) as http:
+        resp = await http.get(f"/api/v1/scan/{nxt.job_id}/result", headers={"X-User-ID": nxt.user_id})
+    assert resp.status_code == 200, resp.text
+    assert {**NEW_FIELDS, **NEW_STAGE_RESULT, "v": NEXT}.items() <= resp.json().items()
 
 
 async def test_stage_workers_read_previous_and_next_minor(
