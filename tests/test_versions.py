@@ -22,6 +22,7 @@ from contract.events import ScanJob, now
 from contract.settings import Settings
 from contract.topics import BY_NAME, DLQ, EVENTS, PERSISTENCE_DLQ, STAGE_TOPICS, partition_for
 from gateway.client import follow
+from streams import rules
 
 from .gateway_support import full_events
 from .kafka_events import dead_letters, job_events, read_partition
@@ -238,3 +239,53 @@ async def test_stage_workers_read_previous_and_next_minor(
         3,
     )
     assert not [m for m in ev_major if m.key and m.key.decode() == major.job_id]
+
+
+@pytest.mark.parametrize("shape", ["next", "legacy"])
+async def test_each_stage_takes_over_a_job_written_by_another_version(
+    settings: Settings, zero_latency_model: str, producer: AIOKafkaProducer, uid: str, shape: str
+) -> None:
+    """Mid-pipeline: a job whose earlier stages ran on another version reaches the rule, answer and
+    reward workers directly, each with that version's `v` and fields, and is finished by them."""
+    since_ms = int(time.time() * 1000) - 2000
+    url = f"https://images.example.com/scans/glass_bottle-{shape}-{uid}.jpg"
+    found = {  # what the earlier stages found for such an image (the stand-in is deterministic)
+        "classification": {
+            "major_category": "recyclable",
+            "middle_category": "glass_bottle",
+            "minor_category": "glass bottle",
+            "situation_tags": [],
+            "confidence": 0.93,
+        }
+    }
+    jobs: dict[str, str] = {}
+    for stage in ("rule", "answer", "reward"):
+        j = ScanJob(job_id=f"m-{stage}-{shape}-{uid}", user_id=f"user-{uid}", image_url=url, created_at=now())
+        record = {**j.model_dump(), **found}
+        if stage in ("answer", "reward"):
+            match = rules.lookup(found["classification"])
+            assert match is not None
+            record.update(rules_key=match.key, rules=match.rule)
+        if stage == "reward":
+            record["answer"] = {
+                "disposal_steps": ["rinse"],
+                "user_answer": "Rinse it.",
+                "warnings": [],
+                "gaps": [],
+            }
+        jobs[stage] = j.job_id
+        await produce(producer, STAGE_TOPICS[stage], j.job_id, shaped(record, shape, finding=True))
+    events = await job_events(settings, list(jobs.values()), since_ms)
+    first = {"rule": 20, "answer": 30, "reward": 40}
+    for stage, job_id in jobs.items():
+        evs = events[job_id]
+        assert [e["seq"] for e in evs] == [s for s in FULL if s >= first[stage]], (stage, evs[-1])
+        result = evs[-1]["result"]
+        assert result["status"] == "completed" and result["reward"]["granted"] is True
+        if shape == "next":
+            assert {**NEW_FIELDS, **NEW_STAGE_RESULT}.items() <= result.items()
+        assert job_id not in await keys_to_end(settings, DLQ, job_id, since_ms)
+    calls = httpx.get(f"{zero_latency_model}/admin/stats", params={"by": "job"}).json()["jobs"]
+    assert calls[jobs["rule"]] == calls[jobs["answer"]] == {"answer": 1}
+    assert jobs["reward"] not in calls
+    assert sorted(await rows(settings, list(jobs.values()))) == sorted(jobs.values())
