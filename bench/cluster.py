@@ -25,7 +25,7 @@ from typing import Any
 
 from contract.events import PIPELINE, ScanEvent, seq_of
 from contract.settings import REPO_ROOT, Settings
-from contract.topics import BY_NAME, EVENTS, VISION
+from contract.topics import BY_NAME, EVENTS, FIRST_TOPIC
 from eco2 import install
 
 # Offsets of each port inside the private block (a block of PORT_BLOCK free loopback ports).
@@ -299,7 +299,7 @@ def partitions(s: Settings) -> dict[str, list[dict[str, Any]]]:
     return {t["topic"]: t["partitions"] for t in json.loads(out.stdout)["topics"]}
 
 
-def busiest_leader(s: Settings, topics: tuple[str, ...] = (VISION, EVENTS)) -> int:
+def busiest_leader(s: Settings, topics: tuple[str, ...] = (FIRST_TOPIC, EVENTS)) -> int:
     """The node id leading most partitions of the busy topics."""
     leaders = [p["leader"] for name, ps in partitions(s).items() if name in topics for p in ps]
     return max(set(leaders), key=leaders.count)

@@ -5,44 +5,50 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-# Pipeline order. seq = index * 10 + (1 if completed), as in the replaced system.
-STAGES: tuple[str, ...] = ("queued", "vision", "rule", "answer", "reward", "done")
-PIPELINE: tuple[str, ...] = ("vision", "rule", "answer", "reward")
-PROGRESS: dict[str, int] = {
-    "queued": 0,
-    "vision": 25,
-    "rule": 50,
-    "answer": 75,
-    "reward": 100,
-    "done": 100,
-}
-FAILED_SEQ = 99  # the one terminal failure of a job; above every stage seq
-TERMINAL_STAGES = ("done", "failed")
+# The stage list and everything derived from it (seqs, progress, the terminal test) live in
+# contract/pipeline.py; re-exported here, where the events that carry them are defined.
+from contract.pipeline import (
+    DONE,
+    DONE_SEQ,
+    FAILED,
+    FAILED_SEQ,
+    PIPELINE,
+    PROGRESS,
+    QUEUED,
+    STAGES,
+    SUCCESS_SEQS,
+    is_terminal,
+    next_stage,
+    seq_of,
+)
 
 Status = Literal["started", "completed", "failed"]
 
 # SSE `event:` names. A failure is `failed`, never `error`: EventSource dispatches its own
 # connection errors as `error`, so a client could not tell a failed job from a network blip.
-FAILED_EVENT = "failed"
+FAILED_EVENT = FAILED
 SSE_EVENTS: tuple[str, ...] = (*STAGES, FAILED_EVENT)
+
+__all__ = [
+    "DONE",
+    "DONE_SEQ",
+    "FAILED_SEQ",
+    "PIPELINE",
+    "PROGRESS",
+    "QUEUED",
+    "STAGES",
+    "SUCCESS_SEQS",
+    "is_terminal",
+    "next_stage",
+    "seq_of",
+]
 
 
 def sse_event_name(stage: str, status: str) -> str:
     """The SSE `event:` name of an event: its stage, or `failed` for the terminal failure."""
-    return FAILED_EVENT if status == "failed" else stage
-
-
-def seq_of(stage: str, status: str) -> int:
-    if status == "failed":
-        return FAILED_SEQ
-    return STAGES.index(stage) * 10 + (1 if status == "completed" else 0)
-
-
-def next_stage(stage: str) -> str:
-    """The stage after `stage` ("done" after the last pipeline stage)."""
-    return STAGES[STAGES.index(stage) + 1]
+    return FAILED_EVENT if status == FAILED else stage
 
 
 def now() -> float:
@@ -56,7 +62,12 @@ class ScanRequest(BaseModel):
 
 
 class ScanJob(BaseModel):
-    """The message on every stage topic: the job plus everything earlier stages found."""
+    """The message on every stage topic: the job plus everything earlier stages found.
+
+    Each stage adds the fields of its output model (streams/agents.py); those of the first stages
+    are typed here, a newer stage's ride along as extra fields (kept, never dropped)."""
+
+    model_config = ConfigDict(extra="allow")
 
     job_id: str
     user_id: str
@@ -76,7 +87,10 @@ class ScanJob(BaseModel):
 
 
 class ScanResult(BaseModel):
-    """The whole outcome of a scan: carried by the terminal event, cached and stored."""
+    """The whole outcome of a scan: carried by the terminal event, cached and stored (every stage
+    output the job gathered; see ScanJob)."""
+
+    model_config = ConfigDict(extra="allow")
 
     job_id: str
     user_id: str
@@ -110,7 +124,7 @@ class ScanEvent(BaseModel):
 
     @property
     def terminal(self) -> bool:
-        return self.stage == "done" or self.status == "failed"
+        return is_terminal(self.stage, self.status)
 
     @property
     def sse_event(self) -> str:

@@ -28,7 +28,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from contract import identity, keys, stream_token
-from contract.events import TERMINAL_STAGES
+from contract.events import is_terminal
 from contract.openapi import install_openapi
 from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
@@ -141,7 +141,7 @@ class Gateway:
         user, seq, stage, status = state
         owner = None
         if user is not None and seq is not None:
-            finished = _text(status) == "failed" or _text(stage) in TERMINAL_STAGES
+            finished = is_terminal(_text(stage), _text(status))
             owner = (_text(user), int(seq), finished)
         return Snapshot(st == "ready" and self.view_ok, owner, [Item.parse(r) for r in history])
 

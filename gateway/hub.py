@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from contract import keys
-from contract.events import FAILED_EVENT, TERMINAL_STAGES
+from contract.events import FAILED_EVENT, is_terminal
 from contract.topics import EVENTS_PARTITIONS
 
 log = logging.getLogger("eco2.gateway.hub")
@@ -51,7 +51,7 @@ class Item:
             job_id=d["job_id"],
             seq=int(d["seq"]),
             event=FAILED_EVENT if failed else d["stage"],
-            terminal=failed or d["stage"] in TERMINAL_STAGES,
+            terminal=is_terminal(d["stage"], d["status"]),
             data=data,
         )
 

@@ -43,11 +43,11 @@ from contract.topics import (
     BY_NAME,
     DLQ,
     EVENTS,
+    FIRST_TOPIC,
     PERSISTENCE_DLQ,
     ROUTER_GROUP,
     STAGE_TOPICS,
     TOPICS,
-    VISION,
     WRITER_GROUP,
     stage_group,
 )
@@ -419,7 +419,7 @@ def _expected_acls() -> dict[str, set[Acl]]:
 
     out: dict[str, set[Acl]] = {
         "eco2-api": {
-            topic(VISION, "Write"),
+            topic(FIRST_TOPIC, "Write"),
             topic(EVENTS, "Write"),
             ("transactionalId", API_TRANSACTIONAL_ID_PREFIX, "prefix", "Write"),
             ("transactionalId", API_TRANSACTIONAL_ID_PREFIX, "prefix", "Describe"),
