@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contract.events import PIPELINE, ScanEvent, seq_of
+from contract.events import SUCCESS_SEQS, ScanEvent
 from contract.settings import REPO_ROOT, Settings
 from contract.topics import BY_NAME, EVENTS, FIRST_TOPIC
 from eco2 import install
@@ -137,11 +137,7 @@ class PrivateStack:
 # --- bounded load against a private stack ----------------------------------------------------
 
 # The events of a completed job, in order (queued .. done).
-COMPLETED_SEQS = [
-    seq_of(stage, status)
-    for stage in ("queued", *PIPELINE, "done")
-    for status in (("completed",) if stage in ("queued", "done") else ("started", "completed"))
-]
+COMPLETED_SEQS = list(SUCCESS_SEQS)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 from playwright.async_api import Page, async_playwright
 
 from contract import stream_token
+from contract.events import STAGES
 from contract.settings import Settings
 
 from .gateway_support import EventProducer, Proc, delete_jobs, full_events, job, submit
@@ -23,7 +24,6 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-STAGES = ["queued", "vision", "rule", "answer", "reward", "done"]
 
 
 @pytest.fixture
