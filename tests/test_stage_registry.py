@@ -32,10 +32,14 @@ def test_every_stage_has_its_agent_and_every_agent_its_stage() -> None:
 
 
 def test_check_names_the_stage_without_an_agent_and_the_agent_without_a_stage() -> None:
-    with pytest.raises(registry.RegistryMismatch, match=r"no agent for stage\(s\) audit of contract/pipeline"):
+    with pytest.raises(
+        registry.RegistryMismatch, match=r"no agent for stage\(s\) audit of contract/pipeline"
+    ):
         registry.check((*PIPELINE, "audit"))
     last = PIPELINE[-1]
-    with pytest.raises(registry.RegistryMismatch, match=rf"agent\(s\) {last} in streams/agents.py have no stage"):
+    with pytest.raises(
+        registry.RegistryMismatch, match=rf"agent\(s\) {last} in streams/agents.py have no stage"
+    ):
         registry.check(PIPELINE[:-1])
 
 
@@ -48,7 +52,11 @@ def test_a_worker_refuses_to_start_when_registry_and_pipeline_disagree(tmp_path:
         "m.main(['worker'])\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PATH": "/usr/bin:/bin", "ECO2_LOCAL_DIR": str(tmp_path), "ECO2_KAFKA_BOOTSTRAP": "127.0.0.1:1"},
     )
     assert out.returncode == 3, out.stderr[-2000:]
@@ -125,7 +133,8 @@ GENERATED = ("deploy/strimzi/topics.yaml", "deploy/strimzi/users.yaml", "deploy/
 def stage_spellings(path: str, text: str, names: tuple[str, ...]) -> list[str]:
     """Where `text` spells one of `names`: a string literal that is the name or names its topic
     (scan.NAME); in Python read with the AST, so comments and identifiers do not count."""
-    topic = re.compile(r"scan\.(%s)\b" % "|".join(map(re.escape, names)))
+    alternatives = "|".join(map(re.escape, names))
+    topic = re.compile(rf"scan\.({alternatives})\b")
     found = []
     if path.endswith(".py"):
         for node in ast.walk(ast.parse(text)):
@@ -133,7 +142,7 @@ def stage_spellings(path: str, text: str, names: tuple[str, ...]) -> list[str]:
                 if node.value in names or topic.search(node.value):
                     found.append(f"{path}:{node.lineno}: {node.value[:60]!r}")
     else:
-        quoted = re.compile(r"""["'`](%s)["'`]""" % "|".join(map(re.escape, names)))
+        quoted = re.compile(rf"""["'`]({alternatives})["'`]""")
         for n, line in enumerate(text.splitlines(), 1):
             if quoted.search(line) or topic.search(line):
                 found.append(f"{path}:{n}: {line.strip()[:80]}")
