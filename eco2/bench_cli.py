@@ -318,6 +318,45 @@ def chaos(
         raise typer.Exit(2)
 
 
+@bench_app.command("abuse")
+def abuse(
+    vus: Annotated[int, typer.Option("--vus", help="honest SSE virtual users")] = 300,
+    ramp_up: Annotated[float, typer.Option("--ramp-up", help="seconds from 0 to --vus")] = 30.0,
+    hold: Annotated[float, typer.Option("--hold", help="seconds at --vus")] = 120.0,
+    ramp_down: Annotated[float, typer.Option("--ramp-down", help="seconds from --vus to 0")] = 30.0,
+    post_factor: Annotated[
+        float, typer.Option("--post-factor", help="the abuser posts this many times the sustained quota")
+    ] = 100.0,
+    streams: Annotated[int, typer.Option("--streams", help="stream opens the abuser attempts")] = 5000,
+    model_latency: Annotated[
+        str, typer.Option("--model-latency", help="simulated model seconds per call MIN,MAX, or keep")
+    ] = "5,10",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no live progress line")] = False,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """The SSE scenario twice against quota'd API and gateway processes: alone, then beside one
+    abuser far past the quotas; the honest users must not notice, the abuser gets 429s."""
+    from bench.abuse import AbuseConfig, run_abuse
+    from bench.harness import parse_latency
+
+    cfg = AbuseConfig(
+        vus=vus,
+        ramp_up_s=ramp_up,
+        hold_s=hold,
+        ramp_down_s=ramp_down,
+        post_factor=post_factor,
+        streams=streams,
+        model_latency=parse_latency(model_latency),
+        name=name,
+        progress=not quiet,
+    )
+    report = _run(run_abuse(get_settings(), cfg))
+    _finish(report, out)
+    if any(t["verdict"] == "MISS" for t in report["targets"]):
+        raise typer.Exit(2)
+
+
 @bench_app.command("table")
 def table(
     reports: Annotated[
