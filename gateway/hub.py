@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from contract import keys
-from contract.events import FAILED_EVENT, is_terminal
+from contract.events import is_terminal, sse_event_name
 from contract.topics import EVENTS_PARTITIONS
 
 log = logging.getLogger("eco2.gateway.hub")
@@ -46,11 +46,10 @@ class Item:
     def parse(cls, raw: bytes | str) -> Item:
         data = raw.decode() if isinstance(raw, bytes) else raw
         d = json.loads(data)
-        failed = d["status"] == "failed"
         return cls(
             job_id=d["job_id"],
             seq=int(d["seq"]),
-            event=FAILED_EVENT if failed else d["stage"],
+            event=sse_event_name(d["stage"], d["status"]),
             terminal=is_terminal(d["stage"], d["status"]),
             data=data,
         )
