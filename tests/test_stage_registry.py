@@ -8,6 +8,7 @@ import itertools
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,47 @@ def test_the_stage_name_check_finds_what_it_looks_for() -> None:
     assert stage_spellings("x.py", f'TOPIC = "scan.{st}"\n', PIPELINE)
     assert stage_spellings("x.html", f'<li data-stage="{st}">', PIPELINE)
     assert not stage_spellings("x.py", f"# the {st} stage\n{st}_count = 1\n", PIPELINE)
+
+
+@pytest.mark.integration
+async def test_migration_adds_a_missing_stage_column_and_old_rows_stay_readable(settings: Settings) -> None:
+    """A table from before a stage existed (its output column missing, rows in it) gets the column
+    from the next migration run (derived, additive); the old row reads back with that output None,
+    a new row stores it. In a schema of its own, dropped at the end."""
+    import asyncpg
+
+    from contract.events import ScanResult, now
+    from persistence.migrate import migrate
+
+    last = list(registry.REGISTRY[PIPELINE[-1]].output.model_fields)[-1]  # the newest stage's column
+    schema = f"t_stage_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        await conn.execute(f"SET search_path TO {schema}")
+        await migrate(conn)
+        await conn.execute(f"ALTER TABLE scans DROP COLUMN {last}")  # as before the stage existed
+        await conn.execute(
+            "INSERT INTO scans (job_id, user_id, status, image_url, created_at, finished_at)"
+            " VALUES ('old', 'u', 'completed', 'x', now(), now())"
+        )
+        assert await migrate(conn) == []  # no SQL file left to apply; the column comes back anyway
+        old = await store.fetch_result(conn, "old")
+        assert old is not None and old[last] is None and old["timings"] == {}
+        new = ScanResult.model_validate(
+            {
+                "job_id": "new",
+                "user_id": "u",
+                "status": "completed",
+                "image_url": "x",
+                "created_at": now(),
+                "finished_at": now(),
+                last: {"kept": True},
+            }
+        )
+        await store.write_batch(conn, [new])
+        got = await store.fetch_result(conn, "new")
+        assert got is not None and got[last] == {"kept": True}
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
