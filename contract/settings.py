@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.pipeline import PIPELINE
+
 KAFKA_VERSION = "4.3.1"  # the Kafka that Strimzi 1.2 deploys by default; pinned only here
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +82,7 @@ class Settings(BaseSettings):
     sim_latency_max_s: float = 10.0
 
     # Stage workers.
-    stages: str = "vision,rule,answer,reward"  # which agents this process runs
+    stages: str = ",".join(PIPELINE)  # which agents this process runs (default: all)
     stage_concurrency: int = 500  # jobs in flight per stage per process (model calls take seconds)
     stage_timeout_s: float = 30.0
     stage_max_retries: int = 3

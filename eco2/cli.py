@@ -123,6 +123,23 @@ def deploy_topics() -> None:
     typer.echo(f"wrote {write()}")
 
 
+@deploy_app.command("manifests")
+def deploy_manifests() -> None:
+    """Regenerate deploy/app/stages.yaml (stage Deployments, ScaledObjects) and
+    deploy/strimzi/users.yaml (KafkaUsers and ACLs) from contract/."""
+    from .manifests import write
+
+    for path in write():
+        typer.echo(f"wrote {path}")
+
+
+@deploy_app.command("all")
+def deploy_all() -> None:
+    """Regenerate every generated manifest: topics, stage workers and scalers, Kafka users."""
+    deploy_topics()
+    deploy_manifests()
+
+
 image_app = typer.Typer(help="The container image (buildah, no Docker engine or registry needed).")
 app.add_typer(image_app, name="image")
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request, Security
@@ -28,7 +28,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from contract import identity, keys, stream_token
-from contract.events import TERMINAL_STAGES
+from contract.events import DONE, FAILED_EVENT, STAGES, is_terminal
 from contract.openapi import install_openapi
 from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
@@ -141,7 +141,7 @@ class Gateway:
         user, seq, stage, status = state
         owner = None
         if user is not None and seq is not None:
-            finished = _text(status) == "failed" or _text(stage) in TERMINAL_STAGES
+            finished = is_terminal(_text(stage), _text(status))
             owner = (_text(user), int(seq), finished)
         return Snapshot(st == "ready" and self.view_ok, owner, history_items(history))
 
@@ -254,9 +254,15 @@ def create_app(s: Settings | None = None) -> FastAPI:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/config.json", include_in_schema=False)
-    async def config() -> dict[str, str]:
-        """What the demo page needs: where to POST scans (the API allows this origin via CORS)."""
-        return {"api_url": s.public_base_url or s.api_url}
+    async def config() -> dict[str, Any]:
+        """What the demo page needs: where to POST scans (the API allows this origin via CORS), and
+        the pipeline as contract/pipeline.py has it (the page draws one step per stage)."""
+        return {
+            "api_url": s.public_base_url or s.api_url,
+            "stages": list(STAGES),
+            "done": DONE,
+            "failed": FAILED_EVENT,
+        }
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

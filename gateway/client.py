@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 
 from contract import stream_token
-from contract.events import ScanEvent
+from contract.events import ScanEvent, ScanResult
 
 OnEvent = Callable[[ScanEvent], Awaitable[Any] | Any]
 
@@ -180,19 +180,23 @@ def render_result(result: dict[str, Any] | None) -> str:
     if result.get("status") == "failed":
         return f"failed at {result.get('failed_stage') or '?'}: {result.get('error') or 'unknown error'}"
     lines: list[str] = []
-    c = result.get("classification") or {}
+    try:  # the contract's result fields (each a stage's output), not names spelled again here
+        res = ScanResult.model_validate(result)
+    except ValueError:
+        return "(unreadable result)"
+    c = res.classification or {}
     levels = ("major_category", "middle_category", "minor_category")
     category = " / ".join(str(c[k]) for k in levels if c.get(k))
     if category:
         lines.append(f"category: {category}")
-    a = result.get("answer") or {}
+    a = res.answer or {}
     if a.get("user_answer"):
         lines.append(f"answer:   {a['user_answer']}")
     for i, step in enumerate(a.get("disposal_steps") or [], 1):
         lines.append(f"  {i}. {step}")
     for w in a.get("warnings") or []:
         lines.append(f"  ! {w}")
-    r = result.get("reward") or {}
+    r = res.reward or {}
     if r:
         got = f"granted {r.get('character_name') or r.get('character_code')}" if r.get("granted") else "none"
         lines.append(f"reward:   {got} ({r.get('reason', '')})")

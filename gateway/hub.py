@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from contract import keys, versioning
-from contract.events import FAILED_EVENT, TERMINAL_STAGES
+from contract.events import is_terminal, sse_event_name
 from contract.topics import EVENTS_PARTITIONS
 
 log = logging.getLogger("eco2.gateway.hub")
@@ -50,12 +50,11 @@ class Item:
         data = raw.decode() if isinstance(raw, bytes) else raw
         d = json.loads(data)
         versioning.check(d.get(versioning.FIELD))  # any 1.x; its unknown fields go out untouched
-        failed = d["status"] == "failed"
         return cls(
             job_id=d["job_id"],
             seq=int(d["seq"]),
-            event=FAILED_EVENT if failed else d["stage"],
-            terminal=failed or d["stage"] in TERMINAL_STAGES,
+            event=sse_event_name(d["stage"], d["status"]),
+            terminal=is_terminal(d["stage"], d["status"]),
             data=data,
         )
 

@@ -12,7 +12,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from contract import identity
-from contract.events import FAILED_EVENT, FAILED_SEQ, SSE_EVENTS, STAGES, ScanEvent
+from contract.events import (
+    DONE,
+    DONE_SEQ,
+    FAILED_EVENT,
+    FAILED_SEQ,
+    QUEUED,
+    SSE_EVENTS,
+    STAGES,
+    ScanEvent,
+    seq_of,
+)
 from contract.settings import Settings
 from quota import refusal
 
@@ -48,10 +58,10 @@ invalid token is a 401; someone else's job or an unknown one is the same 404.
 **Events.** Each event is `event: NAME`, `id: SEQ`, `data: EVENT-JSON` (the ScanEvent on
 `scan.events`). NAME is the stage ({stages}) or `{FAILED_EVENT}` for the job's failure; never
 `error`, which EventSource reserves for its own connection errors. SEQ is the event's position in
-the job: queued 1, each stage's `started` 10*n and `completed` 10*n+1, done 51, {FAILED_EVENT}
-{FAILED_SEQ}. Every seq is delivered once and in order, whatever the reconnects.
+the job: {QUEUED} {seq_of(QUEUED, "completed")}, each stage's `started` 10*n and `completed` 10*n+1, {DONE}
+{DONE_SEQ}, {FAILED_EVENT} {FAILED_SEQ}. Every seq is delivered once and in order, whatever the reconnects.
 
-**Terminal events.** `done` (success, carries the result) and `{FAILED_EVENT}` (carries the failed
+**Terminal events.** `{DONE}` (success, carries the result) and `{FAILED_EVENT}` (carries the failed
 result and `error`) end the stream; the server closes it after them.
 
 **Reconnecting.** Send `Last-Event-ID` (EventSource does this by itself): the stream resumes after
@@ -63,10 +73,13 @@ that seq. A finished job with nothing after it answers 204, which stops EventSou
 
 
 def events_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
+    first = seq_of(QUEUED, "completed")
     example = (
-        'event: queued\nid: 1\ndata: {"event_id": "…:1", "stage": "queued", "status": "completed", …}\n\n'
+        f'event: {QUEUED}\nid: {first}\ndata: {{"event_id": "…:{first}", "stage": "{QUEUED}", '
+        '"status": "completed", …}\n\n'
         ": keepalive\n\n"
-        'event: done\nid: 51\ndata: {"stage": "done", "status": "completed", "result": {…}, …}\n\n'
+        f'event: {DONE}\nid: {DONE_SEQ}\ndata: {{"stage": "{DONE}", "status": "completed", '
+        '"result": {…}, …}\n\n'
     )
     return {
         200: {

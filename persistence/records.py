@@ -1,10 +1,11 @@
 """What the writer makes of one `scan.events` record: skip it, store its result, or dead-letter it.
 
-Only terminal events (stage "done" or status "failed") are stored; their `result` is the whole
-ScanResult. A terminal event that cannot be stored as it is (not JSON, not a valid event, no or
-an invalid result) is bad data: no retry can fix it, so it goes to the dead-letter topic at once.
-So is any record of a schema major this writer cannot read (contract/versioning.py): it cannot even
-tell whether it is terminal. Other versions of the same major are read, their unknown fields ignored.
+Only terminal events (`contract.pipeline.is_terminal`: done, or failed) are stored; their
+`result` is the whole ScanResult. A terminal event that cannot be stored as it is (not JSON, not a
+valid event, no or an invalid result) is bad data: no retry can fix it, so it goes to the
+dead-letter topic at once. So is any record of a schema major this writer cannot read
+(contract/versioning.py): it cannot even tell whether it is terminal. Other versions of the same
+major are read, their unknown fields ignored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from contract import versioning
+from contract import pipeline, versioning
 from contract.events import Reward, ScanEvent, ScanResult
 
 
@@ -48,7 +49,7 @@ def decode(raw: bytes | None) -> dict[str, Any] | Bad:
 
 
 def is_terminal(value: dict[str, Any]) -> bool:
-    return value.get("stage") == "done" or value.get("status") == "failed"
+    return pipeline.is_terminal(value.get("stage"), value.get("status"))
 
 
 def parse(raw: bytes | None) -> ScanResult | Bad | None:

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract import identity, keys, stream_token, trace
-from contract.events import ScanJob, ScanRequest, make_event, now
+from contract.events import QUEUED, ScanJob, ScanRequest, make_event, now
 from contract.openapi import install_openapi
 from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
@@ -209,7 +209,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             model=req.model or "",
             created_at=now(),
         )
-        queued = make_event(job, "queued", "completed")
+        queued = make_event(job, QUEUED, "completed")
         tp = trace.child_of(request.headers.get("traceparent"))
         try:
             await request.app.state.writer.submit(job, queued, tp)

@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown stages {sorted(unknown)}; choose from {','.join(PIPELINE)}")
         stages = [st for st in PIPELINE if st in stages]  # canonical order -> stable group id
+        from .registry import RegistryMismatch, check
+
+        try:
+            check()  # every stage of contract/pipeline.py has its agent, no agent is left over
+        except RegistryMismatch as exc:
+            logging.critical("%s", exc)
+            raise SystemExit(3) from None
         from .groups import OverlappingStages, refuse_overlap, watch_overlap
 
         try:

@@ -20,7 +20,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from contract import keys
-from contract.events import TERMINAL_STAGES, ScanEvent
+from contract.events import ScanEvent
+from contract.pipeline import is_terminal_lua
 from contract.topics import shard_of
 
 # KEYS: state, history, the owner's in-flight quota set.  ARGV: seq, event json, channel ("" = do
@@ -29,7 +30,6 @@ from contract.topics import shard_of
 # The history entry is the event JSON, `v` included; the state hash keeps the `v` of its event.
 # A finished job's keys keep only the finished TTL, whatever arrives after its terminal event.
 _APPLY = """
-local terminal = TERMINAL
 local seq = tonumber(ARGV[1])
 local new = 0
 if redis.call('ZCOUNT', KEYS[2], seq, seq) == 0 then
@@ -44,14 +44,16 @@ if seq > cur then
 end
 local ttl = ARGV[4]
 local st = redis.call('HMGET', KEYS[1], 'stage', 'status')
-if st[2] == 'failed' or terminal[st[1]] then ttl = ARGV[10] end
+if TERMINAL_STATE then ttl = ARGV[10] end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 if new == 1 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[2]) end
 -- A terminal event frees the job's in-flight quota slot (quota/limits.py); repeats are harmless.
-if ARGV[6] == 'failed' or terminal[ARGV[5]] then redis.call('ZREM', KEYS[3], ARGV[11]) end
+if TERMINAL_EVENT then redis.call('ZREM', KEYS[3], ARGV[11]) end
 return new
-""".replace("TERMINAL", "{" + ", ".join(f"['{s}'] = true" for s in TERMINAL_STAGES) + "}")
+""".replace("TERMINAL_STATE", is_terminal_lua("st[1]", "st[2]")).replace(
+    "TERMINAL_EVENT", is_terminal_lua("ARGV[5]", "ARGV[6]")
+)
 
 
 def retry_options() -> dict[str, Any]:

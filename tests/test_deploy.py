@@ -43,11 +43,11 @@ from contract.topics import (
     BY_NAME,
     DLQ,
     EVENTS,
+    FIRST_TOPIC,
     PERSISTENCE_DLQ,
     ROUTER_GROUP,
     STAGE_TOPICS,
     TOPICS,
-    VISION,
     WRITER_GROUP,
     stage_group,
 )
@@ -392,6 +392,14 @@ def test_kafka_topics_are_the_generated_ones_and_equal_the_code() -> None:
         assert int(t["spec"]["config"]["min.insync.replicas"]) == 2
 
 
+def test_stage_workers_scalers_and_kafka_users_are_the_generated_ones() -> None:
+    """deploy/app/stages.yaml and deploy/strimzi/users.yaml are what contract/ generates now."""
+    from eco2.manifests import GENERATED
+
+    for path, generate in GENERATED.items():
+        assert path.read_text() == generate(), f"{path.name} drifted: run `eco2 deploy manifests`"
+
+
 def test_every_topic_any_manifest_names_exists_in_the_code() -> None:
     names = {t.name for t in TOPICS}
     for d in all_docs():
@@ -419,7 +427,7 @@ def _expected_acls() -> dict[str, set[Acl]]:
 
     out: dict[str, set[Acl]] = {
         "eco2-api": {
-            topic(VISION, "Write"),
+            topic(FIRST_TOPIC, "Write"),
             topic(EVENTS, "Write"),
             ("transactionalId", API_TRANSACTIONAL_ID_PREFIX, "prefix", "Write"),
             ("transactionalId", API_TRANSACTIONAL_ID_PREFIX, "prefix", "Describe"),

@@ -10,7 +10,7 @@ from contract.events import Reward, ScanJob, ScanResult, make_event, now
 from contract.versioning import SCHEMA_VERSION
 from persistence.batcher import Batcher
 from persistence.records import Bad, ownership_of, parse
-from persistence.store import batch_args, is_data_error
+from persistence.store import batch_args, columns, is_data_error
 
 
 class Clock:
@@ -174,11 +174,13 @@ def test_batch_args_dedupe_jobs_and_keep_earliest_ownership() -> None:
     rc = _result(c, reward=Reward(granted=False, reason="no").model_dump())
     ra_again = _result(a, finished_at=50.0, answer={"text": "later duplicate"})
     args = batch_args([ra, rb, rc, ra_again])
-    assert len(args) == 20
-    assert args[0] == ["a", "b", "c"]  # one row per job; the first terminal event wins
-    assert json.loads(args[7][0] or "null") is None  # a's answer: the first one (None)
-    assert args[14:18] == [["u"], ["PET"], ["b"], [100.0]]
-    assert args[18:] == [[SCHEMA_VERSION] * 3, [None] * 3]  # schema version; no fields of a newer one
+    names = [c.name for c in columns()]
+    assert len(args) == len(names) + 4
+    by = dict(zip(names, args, strict=False))
+    assert by["job_id"] == ["a", "b", "c"]  # one row per job; the first terminal event wins
+    assert json.loads(by["answer"][0] or "null") is None  # a's answer: the first one (None)
+    assert args[len(names) :] == [["u"], ["PET"], ["b"], [100.0]]
+    assert by["v"] == [SCHEMA_VERSION] * 3 and by["extra"] == [None] * 3  # no fields of a newer version
 
 
 def test_is_data_error_only_for_data_classes() -> None:

@@ -27,7 +27,7 @@ from redis.exceptions import BusyLoadingError
 
 from contract import keys
 from contract.settings import Settings
-from contract.topics import BY_NAME, EVENTS, VISION
+from contract.topics import BY_NAME, EVENTS, FIRST_TOPIC
 from eco2 import install
 from gateway.client import follow
 from streams import view
@@ -303,8 +303,8 @@ async def test_post_while_kafka_is_down_is_a_bounded_503_and_accepted_jobs_are_k
                 else:
                     assert time.monotonic() < deadline, api.tail()
                     await asyncio.sleep(1.0)
-        found = await _job_ids(bootstrap, [VISION, EVENTS])
-        for topic in (VISION, EVENTS):
+        found = await _job_ids(bootstrap, [FIRST_TOPIC, EVENTS])
+        for topic in (FIRST_TOPIC, EVENTS):
             missing = [j for j in accepted if j not in found[topic]]
             assert not missing, f"{topic}: accepted jobs missing: {missing}\n{api.tail()}"
     finally:

@@ -11,7 +11,7 @@ import yaml
 
 from contract.events import PIPELINE
 from contract.settings import REPO_ROOT, Settings
-from contract.topics import MIN_INSYNC_REPLICAS, REPLICATION_FACTOR, TOPICS, replication
+from contract.topics import MIN_INSYNC_REPLICAS, REPLICATION_FACTOR, TOPICS, replication, stage_group
 from eco2 import stack
 from eco2.topics_yaml import TOPICS_YAML
 from streams import groups
@@ -141,7 +141,7 @@ def test_stage_producers_are_idempotent_with_acks_all(tmp_path: Path) -> None:
 
 
 def test_stage_groups_name_their_stages() -> None:
-    assert groups.stages_of("eco2-stage-vision-rule-answer-reward") == {"vision", "rule", "answer", "reward"}
+    assert groups.stages_of(stage_group(PIPELINE)) == set(PIPELINE)
     assert groups.stages_of("eco2-stage-vision") == {"vision"}
     assert groups.stages_of("eco2-router") == set()
 
