@@ -24,9 +24,9 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+import view
 from contract.settings import Settings
 from eco2 import stack
-from streams import view
 
 from . import harness, wire
 from .load import EXPECTED_SEQS, LoadConfig, LoadRun, check_seqs

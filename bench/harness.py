@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 import httpx
 import redis.asyncio as aioredis
 
+import view
 from contract.settings import REPO_ROOT, Settings
 from eco2.stack import redis_argv
-from streams import view
 
 from .stats import rss_kib, tree_cpu_s
 

@@ -26,10 +26,10 @@ from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 
+from catalog.rules import RECYCLABLE_MIDDLES
 from contract import keys
 from contract.events import FAILED_SEQ, PIPELINE, STAGES, seq_of
 from contract.settings import Settings
-from streams.rules import RECYCLABLE_MIDDLES
 
 from . import harness, wire
 from .stats import CpuMeter, LoopLag, machine, percentile, quiet_gc, summary

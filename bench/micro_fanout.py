@@ -37,9 +37,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from contract.events import ScanEvent, ScanJob
-from contract.runtime_metrics import GC_PAUSE
 from contract.settings import Settings
-from streams.state import StateStore
+from runtime.metrics import GC_PAUSE
+from view import StateStore
 
 from . import harness, synthetic, wire
 from .load import check_seqs

@@ -27,15 +27,15 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
+import view
 from contract import identity, keys, stream_token
 from contract.events import TERMINAL_STAGES
 from contract.openapi import install_openapi
-from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
 from quota import refusal
 from quota.limits import StreamLeases
-from streams import view
-from streams.state import retry_options
+from runtime.metrics import add_metrics_route, track_event_loop
+from view import retry_options
 
 from . import openapi
 from .hub import Hub, Item

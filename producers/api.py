@@ -23,15 +23,16 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import view
+from catalog import rules
 from contract import identity, keys, stream_token, trace
 from contract.events import ScanJob, ScanRequest, make_event, now
 from contract.openapi import install_openapi
-from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
 from quota import refusal
 from quota.limits import Decision, ScanQuota
-from streams import rules, view
-from streams.state import StateStore, pooled_client
+from runtime.metrics import add_metrics_route, track_event_loop
+from view import StateStore, pooled_client
 
 from . import openapi
 from .jobs import JobWriter

@@ -27,11 +27,10 @@ from prometheus_client import Counter, Gauge
 
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS
+from view import Claim, StateStore, checkpoint
+from view.rebuild import rebuild
 
 from .app import trace_logger
-from .rebuild import rebuild
-from .state import StateStore
-from .view import Claim, checkpoint
 
 log = trace_logger("eco2.router.heal")
 

@@ -19,6 +19,7 @@ from typing import Any
 import faust
 from redis.exceptions import RedisError
 
+from catalog import rewards, rules
 from contract import keys, trace
 from contract.events import (
     PIPELINE,
@@ -32,10 +33,10 @@ from contract.events import (
 )
 from contract.settings import Settings
 from contract.topics import BY_NAME, DLQ, EVENTS, STAGE_TOPICS, partition_for
+from view import pooled_client
 
-from . import metrics, model, rewards, rules
+from . import metrics, model
 from .app import topic, trace_logger
-from .state import pooled_client
 
 log = trace_logger("eco2.stages")
 

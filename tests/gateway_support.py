@@ -27,14 +27,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
 
+import view
 from bench.harness import Proc as HelperProc
 from contract import keys, trace
 from contract.events import PIPELINE, ScanEvent, ScanJob, ScanResult, make_event, now
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, partition_for
 from eco2.stack import redis_argv
-from streams import view
-from streams.state import StateStore
+from view import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -29,8 +29,8 @@ from contract import keys
 from contract.settings import Settings
 from contract.topics import BY_NAME, STAGE_TOPICS, stage_group
 from persistence.writer import Writer
+from runtime.health import Policy, Progress, serve
 from streams.commits import InFlight
-from streams.health import Policy, Progress, serve
 
 from .gateway_support import (
     EventProducer,

@@ -19,11 +19,11 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from catalog import rewards, rules
 from contract.events import FAILED_SEQ, PIPELINE, PROGRESS, seq_of
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, STAGE_TOPICS, partition_for, shard_of, stage_group
 from producers.client import submit, wait_result
-from streams import rewards, rules
 
 from .conftest import REPO, eco2
 from .kafka_events import dead_letters, job_events, read_partition

@@ -25,14 +25,14 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import BusyLoadingError
 
+import view
 from contract import keys
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, VISION
 from eco2 import install
 from gateway.client import follow
-from streams import view
-from streams.rebuild import rebuild
-from streams.state import StateStore
+from view import StateStore
+from view.rebuild import rebuild
 
 from .conftest import eco2
 from .gateway_support import (

@@ -244,7 +244,7 @@ def watch_faust(app: Any, s: Any) -> Progress:
 
     Progress = a message delivered to a stream (commits.InFlight counts them) or a committed
     offset that moved; pending = unacked in-flight messages + unread records below the end."""
-    from . import commits
+    from streams import commits
 
     progress = Progress(app.conf.id, Policy.of(s))
     state: dict[str, Any] = {"deliveries": -1, "committed": None}
