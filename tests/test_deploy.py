@@ -783,8 +783,9 @@ def _exported_metrics() -> set[str]:
     suffixes = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count"),
                 "Summary": ("_sum", "_count"), "Info": ("_info",), "Enum": ("",)}  # fmt: skip
     out: set[str] = set()
-    for pkg in ("contract", "streams", "producers", "gateway", "persistence", "simmodel", "eco2"):
-        for path in (REPO_ROOT / pkg).rglob("*.py"):
+    products = [p.parent for p in REPO_ROOT.glob("*/__init__.py") if p.parent.name not in ("bench", "tests")]
+    for pkg in sorted(products):
+        for path in pkg.rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if not isinstance(node, ast.Call) or not node.args:
                     continue
