@@ -28,14 +28,12 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 import view
-from contract import identity, keys, stream_token
-from contract.events import TERMINAL_STAGES
+from contract import identity, stream_token
 from contract.openapi import install_openapi
 from contract.settings import Settings, get_settings
 from quota import refusal
 from quota.limits import StreamLeases
 from runtime.metrics import add_metrics_route, track_event_loop
-from view import retry_options
 
 from . import openapi
 from .hub import Hub, Item
@@ -72,7 +70,7 @@ class Snapshot:
     """What opening a stream needs to know, read in one round trip (`Gateway.snapshot`)."""
 
     view_ready: bool
-    owner: tuple[str, int, bool] | None  # (user_id, latest seq, finished); None: unknown job
+    owner: view.Owner | None  # None: unknown job
     history: list[Item]
 
 
@@ -82,6 +80,7 @@ class Gateway:
     def __init__(self, s: Settings, redis: aioredis.Redis, hub: Hub) -> None:
         self.s = s
         self.redis = redis
+        self.store = view.StateStore(redis, s.state_ttl_s)  # reads only: the router applies
         self.hub = hub
         self.active = 0
         self.run_id: str | None = None  # the Redis server's, as last seen by the view watcher
@@ -126,24 +125,14 @@ class Gateway:
                 await self._view_changed.wait()
 
     async def read_history(self, job_id: str, after: int) -> list[Item]:
-        raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
-        return [Item.parse(r) for r in raw]  # type: ignore[arg-type]
+        return [Item.parse(r) for r in await self.store.history_json(job_id, after)]
 
     async def snapshot(self, job_id: str, after: int) -> Snapshot:
-        """The view's status, the job's owner and its history after `after`, as of one instant
-        (MULTI/EXEC: one round trip per stream opened, not three; issue 13's churn profile)."""
-        async with self.redis.pipeline(transaction=True) as p:
-            p.hmget(keys.VIEW, list(view.MARKER_FIELDS))
-            p.hmget(keys.state(job_id), ["user_id", "seq", "stage", "status"])
-            p.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
-            marker, state, history = await p.execute()
-        st, _ = view.interpret(marker, self.run_id)
-        user, seq, stage, status = state
-        owner = None
-        if user is not None and seq is not None:
-            finished = _text(status) == "failed" or _text(stage) in TERMINAL_STAGES
-            owner = (_text(user), int(seq), finished)
-        return Snapshot(st == "ready" and self.view_ok, owner, [Item.parse(r) for r in history])
+        """The view's status (as this gateway last saw the server), the job's owner and its
+        history after `after`, in one round trip (`view.StateStore.snapshot`)."""
+        snap = await self.store.snapshot(job_id, after, self.run_id)
+        ready = snap.status == "ready" and self.view_ok
+        return Snapshot(ready, snap.owner, [Item.parse(r) for r in snap.history])
 
     def slot(self, release_sub: Callable[[], None]) -> Callable[[], None]:
         """Count one stream; the returned release is idempotent (generator end or response end)."""
@@ -160,10 +149,6 @@ class Gateway:
                 release_sub()
 
         return release
-
-
-def _text(v: bytes | str | None) -> str:
-    return v.decode() if isinstance(v, bytes) else (v or "")
 
 
 def _error(code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -199,14 +184,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         track_event_loop()
-        pool = aioredis.BlockingConnectionPool.from_url(
-            s.redis_url,
-            max_connections=s.gateway_redis_pool,
-            timeout=10,  # waiting for a free pooled connection
-            client_name=CLIENT_NAME,
-            **retry_options(),
-        )
-        redis = aioredis.Redis(connection_pool=pool)
+        redis = view.pooled_client(s.redis_url, s.gateway_redis_pool, CLIENT_NAME)
         hub = Hub(s.redis_url, s.client_queue_size, client_name=CLIENT_NAME)
         await hub.start()
         app.state.gw = gw = Gateway(s, redis, hub)
@@ -219,8 +197,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
             renewer.cancel()
             await asyncio.gather(watcher, renewer, return_exceptions=True)
             await hub.stop()
-            await redis.aclose()
-            await pool.disconnect()
+            await redis.aclose()  # the client owns its pool: this hangs up every connection
 
     app = FastAPI(
         title="eco2 SSE gateway",
@@ -347,9 +324,9 @@ def create_app(s: Settings | None = None) -> FastAPI:
                 log.warning("state lookup of %s failed: %s", job_id, exc)
                 return _error(503, "job state unavailable; retry shortly", {"Retry-After": "1"})
             owner = snap.owner
-            if owner is None or owner[0] != uid:
+            if owner is None or owner.user_id != uid:
                 return _error(404, "job not found")  # the same answer for someone else's job
-            if owner[2] and last >= owner[1]:
+            if owner.finished and last >= owner.seq:
                 return Response(status_code=204)  # finished and fully delivered: EventSource stops
             stream = JobStream(
                 job_id,

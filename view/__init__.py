@@ -2,6 +2,7 @@
 says whether the view is whole and its checkpoint (`marker`), and the Redis clients every
 component opens. The API, the gateway and the router use it only through the names below."""
 
+from .client import client, pooled_client, retry_options
 from .marker import (
     MARKER_FIELDS,
     Claim,
@@ -15,12 +16,14 @@ from .marker import (
     run_id,
     status,
 )
-from .state import StateStore, client, pooled_client, retry_options
+from .state import Owner, Snapshot, StateStore
 
 __all__ = [
     "MARKER_FIELDS",
     "Claim",
+    "Owner",
     "Reader",
+    "Snapshot",
     "StateStore",
     "Status",
     "checkpoint",
