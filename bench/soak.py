@@ -34,7 +34,7 @@ from typing import Any
 from contract.events import PIPELINE
 from contract.settings import Settings
 from contract.topics import ROUTER_GROUP, TOPICS, WRITER_GROUP, stage_group
-from eco2.stack import data_dir, log_dir
+from eco2.service import data_dir, log_dir
 
 from . import harness, wire
 from .load import Job, LoadRun, image_url

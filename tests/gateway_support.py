@@ -33,7 +33,7 @@ from contract import keys, trace
 from contract.events import PIPELINE, ScanEvent, ScanJob, ScanResult, make_event, now
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, partition_for
-from eco2.stack import redis_argv
+from eco2.infra import redis_argv
 from view import StateStore
 
 REPO = Path(__file__).resolve().parent.parent

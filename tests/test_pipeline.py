@@ -148,7 +148,7 @@ def test_records_are_stored_compressed(settings: Settings, zero_latency_model: s
     """Issue 16: Kafka's logs at retention. Every batch the API and the stage workers wrote for a
     scan is stored zstd-compressed (codec 4 in the batch attributes); control batches (transaction
     markers) are never compressed."""
-    from eco2.stack import data_dir
+    from eco2.service import data_dir
 
     t0 = int(time.time() * 1000)
 
