@@ -10,10 +10,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -28,15 +26,17 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 import view
-from contract import identity, stream_token
+from contract import stream_token
 from contract.openapi import install_openapi
 from contract.settings import Settings, get_settings
 from quota import refusal
 from quota.limits import StreamLeases
+from runtime.http_metrics import RequestMetrics
 from runtime.metrics import add_metrics_route, track_event_loop
 
-from . import openapi
+from . import openapi, opening
 from .hub import Hub, Item
+from .opening import Snapshot
 from .stream import JobStream
 
 log = logging.getLogger("eco2.gateway")
@@ -56,6 +56,8 @@ STREAMS = Gauge("eco2_gateway_streams", "open SSE streams")
 VIEW_READY = Gauge("eco2_gateway_view_ready", "1 while the Redis view is whole (not lost or rebuilding)")
 VIEW_WATCH_S = 0.5  # how often a gateway reads the view marker
 REJECTED = Counter("eco2_gateway_rejected_total", "refused subscriptions", ["code"])
+# Counted by runtime/http_metrics.py's middleware: route = the route's template, every status.
+REQUESTS = Counter("eco2_gateway_requests_total", "gateway HTTP requests", ["route", "status"])
 MAX_STREAMS = Gauge("eco2_gateway_max_streams", "ECO2_MAX_CONNECTIONS: streams beyond it get 503")
 
 
@@ -63,15 +65,6 @@ async def _on_loop(fn: Callable[[], None]) -> None:
     """Runs a stream's release on the event loop: Starlette runs a plain function given as a
     BackgroundTask in a worker thread, a thread hop per stream close (issue 13's profile)."""
     fn()
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What opening a stream needs to know, read in one round trip (`Gateway.snapshot`)."""
-
-    view_ready: bool
-    owner: view.Owner | None  # None: unknown job
-    history: list[Item]
 
 
 class Gateway:
@@ -154,13 +147,6 @@ class Gateway:
 def _error(code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     REJECTED.labels(str(code)).inc()
     return JSONResponse({"detail": detail}, status_code=code, headers=headers)
-
-
-def _last_seq(value: str | None) -> int:
-    try:
-        return max(int(value or 0), 0)
-    except ValueError:
-        return 0
 
 
 async def _guarded(
@@ -259,20 +245,9 @@ def create_app(s: Settings | None = None) -> FastAPI:
         token: Annotated[str | None, Security(STREAM_TOKEN)] = None,
     ) -> Response:
         gw: Gateway = request.app.state.gw
-        uid = x_user_id
-        if not uid and token is not None:
-            try:
-                uid = stream_token.verify(s, token, job_id).user_id
-            except stream_token.InvalidToken as exc:
-                return _error(401, f"invalid stream token: {exc}")
-        if not uid and s.gateway_allow_user_query:
-            uid = request.query_params.get("user")  # development only (ECO2_GATEWAY_ALLOW_USER_QUERY)
-        if not uid:
-            return _error(401, "missing X-User-ID or stream token")
-        if why := identity.problem(uid, s.max_user_id_len):
-            return _error(400, f"the user id {why}")  # before Redis sees it
-        if len(job_id) > openapi.MAX_JOB_ID_LEN:
-            return _error(404, "job not found")
+        uid = opening.caller(s, job_id, x_user_id, token, request.query_params.get("user"))
+        if isinstance(uid, opening.Refusal):
+            return _error(uid.status, uid.detail)
         if gw.active >= s.max_connections:
             return _error(503, "too many streams on this gateway; retry shortly", {"Retry-After": "1"})
         decision, lease = await gw.leases.acquire(uid)
@@ -297,36 +272,22 @@ def create_app(s: Settings | None = None) -> FastAPI:
         release = gw.slot(unsubscribe)
         streaming = False
         try:
-            last = _last_seq(last_event_id)
+            last = opening.last_seq(last_event_id)
             try:
-                snap = await gw.snapshot(job_id, last)
-                # A lost or rebuilding view may not know the job, or only part of its history:
-                # hold the request for the rebuild, else 503 (never a partial history as whole).
-                view_deadline = time.monotonic() + s.view_wait_s
-                while not snap.view_ready:
-                    left = view_deadline - time.monotonic()
-                    if left <= 0:
-                        return _error(
-                            503,
-                            "event history is being rebuilt (or Redis is down); retry shortly",
-                            {"Retry-After": "2"},
-                        )
-                    await gw.view_changed(left)
-                    snap = await gw.snapshot(job_id, last)
-                if snap.owner is None:  # a job just submitted may reach Redis a moment after its POST
-                    deadline = time.monotonic() + s.unknown_job_wait_s
-                    while snap.owner is None and time.monotonic() < deadline:
-                        await sub.wait(deadline - time.monotonic())
-                        sub.drain()  # whatever came live is in the history read next
-                        sub.resync = False
-                        snap = await gw.snapshot(job_id, last)
+                snap = await opening.settle(gw, sub, job_id, last, s.view_wait_s, s.unknown_job_wait_s)
             except RedisError as exc:
                 log.warning("state lookup of %s failed: %s", job_id, exc)
                 return _error(503, "job state unavailable; retry shortly", {"Retry-After": "1"})
-            owner = snap.owner
-            if owner is None or owner.user_id != uid:
+            if snap is None:  # the view stayed lost or rebuilding: never a partial history as whole
+                return _error(
+                    503,
+                    "event history is being rebuilt (or Redis is down); retry shortly",
+                    {"Retry-After": "2"},
+                )
+            answer = opening.verdict(snap, uid, last)
+            if answer == "unknown":
                 return _error(404, "job not found")  # the same answer for someone else's job
-            if owner.finished and last >= owner.seq:
+            if answer == "finished":
                 return Response(status_code=204)  # finished and fully delivered: EventSource stops
             stream = JobStream(
                 job_id,
@@ -350,4 +311,6 @@ def create_app(s: Settings | None = None) -> FastAPI:
             if not streaming:
                 release()
 
+    # Last, so outermost: it counts what every handler and middleware above answers.
+    app.add_middleware(RequestMetrics, requests=REQUESTS)
     return app
