@@ -439,7 +439,7 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
 
 def gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
     """Per generation: collections, seconds in them, and how many took over STALL_MS (from the
-    `eco2_gc_pause_seconds` histogram of contract/runtime_metrics.py)."""
+    `eco2_gc_pause_seconds` histogram of runtime/metrics.py)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, dict[str, float]] = {}

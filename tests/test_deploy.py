@@ -655,7 +655,7 @@ def test_http_services_probe_health_and_ready_on_their_port() -> None:
         else:
             metrics = int(config_map("eco2-config")["ECO2_METRICS_PORT"])
             assert ports == {"metrics": metrics}, name
-            # Consumers: /health fails when stalled (streams/health.py), not just when dead.
+            # Consumers: /health fails when stalled (runtime/health.py), not just when dead.
             assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}, name
             assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}, name
             assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}, name
@@ -1009,8 +1009,11 @@ def _alert_cases() -> list[Doc]:
                 {"series": 'eco2_gateway_max_streams{pod="gw-1"}', "values": "10000x20"},
                 {"series": 'eco2_gateway_streams{pod="gw-2"}', "values": "100x20"},
                 {"series": 'eco2_gateway_max_streams{pod="gw-2"}', "values": "10000x20"},
-                {"series": 'eco2_api_requests_total{route="submit",status="503"}', "values": "0+10x20"},
-                {"series": 'eco2_api_requests_total{route="submit",status="202"}', "values": "0+100x20"},
+                {"series": 'eco2_api_requests_total{route="/api/v1/scan",status="503"}', "values": "0+10x20"},
+                {
+                    "series": 'eco2_api_requests_total{route="/api/v1/scan",status="202"}',
+                    "values": "0+100x20",
+                },
                 {
                     "series": 'eco2_stage_failures_total{stage="vision",reason="model_permanent_error"}',
                     "values": "0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1",

@@ -1,4 +1,4 @@
-"""Consumer health (streams/health.py): /health fails when a consumer is alive but stuck.
+"""Consumer health (runtime/health.py): /health fails when a consumer is alive but stuck.
 
 Unit tests judge `Progress` on a fake clock; the integration tests stall real consumers on the
 real broker: a private router whose Redis stops answering (and then gets SIGSTOPped), and an
