@@ -572,14 +572,19 @@ def targets(cfg: LoadConfig, r: dict[str, Any], cpu: dict[str, Any] | None = Non
     return out
 
 
-async def run_load(s: Settings, cfg: LoadConfig, out: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the scenario against the stack (model latency set for the run and restored after)."""
+async def run_load(
+    s: Settings, cfg: LoadConfig, out: Callable[[str], None] | None = None, stack: Settings | None = None
+) -> dict[str, Any]:
+    """Run the scenario against the stack (model latency set for the run and restored after).
+    With `stack`, the VUs talk to `s`'s API and gateway (e.g. a benchmark's own) while the stack
+    of `stack` is the one checked and measured."""
+    stack = stack or s
     needed = ["api", "workers", "model", "router"] + (["gateway"] if cfg.mode == "sse" else [])
-    await harness.require(s, needed)
+    await harness.require(stack, needed)
     nofile = harness.raise_fd_limit()
     if 2 * cfg.vus + 100 > nofile:  # a keep-alive API connection per VU, plus its SSE stream
         raise harness.BenchError(f"{cfg.vus} VUs need more open files than this process may have ({nofile})")
-    pids = harness.service_pids(s)
+    pids = harness.service_pids(stack)
     env = harness.service_env(pids)
     run = LoadRun(s, cfg, out)
     say = run.out

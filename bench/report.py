@@ -97,6 +97,10 @@ def markdown(report: dict[str, Any]) -> str:
         from .ab_report import markdown as ab_md
 
         body = ab_md(report)
+    elif kind == "abuse":
+        from .abuse import markdown as abuse_md
+
+        body = abuse_md(report)
     else:
         body = _load_md(report) if kind == "load" else _micro_md(report)
     from .boxref import markdown as boxref_md
@@ -323,6 +327,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         from .ab_report import plot as ab_plot
 
         return ab_plot(report, path)
+    if report.get("kind") == "abuse":
+        from .abuse import plot as abuse_plot
+
+        return abuse_plot(report, path)
     series: list[dict[str, Any]] = report.get("series") or []
     panels = PANELS.get(report.get("kind", ""), report.get("panels") or [])
     if not series or not panels:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from contract import topics, trace
+from contract import topics, trace, versioning
 from contract.events import (
     FAILED_EVENT,
     FAILED_SEQ,
@@ -251,9 +251,10 @@ def document() -> dict[str, Any]:
         "asyncapi": "3.0.0",
         "info": {
             "title": "eco2 scan event streaming",
-            "version": "1",
+            "version": versioning.SCHEMA_VERSION,
             "description": "The Kafka topics of the scan pipeline and the SSE stream built on them. "
-            "Generated from contract/ by `eco2 contract`; do not edit by hand.",
+            "Generated from contract/ by `eco2 contract`; do not edit by hand.\n\n**Versions.** "
+            + versioning.RULE,
         },
         "defaultContentType": "application/json",
         "servers": {

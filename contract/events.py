@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from contract.versioning import Versioned
+
 # Pipeline order. seq = index * 10 + (1 if completed), as in the replaced system.
 STAGES: tuple[str, ...] = ("queued", "vision", "rule", "answer", "reward", "done")
 PIPELINE: tuple[str, ...] = ("vision", "rule", "answer", "reward")
@@ -55,7 +57,7 @@ class ScanRequest(BaseModel):
     model: str | None = None
 
 
-class ScanJob(BaseModel):
+class ScanJob(Versioned):  # `v` and unknown fields kept: contract/versioning.py
     """The message on every stage topic: the job plus everything earlier stages found."""
 
     job_id: str
@@ -75,7 +77,7 @@ class ScanJob(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
 
 
-class ScanResult(BaseModel):
+class ScanResult(Versioned):  # `v` and unknown fields kept: contract/versioning.py
     """The whole outcome of a scan: carried by the terminal event, cached and stored."""
 
     job_id: str
@@ -94,7 +96,7 @@ class ScanResult(BaseModel):
     finished_at: float
 
 
-class ScanEvent(BaseModel):
+class ScanEvent(Versioned):  # `v` and unknown fields kept: contract/versioning.py
     """One progress event on `scan.events`; event_id is deterministic so replays dedupe."""
 
     event_id: str
@@ -154,7 +156,7 @@ class Reward(BaseModel):
     reason: str
 
 
-class DeadLetter(BaseModel):
+class DeadLetter(Versioned):  # `v` and unknown fields kept: contract/versioning.py
     """A record on a dead-letter topic: the original message plus why it could not be handled."""
 
     source: Literal["pipeline", "writer"]

@@ -272,21 +272,36 @@ def peer(
 
 @bench_app.command("chaos")
 def chaos(
-    vus: Annotated[int, typer.Option("--vus", help="SSE virtual users")] = 30,
+    vus: Annotated[
+        int | None, typer.Option("--vus", help="SSE virtual users [30; 60 with --rollout]")
+    ] = None,
     hold: Annotated[
         float, typer.Option("--hold", help="seconds at --vus; the faults are spread over it")
     ] = 200.0,
     warmup: Annotated[float, typer.Option("--warmup", help="seconds of load before the first fault")] = 15.0,
     faults: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--faults",
-            help="comma-separated, in order: api,workers,router,gateway,writer,kafka,postgres,redis,flush",
+            help="comma-separated, in order: api,workers,router,gateway,writer,kafka,postgres,redis,flush "
+            "[all; with --rollout: workers,router,writer,gateway,api]",
         ),
-    ] = "api,workers,router,gateway,writer,kafka,postgres,redis,flush",
+    ] = None,
+    rollout: Annotated[
+        bool,
+        typer.Option(
+            "--rollout",
+            help="a Deployment rollout: SIGTERM each component in turn (it drains) and restart it; "
+            "also checks that no model call was repeated",
+        ),
+    ] = False,
     model_latency: Annotated[
-        str, typer.Option("--model-latency", help="simulated model seconds per call MIN,MAX, or keep")
-    ] = "1,2",
+        str | None,
+        typer.Option(
+            "--model-latency",
+            help="simulated model seconds per call MIN,MAX, or keep [1,2; 5,10 with --rollout]",
+        ),
+    ] = None,
     settle: Annotated[
         float, typer.Option("--settle", help="max seconds to wait for Postgres rows afterwards")
     ] = 180.0,
@@ -298,22 +313,68 @@ def chaos(
     out: OutOpt = None,
 ) -> None:
     """Load (SSE VUs) while every component is killed or restarted on a timeline; then checks that
-    nothing accepted was lost, no stream had a gap or duplicate, and no 5xx but declared 503s."""
-    from bench.chaos import ChaosConfig, run_chaos
+    nothing accepted was lost, no stream had a gap or duplicate, and no 5xx but declared 503s.
+    With --rollout, each component gets SIGTERM in turn instead (see docs/benchmarks.md)."""
+    from bench.chaos import FAULTS, ROLLOUT, ChaosConfig, run_chaos
     from bench.harness import parse_latency
 
-    cfg = ChaosConfig(
+    chosen = faults if faults is not None else ",".join(ROLLOUT if rollout else FAULTS)
+    kw: dict[str, Any] = {
+        "hold_s": hold,
+        "warmup_s": warmup,
+        "faults": tuple(x.strip() for x in chosen.split(",") if x.strip()),
+        "settle_s": settle,
+        "late_joiners": late_joiners,
+        "name": name,
+        "progress": not quiet,
+    }
+    if vus is not None:
+        kw["vus"] = vus
+    if model_latency is not None:
+        kw["model_latency"] = parse_latency(model_latency)
+    elif not rollout:
+        kw["model_latency"] = parse_latency("1,2")
+    cfg = ChaosConfig.for_rollout(**kw) if rollout else ChaosConfig(**kw)
+    report = _run(run_chaos(get_settings(), cfg, typer.echo))
+    _finish(report, out)
+    if any(t["verdict"] == "MISS" for t in report["targets"]):
+        raise typer.Exit(2)
+
+
+@bench_app.command("abuse")
+def abuse(
+    vus: Annotated[int, typer.Option("--vus", help="honest SSE virtual users")] = 300,
+    ramp_up: Annotated[float, typer.Option("--ramp-up", help="seconds from 0 to --vus")] = 30.0,
+    hold: Annotated[float, typer.Option("--hold", help="seconds at --vus")] = 120.0,
+    ramp_down: Annotated[float, typer.Option("--ramp-down", help="seconds from --vus to 0")] = 30.0,
+    post_factor: Annotated[
+        float, typer.Option("--post-factor", help="the abuser posts this many times the sustained quota")
+    ] = 100.0,
+    streams: Annotated[int, typer.Option("--streams", help="stream opens the abuser attempts")] = 5000,
+    model_latency: Annotated[
+        str, typer.Option("--model-latency", help="simulated model seconds per call MIN,MAX, or keep")
+    ] = "5,10",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no live progress line")] = False,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """The SSE scenario twice against quota'd API and gateway processes: alone, then beside one
+    abuser far past the quotas; the honest users must not notice, the abuser gets 429s."""
+    from bench.abuse import AbuseConfig, run_abuse
+    from bench.harness import parse_latency
+
+    cfg = AbuseConfig(
         vus=vus,
+        ramp_up_s=ramp_up,
         hold_s=hold,
-        warmup_s=warmup,
-        faults=tuple(x.strip() for x in faults.split(",") if x.strip()),
+        ramp_down_s=ramp_down,
+        post_factor=post_factor,
+        streams=streams,
         model_latency=parse_latency(model_latency),
-        settle_s=settle,
-        late_joiners=late_joiners,
         name=name,
         progress=not quiet,
     )
-    report = _run(run_chaos(get_settings(), cfg, typer.echo))
+    report = _run(run_abuse(get_settings(), cfg))
     _finish(report, out)
     if any(t["verdict"] == "MISS" for t in report["targets"]):
         raise typer.Exit(2)

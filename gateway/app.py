@@ -35,7 +35,7 @@ from runtime.http_metrics import RequestMetrics
 from runtime.metrics import add_metrics_route, track_event_loop
 
 from . import openapi, opening
-from .hub import Hub, Item
+from .hub import Hub, Item, history_items
 from .opening import Snapshot
 from .stream import JobStream
 
@@ -118,14 +118,14 @@ class Gateway:
                 await self._view_changed.wait()
 
     async def read_history(self, job_id: str, after: int) -> list[Item]:
-        return [Item.parse(r) for r in await self.store.history_json(job_id, after)]
+        return history_items(await self.store.history_json(job_id, after))
 
     async def snapshot(self, job_id: str, after: int) -> Snapshot:
         """The view's status (as this gateway last saw the server), the job's owner and its
         history after `after`, in one round trip (`view.StateStore.snapshot`)."""
         snap = await self.store.snapshot(job_id, after, self.run_id)
         ready = snap.status == "ready" and self.view_ok
-        return Snapshot(ready, snap.owner, [Item.parse(r) for r in snap.history])
+        return Snapshot(ready, snap.owner, history_items(snap.history))
 
     def slot(self, release_sub: Callable[[], None]) -> Callable[[], None]:
         """Count one stream; the returned release is idempotent (generator end or response end)."""

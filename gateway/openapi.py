@@ -7,13 +7,14 @@ team (and schemathesis) can check the gateway against it. The event names come f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from contract import identity
 from contract.events import FAILED_EVENT, FAILED_SEQ, SSE_EVENTS, STAGES, ScanEvent
 from contract.settings import Settings
+from quota import refusal
 
 EVENTS_OPERATION = "streamScanEvents"
 
@@ -22,6 +23,8 @@ class GatewayError(BaseModel):
     """Every refusal of the gateway (FastAPI's shape)."""
 
     detail: str
+    limit: Literal["streams"] | None = Field(default=None, description="429: the quota that refused")
+    retry_after_s: int | None = Field(default=None, description="429: as the Retry-After header")
 
 
 def _refusal(description: str, detail: str, **extra: Any) -> dict[str, Any]:
@@ -82,6 +85,11 @@ def events_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
             "missing X-User-ID or stream token",
         ),
         404: _refusal("no such job, or not the caller's (the two are indistinguishable)", "job not found"),
+        429: _refusal(
+            refusal.openapi_description("streams a user has open across all gateways"),
+            refusal.message("streams", s),
+            headers={"Retry-After": refusal.RETRY_AFTER_HEADER, **refusal.OPENAPI_HEADERS},
+        ),
         503: _refusal(
             "the gateway is full, cannot read the job's state, or the event history is being rebuilt "
             "after Redis lost it (a stream is first held up to ECO2_VIEW_WAIT_S for the rebuild); "

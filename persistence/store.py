@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from contract import versioning
 from contract.events import ScanResult
 
 from .records import Ownership, ownership_of
@@ -30,14 +31,15 @@ _JSON_COLUMNS = ("classification", "rules", "answer", "reward", "timings")
 WRITE_SQL = """
 WITH s AS (
   INSERT INTO scans (job_id, user_id, status, image_url, classification, rules_key, rules, answer,
-                     reward, error, failed_stage, timings, created_at, finished_at)
+                     reward, error, failed_stage, timings, created_at, finished_at, v, extra)
   SELECT job_id, user_id, status, image_url, classification::jsonb, rules_key, rules::jsonb,
          answer::jsonb, reward::jsonb, error, failed_stage, timings::jsonb,
-         to_timestamp(created_at), to_timestamp(finished_at)
+         to_timestamp(created_at), to_timestamp(finished_at), v, extra::jsonb
   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-              $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::float8[])
+              $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::float8[],
+              $19::text[], $20::text[])
        AS t(job_id, user_id, status, image_url, classification, rules_key, rules, answer, reward,
-            error, failed_stage, timings, created_at, finished_at)
+            error, failed_stage, timings, created_at, finished_at, v, extra)
   ON CONFLICT (job_id) DO NOTHING
   RETURNING 1
 ), o AS (
@@ -55,7 +57,8 @@ SELECT (SELECT count(*) FROM s) AS scans, (SELECT count(*) FROM o) AS ownership
 
 FETCH_SQL = """
 SELECT job_id, user_id, status, image_url, classification::text, rules_key, rules::text,
-       answer::text, reward::text, error, failed_stage, timings::text, created_at, finished_at
+       answer::text, reward::text, error, failed_stage, timings::text, created_at, finished_at,
+       v, extra::text
 FROM scans WHERE job_id = $1
 """
 
@@ -79,7 +82,7 @@ def _json(value: Any) -> str | None:
 
 
 def batch_args(results: Sequence[ScanResult]) -> list[list[Any]]:
-    """The 18 array arguments of WRITE_SQL; duplicates inside the batch are resolved here because
+    """The 20 array arguments of WRITE_SQL; duplicates inside the batch are resolved here because
     one statement may not touch the same ownership row twice."""
     scans: dict[str, ScanResult] = {}
     for r in results:
@@ -113,6 +116,8 @@ def batch_args(results: Sequence[ScanResult]) -> list[list[Any]]:
         [o.character_code for o in own],
         [o.job_id for o in own],
         [o.acquired_at for o in own],
+        [r.v for r in rows],
+        [_json(r.model_extra) if r.model_extra else None for r in rows],  # a newer version's fields
     ]
 
 
@@ -137,6 +142,10 @@ async def fetch_result(db: asyncpg.Pool | asyncpg.Connection, job_id: str) -> di
     for col in _JSON_COLUMNS:
         out[col] = json.loads(out[col]) if out[col] is not None else None
     out["timings"] = out["timings"] or {}
+    out["v"] = out["v"] or versioning.LEGACY_VERSION
+    extra = out.pop("extra")
+    if extra is not None:  # a newer version's fields, as the result carried them
+        out = {**json.loads(extra), **out}
     for col in ("created_at", "finished_at"):
         out[col] = _epoch(out[col])
     return out

@@ -20,7 +20,7 @@ import faust
 from redis.exceptions import RedisError
 
 from catalog import rewards, rules
-from contract import keys, trace
+from contract import keys, trace, versioning
 from contract.events import (
     PIPELINE,
     DeadLetter,
@@ -139,7 +139,7 @@ class Pipeline:
 
     async def run_stage(self, stage: str, job: ScanJob) -> ScanJob:
         """Do one stage's work and return the job with its findings added."""
-        out = job.model_copy(deep=True)
+        out = job.model_copy(deep=True, update={"v": versioning.SCHEMA_VERSION})  # the writer's stamp
         if stage == "vision":
             out.classification = await self._with_retries(
                 stage, lambda: model.classify(self.models.take(), self.s, job)
@@ -252,7 +252,7 @@ class Pipeline:
             key=str(value.get("job_id")) if value.get("job_id") else None,
             value=value,
             stage=stage,
-            reason="invalid_message",
+            reason="invalid_message" if versioning.readable(value) else "unknown_version",
             error=error[:2000],
         )
         await self._send(DLQ, letter.key or "unknown", letter.model_dump_json(), tp)
@@ -263,6 +263,7 @@ def result_of(
     job: ScanJob, status: str, error: str | None = None, failed_stage: str | None = None
 ) -> ScanResult:
     return ScanResult(
+        **versioning.extras(job, ScanResult),  # a newer version's findings travel on
         job_id=job.job_id,
         user_id=job.user_id,
         status=status,  # type: ignore[arg-type]

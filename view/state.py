@@ -25,7 +25,8 @@ from . import marker
 
 # KEYS: state, history, the owner's in-flight quota set.  ARGV: seq, event json, channel ("" = do
 # not publish), ttl, stage, status, progress, user, result json ("" when none), ttl once finished,
-# job id. Returns 1 when the event was new.
+# job id, the event's schema version (contract/versioning.py). Returns 1 when the event was new.
+# The history entry is the event JSON, `v` included; the state hash keeps the `v` of its event.
 # A finished job's keys keep only the finished TTL, whatever arrives after its terminal event.
 _APPLY = """
 local terminal = TERMINAL
@@ -38,7 +39,7 @@ end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
 if seq > cur then
   redis.call('HSET', KEYS[1], 'seq', seq, 'stage', ARGV[5], 'status', ARGV[6],
-             'progress', ARGV[7], 'user_id', ARGV[8], 'event', ARGV[2])
+             'progress', ARGV[7], 'user_id', ARGV[8], 'event', ARGV[2], 'v', ARGV[12])
   if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[9]) end
 end
 local ttl = ARGV[4]
@@ -92,6 +93,7 @@ class StateStore:
                         json.dumps(ev.result) if ev.result is not None else "",
                         self._finished_ttl(ev, now),
                         ev.job_id,
+                        ev.v,
                     ],
                     client=pipe,
                 )
