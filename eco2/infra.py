@@ -107,7 +107,14 @@ def _kafka_prepare(s: Settings, node: KafkaNode) -> None:
     if not (logs / "meta.properties").exists():
         cluster_id = _kafka_cluster_id(s)
         proc = subprocess.run(
-            [*_java(s, home), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)],
+            [
+                *_java(s, home),
+                "kafka.tools.StorageTool",
+                "format",
+                f"--cluster-id={cluster_id}",
+                "-c",
+                str(cfg),
+            ],
             capture_output=True,
             text=True,
         )

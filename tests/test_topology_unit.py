@@ -81,6 +81,24 @@ def test_node_config_carries_the_replication(tmp_path: Path, monkeypatch) -> Non
     assert cfg["default.replication.factor"] == cfg["offsets.topic.replication.factor"] == "3"
 
 
+def test_a_cluster_id_that_starts_with_a_dash_formats(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The id is random base64: about one in 64 starts with "-", which the storage tool read as an
+    option after `-t` ("expected one argument"; a private test stack then failed to start)."""
+    s = _settings(tmp_path)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(infra.install, "ensure_kafka", lambda s: tmp_path)
+    monkeypatch.setattr(infra, "_kafka_cluster_id", lambda s: "-dashFirst0123456789ab")
+
+    def run(argv: list[str], **kw: object) -> SimpleNamespace:
+        calls.append(argv)
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(infra.subprocess, "run", run)
+    infra._kafka_prepare(s, infra.kafka_nodes(s)[0])
+    (argv,) = calls
+    assert "--cluster-id=-dashFirst0123456789ab" in argv and "-t" not in argv
+
+
 def test_several_processes_per_component(tmp_path: Path) -> None:
     s = _settings(tmp_path, worker_processes=3, router_processes=2, gateway_processes=2)
     names = [svc.name for svc in services.services({"app"}, s)]
