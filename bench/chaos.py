@@ -31,9 +31,9 @@ import asyncpg
 import httpx
 import redis.asyncio as aioredis
 
+import view
 from contract.settings import Settings
-from eco2 import stack
-from streams import view
+from eco2 import services, stack
 
 from . import harness, wire
 from .load import EXPECTED_SEQS, LoadConfig, LoadRun, check_seqs
@@ -95,7 +95,7 @@ class ChaosLoad(LoadRun):
 
 async def _back(s: Settings, name: str, t0: float, timeout_s: float) -> float:
     """Restart a service through the stack table; seconds from the fault until it is ready."""
-    svc = stack.find(name)
+    svc = services.find(name)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -127,7 +127,7 @@ async def _view_ready(s: Settings, t0: float, timeout_s: float) -> float:
 async def inject(s: Settings, what: str, at_s: float, timeout_s: float) -> Fault:
     """One fault and the recovery from it (the restart always runs, even when cancelled)."""
     t0 = time.monotonic()
-    svc = stack.find("redis" if what == "flush" else what)
+    svc = services.find("redis" if what == "flush" else what)
     if what in COMPONENTS or what == "redis":
         action = "kill -9, restart"
         pid = stack.read_pid(s, svc)
@@ -165,7 +165,7 @@ async def roll(s: Settings, what: str, at_s: float, timeout_s: float, drain_time
     if what not in COMPONENTS:
         raise harness.BenchError(f"a rollout restarts {', '.join(COMPONENTS)}, not {what!r}")
     t0 = time.monotonic()
-    svc = stack.find(what)
+    svc = services.find(what)
     fault = Fault(what, "SIGTERM, restart", round(at_s, 1))
     pid = stack.read_pid(s, svc)
     if pid is not None:
@@ -305,7 +305,7 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
             for name in needed:  # whatever happened: leave the stack up
-                if stack.read_pid(s, stack.find(name)) is None:
+                if stack.read_pid(s, services.find(name)) is None:
                     await _back(s, name, time.monotonic(), cfg.back_timeout_s)
         r = load.results()
         accepted = [j for j in load.jobs if j.job_id is not None]

@@ -26,11 +26,11 @@ from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 
+from catalog.rules import RECYCLABLE_MIDDLES
 from contract import keys
 from contract.events import DONE, FAILED_SEQ, PIPELINE, QUEUED, STAGES, SUCCESS_SEQS, seq_of
 from contract.pipeline import SPEC
 from contract.settings import Settings
-from streams.rules import RECYCLABLE_MIDDLES
 
 from . import harness, wire
 from .stats import CpuMeter, LoopLag, machine, percentile, quiet_gc, summary

@@ -240,6 +240,7 @@ def peer(
 ) -> None:
     """The fan-out benchmark against the gateway and against Centrifugo, side by side (never in
     `make test`; skipped with a message where Centrifugo is missing and Go cannot build it)."""
+    from bench import report as rep
     from bench.peer import (
         PeerConfig,
         PeerMissing,
@@ -266,7 +267,7 @@ def peer(
     if centrifugo_binary(s) is None:
         typer.secho(missing_peer_message(), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(0)
-    _finish(_run(run_peer(s, cfg, typer.echo, out)), out)
+    _finish(_run(run_peer(s, cfg, lambda one: rep.write(one, out)["json"].name, typer.echo)), out)
 
 
 @bench_app.command("chaos")

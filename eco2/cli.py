@@ -12,7 +12,7 @@ import typer
 
 from contract.settings import get_settings
 
-from . import stack
+from . import services, stack
 from .bench_cli import bench_app
 from .bench_cli import chaos as bench_chaos
 from .contract_cli import contract
@@ -91,8 +91,8 @@ def stack_logs(
     """Show a service's log."""
     s = get_settings()
     try:
-        svc = stack.find(name)
-    except stack.StackError as exc:
+        svc = services.find(name)
+    except services.StackError as exc:
         _fail(str(exc))
     path = stack.log_path(s, svc.name)
     if not path.exists():

@@ -95,7 +95,7 @@ async def migrate_dsn(dsn: str) -> list[str]:
 
 
 async def after_postgres(s: Settings) -> None:
-    """The `eco2 stack up` hook (eco2.stack.AFTER_POSTGRES): migrate once Postgres is up."""
+    """The `eco2 stack up` hook (eco2/services.py hands it to `infra.postgres`): migrate once it is up."""
     applied = await migrate_dsn(s.postgres_dsn)
     if applied:
         print(f"  applied migrations: {', '.join(applied)}", flush=True)

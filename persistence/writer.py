@@ -26,7 +26,7 @@ from contract import trace
 from contract.events import DeadLetter, ScanResult
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, PERSISTENCE_DLQ, partition_for
-from streams.health import Policy, Progress, unread, watch
+from runtime.health import Policy, Progress, unread, watch
 
 from . import metrics, store
 from .batcher import Batcher

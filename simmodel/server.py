@@ -33,10 +33,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from catalog import rules
 from contract import trace
-from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
-from streams import rules
+from runtime.metrics import add_metrics_route, track_event_loop
 
 _TOKEN_SPLIT = re.compile(r"[^a-z0-9_]+")
 

@@ -8,12 +8,13 @@ import logging
 import os
 
 from contract.events import PIPELINE
-from contract.runtime_metrics import track_event_loop
 from contract.settings import get_settings
 from contract.topics import stage_group
+from runtime.health import serve
+from runtime.metrics import track_event_loop
 
 from .app import create_app, quiet_noisy_loggers
-from .health import serve, watch_faust
+from .watch import watch_faust
 
 
 def main(argv: list[str] | None = None) -> None:

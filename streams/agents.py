@@ -12,9 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from catalog import rewards, rules
 from contract.events import ScanJob
 
-from . import model, rewards, rules
+from . import model
 from .registry import Context, stage
 
 

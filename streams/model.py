@@ -12,11 +12,10 @@ import openai
 from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 from openai._constants import DEFAULT_CONNECTION_LIMITS
 
+from catalog import rules
 from contract import trace
 from contract.events import ScanJob
 from contract.settings import Settings
-
-from . import rules
 
 VISION_PROMPT = (
     "You classify a photographed piece of waste for Korean separate collection. "

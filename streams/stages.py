@@ -33,10 +33,10 @@ from contract.events import (
 )
 from contract.settings import Settings
 from contract.topics import BY_NAME, DLQ, EVENTS, STAGE_TOPICS, partition_for
+from view import pooled_client
 
 from . import metrics, model, registry
 from .app import topic, trace_logger
-from .state import pooled_client
 
 log = trace_logger("eco2.stages")
 

@@ -40,7 +40,7 @@ from contract.topics import (
 )
 from persistence.store import fetch_result
 from persistence.writer import Writer
-from streams.state import StateStore
+from view import StateStore
 
 from .conftest import REPO, eco2
 

@@ -19,11 +19,11 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from catalog import rewards, rules
 from contract.events import DONE, DONE_SEQ, FAILED_SEQ, PIPELINE, PROGRESS, QUEUED, SUCCESS_SEQS, seq_of
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, STAGE_TOPICS, partition_for, shard_of, stage_group
 from producers.client import submit, wait_result
-from streams import rewards, rules
 
 from .conftest import REPO, eco2
 from .kafka_events import dead_letters, job_events, read_partition
@@ -142,7 +142,7 @@ def test_records_are_stored_compressed(settings: Settings, zero_latency_model: s
     """Issue 16: Kafka's logs at retention. Every batch the API and the stage workers wrote for a
     scan is stored zstd-compressed (codec 4 in the batch attributes); control batches (transaction
     markers) are never compressed."""
-    from eco2.stack import data_dir
+    from eco2.service import data_dir
 
     t0 = int(time.time() * 1000)
 

@@ -18,11 +18,11 @@ import pytest
 import redis.asyncio as aioredis
 from playwright.async_api import Page
 
+import view
 from contract import keys
 from contract.events import make_event
 from contract.settings import Settings
-from streams import view
-from streams.state import StateStore
+from view import StateStore
 
 from .gateway_support import Proc, gateway_proc, job, wait_ready
 from .test_resilience import RedisServer, api_proc

@@ -20,7 +20,7 @@ from contract.settings import Settings
 from contract.topics import FIRST_TOPIC, STAGE_TOPICS, TOPICS
 from persistence import store
 from streams import registry
-from streams.state import client
+from view import client
 
 from .conftest import REPO
 

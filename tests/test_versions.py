@@ -17,12 +17,12 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from catalog import rules
 from contract import keys, trace, versioning
 from contract.events import ScanJob, now
 from contract.settings import Settings
 from contract.topics import BY_NAME, DLQ, EVENTS, PERSISTENCE_DLQ, STAGE_TOPICS, partition_for
 from gateway.client import follow
-from streams import rules
 
 from .gateway_support import full_events
 from .kafka_events import dead_letters, job_events, read_partition

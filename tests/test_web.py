@@ -118,9 +118,9 @@ async def test_page_reopens_its_stream_after_a_503_and_shows_each_event_once(
     waits Retry-After and reopens; the reopened stream replays the history, shown once."""
     import redis.asyncio as aioredis
 
+    import view
     from contract import keys
-    from streams import view
-    from streams.state import StateStore
+    from view import StateStore
 
     from .gateway_support import gateway_proc, isolated_redis_url, wait_ready
 
