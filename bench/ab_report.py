@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import boxref
+from . import boxref, md
 
 SIDES = ("A", "B")
 # The report sections whose numbers are figures (others are config, time series, environment).
@@ -160,7 +160,6 @@ def _row(name: str, f: Mapping[str, Any]) -> str:
 def markdown(report: Mapping[str, Any]) -> list[str]:
     c = report["config"]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(report["started_at"]))
-    from .report import _machine  # noqa: PLC0415 - report imports this module lazily too
 
     head = [
         "| figure | A: median (min..max) | B: median (min..max) | B/A | B_i/A_i |",
@@ -175,7 +174,7 @@ def markdown(report: Mapping[str, Any]) -> list[str]:
         f"- Each run on its own fresh stack, brought up from that side's checkout "
         f"(`eco2 stack up`, then `eco2 {' '.join(c['bench_args'])}`, then `eco2 stack down --reset`); "
         f"A's Python environment: {c['base_env']}.",
-        f"- Machine: {_machine(report['machine'])}.",
+        f"- Machine: {md.machine(report['machine'])}.",
         "- B/A is B's median over A's; B_i/A_i the range of the ratio over runs that ran back to back. "
         "`box.*` is the box reference measured just before each run; `cpu_per_job_box.*` is CPU per job "
         "in its units (ms on a box whose 20M-integer loop takes 1 s).",

@@ -25,8 +25,8 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from contract.settings import Settings
-from contract.topics import EVENTS, VISION
-from eco2 import stack
+from contract.topics import EVENTS, FIRST_TOPIC
+from eco2 import services, stack
 
 from . import harness
 from . import prometheus as prom
@@ -141,21 +141,21 @@ async def _poison(s: Settings) -> None:
     await producer.start()
     try:
         for i in range(3):
-            await producer.send_and_wait(VISION, b"not json", key=f"alerts-poison-{i}".encode())
+            await producer.send_and_wait(FIRST_TOPIC, b"not json", key=f"alerts-poison-{i}".encode())
             await producer.send_and_wait(EVENTS, b"not json", key=f"alerts-poison-{i}".encode())
     finally:
         await producer.stop()
 
 
 def _signal(s: Settings, name: str, sig: int) -> None:
-    pid = stack.read_pid(s, stack.find(name))
+    pid = stack.read_pid(s, services.find(name))
     if pid is None:
         raise harness.BenchError(f"{name} is not running")
     os.killpg(pid, sig)
 
 
 async def _kill(s: Settings, name: str) -> None:
-    svc = stack.find(name)
+    svc = services.find(name)
     _signal(s, name, signal.SIGKILL)
     while stack.read_pid(s, svc) is not None:
         await asyncio.sleep(0.05)
@@ -188,7 +188,7 @@ async def inject(s: Settings, fault: str) -> Callable[[], Awaitable[str]]:
         # (closed-loop VUs alone may post nothing for minutes during the outage).
         statuses: collections.Counter[str] = collections.Counter()
         arrivals = asyncio.create_task(_arrivals(s, statuses))
-        await asyncio.to_thread(stack.stop, s, stack.find("kafka"))
+        await asyncio.to_thread(stack.stop, s, services.find("kafka"))
 
         async def start() -> str:
             t0 = time.monotonic()
@@ -443,7 +443,7 @@ async def run_alerts(s: Settings, cfg: AlertsConfig, out: Out = print) -> dict[s
                 background.cancel()
                 await asyncio.gather(background, return_exceptions=True)
                 for name in needed:  # whatever happened: leave the stack up
-                    svc = stack.find(name)
+                    svc = services.find(name)
                     pid = stack.read_pid(s, svc)
                     if pid is None:
                         await _back(s, name, time.monotonic(), 180.0)

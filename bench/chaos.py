@@ -8,6 +8,12 @@ promises: every accepted job has exactly one terminal row in Postgres; every cli
 exact; late joiners read whole histories; no 5xx but declared 503s (counted); and how long each
 component took to be back. Loopback only, bounded: the load stops by itself and every fault ends
 with its restart, whatever happens (a Ctrl-C still restarts what was killed).
+
+`--rollout` (`ChaosConfig.rollout`) is a Deployment rollout instead: under load each of the
+workers, router, writer, gateway and API gets SIGTERM in turn, drains and is started again. On top
+of the checks above it proves no model call was repeated: the model stand-in counts each job's
+calls (`/admin/stats?by=job`), and every completed job must have exactly one vision and one
+answer call. A process still running `drain_timeout_s` after its SIGTERM is SIGKILLed and counted.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
+import httpx
 import redis.asyncio as aioredis
 
+import view
 from contract.settings import Settings
-from eco2 import stack
-from streams import view
+from eco2 import services, stack
 
 from . import harness, wire
 from .load import EXPECTED_SEQS, LoadConfig, LoadRun, check_seqs
@@ -35,6 +42,7 @@ from .stats import machine
 COMPONENTS = ("api", "workers", "router", "gateway", "writer")  # killed with SIGKILL, restarted
 RESTARTED = ("kafka", "postgres")  # stopped as an operator would, restarted
 FAULTS: tuple[str, ...] = (*COMPONENTS, "kafka", "postgres", "redis", "flush")
+ROLLOUT: tuple[str, ...] = ("workers", "router", "writer", "gateway", "api")  # SIGTERM, in this order
 
 
 @dataclass
@@ -53,6 +61,13 @@ class ChaosConfig:
     back_timeout_s: float = 180.0
     name: str = ""
     progress: bool = True
+    rollout: bool = False  # SIGTERM + restart of each of `faults` (components only), no SIGKILL
+    drain_timeout_s: float = 60.0  # rollout: a process still up this long after SIGTERM is killed
+
+    @classmethod
+    def for_rollout(cls, **kw: Any) -> ChaosConfig:
+        """The rollout run's defaults: 60 VUs, the hosted model's 5-10 s, every component once."""
+        return cls(**{"vus": 60, "model_latency": (5.0, 10.0), "faults": ROLLOUT, "rollout": True, **kw})
 
     @property
     def spacing_s(self) -> float:
@@ -67,6 +82,7 @@ class Fault:
     at_s: float  # seconds since the load started
     back_s: float | None = None  # until the component answered again (view ready for a flush)
     error: str | None = None
+    drain_s: float | None = None  # rollout: from SIGTERM until the process had exited
 
 
 class ChaosLoad(LoadRun):
@@ -79,7 +95,7 @@ class ChaosLoad(LoadRun):
 
 async def _back(s: Settings, name: str, t0: float, timeout_s: float) -> float:
     """Restart a service through the stack table; seconds from the fault until it is ready."""
-    svc = stack.find(name)
+    svc = services.find(name)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -111,7 +127,7 @@ async def _view_ready(s: Settings, t0: float, timeout_s: float) -> float:
 async def inject(s: Settings, what: str, at_s: float, timeout_s: float) -> Fault:
     """One fault and the recovery from it (the restart always runs, even when cancelled)."""
     t0 = time.monotonic()
-    svc = stack.find("redis" if what == "flush" else what)
+    svc = services.find("redis" if what == "flush" else what)
     if what in COMPONENTS or what == "redis":
         action = "kill -9, restart"
         pid = stack.read_pid(s, svc)
@@ -142,6 +158,48 @@ async def inject(s: Settings, what: str, at_s: float, timeout_s: float) -> Fault
     except (harness.BenchError, stack.StackError) as exc:
         fault.error = str(exc)[:500]
     return fault
+
+
+async def roll(s: Settings, what: str, at_s: float, timeout_s: float, drain_timeout_s: float) -> Fault:
+    """One component's rollout step: SIGTERM, wait for it to drain and exit, start it again."""
+    if what not in COMPONENTS:
+        raise harness.BenchError(f"a rollout restarts {', '.join(COMPONENTS)}, not {what!r}")
+    t0 = time.monotonic()
+    svc = services.find(what)
+    fault = Fault(what, "SIGTERM, restart", round(at_s, 1))
+    pid = stack.read_pid(s, svc)
+    if pid is not None:
+        os.killpg(pid, signal.SIGTERM)
+        while stack.read_pid(s, svc) is not None and time.monotonic() - t0 < drain_timeout_s:
+            await asyncio.sleep(0.05)
+        if stack.read_pid(s, svc) is not None:
+            fault.error = f"still running {drain_timeout_s:g}s after SIGTERM: SIGKILLed"
+            os.killpg(pid, signal.SIGKILL)
+            while stack.read_pid(s, svc) is not None:
+                await asyncio.sleep(0.05)
+    fault.drain_s = round(time.monotonic() - t0, 2)
+    try:
+        await asyncio.shield(_back(s, svc.name, t0, timeout_s))
+        fault.back_s = round(time.monotonic() - t0, 2)
+    except (harness.BenchError, stack.StackError) as exc:
+        fault.error = str(exc)[:500]
+    return fault
+
+
+async def model_calls(s: Settings, job_ids: list[str]) -> dict[str, int]:
+    """Judge each job's model calls as the stand-in counted them: one vision and one answer call
+    (every bench image has a rule, so every completed job makes both), never one repeated."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        resp = await http.get(f"http://{s.model_host}:{s.model_port}/admin/stats", params={"by": "job"})
+        resp.raise_for_status()
+        per_job: dict[str, dict[str, int]] = resp.json()["jobs"]
+    out = {"jobs": len(job_ids), "calls": 0, "jobs_with_a_repeated_call": 0, "jobs_not_one_each": 0}
+    for job_id in job_ids:
+        counts = per_job.get(job_id, {})
+        out["calls"] += sum(counts.values())
+        out["jobs_with_a_repeated_call"] += int(any(n > 1 for n in counts.values()))
+        out["jobs_not_one_each"] += int(counts != {"classification": 1, "answer": 1})
+    return out
 
 
 async def terminal_rows(s: Settings, job_ids: list[str], timeout_s: float) -> dict[str, int]:
@@ -192,6 +250,8 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
     needed = ["kafka", "redis", "postgres", "api", "workers", "model", "router", "gateway", "writer"]
     await harness.require(s, needed)
     for what in cfg.faults:
+        if cfg.rollout and what not in COMPONENTS:
+            raise harness.BenchError(f"a rollout restarts {', '.join(COMPONENTS)}, not {what!r}")
         if what not in FAULTS:
             raise harness.BenchError(f"unknown fault {what!r}; choose from {', '.join(FAULTS)}")
     harness.raise_fd_limit()
@@ -214,10 +274,16 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
         await asyncio.sleep(cfg.warmup_s)
         for i, what in enumerate(cfg.faults):
             at = time.monotonic() - load.start_m
-            out(f"chaos [{at:5.0f}s] {what}: {'FLUSHALL' if what == 'flush' else 'fault'}")
-            fault = await inject(s, what, at, cfg.back_timeout_s)
+            kind = "SIGTERM" if cfg.rollout else "FLUSHALL" if what == "flush" else "fault"
+            out(f"chaos [{at:5.0f}s] {what}: {kind}")
+            if cfg.rollout:
+                fault = await roll(s, what, at, cfg.back_timeout_s, cfg.drain_timeout_s)
+            else:
+                fault = await inject(s, what, at, cfg.back_timeout_s)
             out(
-                f"chaos [{time.monotonic() - load.start_m:5.0f}s] {what}: back after {fault.back_s}s"
+                f"chaos [{time.monotonic() - load.start_m:5.0f}s] {what}: "
+                + (f"drained in {fault.drain_s}s, " if fault.drain_s is not None else "")
+                + f"back after {fault.back_s}s"
                 + (f" ERROR {fault.error}" if fault.error else "")
             )
             faults.append(fault)
@@ -239,7 +305,7 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
             for name in needed:  # whatever happened: leave the stack up
-                if stack.read_pid(s, stack.find(name)) is None:
+                if stack.read_pid(s, services.find(name)) is None:
                     await _back(s, name, time.monotonic(), cfg.back_timeout_s)
         r = load.results()
         accepted = [j for j in load.jobs if j.job_id is not None]
@@ -251,6 +317,11 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
         out(f"chaos: {len(joiners)} late joiners read every stream from the start")
         late = await late_join(
             s, [(str(j.job_id), f"bench-{load.run_id}-{j.vu}", j.failed_stage) for j in joiners]
+        )
+        calls = (
+            await model_calls(s, [str(j.job_id) for j in accepted if j.status == "completed"])
+            if cfg.rollout
+            else None
         )
     sse = r["sse"]
     post_5xx = {k: v for k, v in r["post_errors"].items() if k.startswith("HTTP 5")}
@@ -282,6 +353,9 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
         "recovery_s": {f.what: f.back_s for f in faults},
         "e2e_s": r["e2e_s"],
     }
+    if calls is not None:
+        results["drain_s"] = {f.what: f.drain_s for f in faults}
+        results["model_calls"] = calls
     lost_jobs = results["jobs_without_terminal_row"]
     gaps = sse["lost"] + late.get("lost", 0) + late.get("unexpected", 0)
     dups = sse["duplicated"] + late.get("duplicated", 0)
@@ -309,19 +383,45 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
             len(unfinished) + late.get("unfinished", 0) == 0,
         ),
         _target(
-            "faults recovered",
+            "components drained on SIGTERM and back" if cfg.rollout else "faults recovered",
             f"{len(cfg.faults)}",
             len(faults) - len(faults_failed),
             not faults_failed and len(faults) == len(cfg.faults),
         ),
     ]
+    if calls is not None:
+        targets += [
+            _target(
+                "completed jobs with a model call repeated",
+                "0",
+                calls["jobs_with_a_repeated_call"],
+                calls["jobs_with_a_repeated_call"] == 0,
+            ),
+            _target(
+                "completed jobs without exactly one vision and one answer call",
+                "0",
+                calls["jobs_not_one_each"],
+                calls["jobs_not_one_each"] == 0 and calls["jobs"] > 0,
+            ),
+        ]
+    kind = "rollout" if cfg.rollout else "chaos"
+    title = (
+        f"Rollout: {cfg.vus} SSE VUs while each component gets SIGTERM in turn and is restarted"
+        if cfg.rollout
+        else f"Chaos: {cfg.vus} SSE VUs while every component is killed or restarted"
+    )
     return {
         "kind": "chaos",
-        "name": cfg.name or f"chaos-{cfg.vus}vu",
-        "title": f"Chaos: {cfg.vus} SSE VUs while every component is killed or restarted",
+        "name": cfg.name or f"{kind}-{cfg.vus}vu",
+        "title": title,
         "description": (
             "Faults on a timeline during the load (each restarted through the stack table): "
-            + "; ".join(f"{f.at_s:.0f}s {f.what} ({f.action}) back in {f.back_s}s" for f in faults)
+            + "; ".join(
+                f"{f.at_s:.0f}s {f.what} ({f.action})"
+                + (f" exited in {f.drain_s}s," if f.drain_s is not None else "")
+                + f" back in {f.back_s}s"
+                for f in faults
+            )
             + ". Shared 2-core box, other work running: recovery times are noisy."
         ),
         "started_at": started,

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contract.events import PIPELINE, ScanEvent, seq_of
+from contract.events import SUCCESS_SEQS, ScanEvent
 from contract.settings import REPO_ROOT, Settings
-from contract.topics import BY_NAME, EVENTS, VISION
+from contract.topics import BY_NAME, EVENTS, FIRST_TOPIC
 from eco2 import install
 
 # Offsets of each port inside the private block (a block of PORT_BLOCK free loopback ports).
@@ -137,11 +137,7 @@ class PrivateStack:
 # --- bounded load against a private stack ----------------------------------------------------
 
 # The events of a completed job, in order (queued .. done).
-COMPLETED_SEQS = [
-    seq_of(stage, status)
-    for stage in ("queued", *PIPELINE, "done")
-    for status in (("completed",) if stage in ("queued", "done") else ("started", "completed"))
-]
+COMPLETED_SEQS = list(SUCCESS_SEQS)
 
 
 @dataclass
@@ -299,7 +295,7 @@ def partitions(s: Settings) -> dict[str, list[dict[str, Any]]]:
     return {t["topic"]: t["partitions"] for t in json.loads(out.stdout)["topics"]}
 
 
-def busiest_leader(s: Settings, topics: tuple[str, ...] = (VISION, EVENTS)) -> int:
+def busiest_leader(s: Settings, topics: tuple[str, ...] = (FIRST_TOPIC, EVENTS)) -> int:
     """The node id leading most partitions of the busy topics."""
     leaders = [p["leader"] for name, ps in partitions(s).items() if name in topics for p in ps]
     return max(set(leaders), key=leaders.count)

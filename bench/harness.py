@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 import httpx
 import redis.asyncio as aioredis
 
+import view
 from contract.settings import REPO_ROOT, Settings
-from eco2.stack import redis_argv
-from streams import view
+from eco2.infra import redis_argv
 
 from .stats import rss_kib, tree_cpu_s
 
@@ -121,10 +121,10 @@ async def require(s: Settings, names: list[str]) -> dict[str, dict[str, Any]]:
 
 def service_pids(s: Settings) -> dict[str, int]:
     """Pid of every running stack service (Kafka, Redis, Postgres, the app processes)."""
-    from eco2 import stack
+    from eco2 import services, stack
 
     out: dict[str, int] = {}
-    for svc in stack.services():
+    for svc in services.services():
         pid = stack.read_pid(s, svc)
         if pid is not None:
             out[svc.name] = pid

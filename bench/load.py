@@ -26,10 +26,11 @@ from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 
+from catalog.rules import RECYCLABLE_MIDDLES
 from contract import keys
-from contract.events import FAILED_SEQ, PIPELINE, STAGES, seq_of
+from contract.events import DONE, FAILED_SEQ, PIPELINE, QUEUED, STAGES, SUCCESS_SEQS, seq_of
+from contract.pipeline import SPEC
 from contract.settings import Settings
-from streams.rules import RECYCLABLE_MIDDLES
 
 from . import harness, wire
 from .stats import CpuMeter, LoopLag, machine, percentile, quiet_gc, summary
@@ -37,11 +38,7 @@ from .stats import CpuMeter, LoopLag, machine, percentile, quiet_gc, summary
 Mode = Literal["polling", "sse"]
 
 # Every event of a successful job, in order: queued, started/completed per stage, done.
-EXPECTED_SEQS: list[int] = (
-    [seq_of("queued", "completed")]
-    + [seq_of(st, status) for st in PIPELINE for status in ("started", "completed")]
-    + [seq_of("done", "completed")]
-)
+EXPECTED_SEQS: list[int] = list(SUCCESS_SEQS)
 WINDOW_S = 10.0  # moving window of the per-second series (throughput, p95 so far)
 
 
@@ -407,7 +404,7 @@ class LoadRun:
                     if j.status != "completed":
                         continue
                     ts = {int(e["seq"]): float(e["ts"]) for e in evs}
-                    prev = ts.get(seq_of("queued", "completed"))
+                    prev = ts.get(seq_of(QUEUED, "completed"))
                     for st in PIPELINE:
                         a, b = ts.get(seq_of(st, "started")), ts.get(seq_of(st, "completed"))
                         if prev is not None and a is not None:
@@ -415,7 +412,7 @@ class LoadRun:
                         if a is not None and b is not None:
                             services[st].append(b - a)
                         prev = b
-                    end = ts.get(seq_of("done", "completed"))
+                    end = ts.get(seq_of(DONE, "completed"))
                     if prev is not None and end is not None:
                         finish.append(end - prev)
         finally:
@@ -454,7 +451,7 @@ class LoadRun:
         steady_to = self.start_m + cfg.ramp_up_s + cfg.hold_s
         steady_s = steady_to - steady_from
         in_steady = [t for t in end_times if steady_from <= t < steady_to]
-        model_time = [j.timings.get("vision", 0.0) + j.timings.get("answer", 0.0) for j in completed]
+        model_time = [sum(j.timings.get(st.name, 0.0) for st in SPEC if st.model) for j in completed]
         out: dict[str, Any] = {
             "scans_attempted": attempted,
             "scans_accepted": len(accepted),
@@ -572,14 +569,19 @@ def targets(cfg: LoadConfig, r: dict[str, Any], cpu: dict[str, Any] | None = Non
     return out
 
 
-async def run_load(s: Settings, cfg: LoadConfig, out: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the scenario against the stack (model latency set for the run and restored after)."""
+async def run_load(
+    s: Settings, cfg: LoadConfig, out: Callable[[str], None] | None = None, stack: Settings | None = None
+) -> dict[str, Any]:
+    """Run the scenario against the stack (model latency set for the run and restored after).
+    With `stack`, the VUs talk to `s`'s API and gateway (e.g. a benchmark's own) while the stack
+    of `stack` is the one checked and measured."""
+    stack = stack or s
     needed = ["api", "workers", "model", "router"] + (["gateway"] if cfg.mode == "sse" else [])
-    await harness.require(s, needed)
+    await harness.require(stack, needed)
     nofile = harness.raise_fd_limit()
     if 2 * cfg.vus + 100 > nofile:  # a keep-alive API connection per VU, plus its SSE stream
         raise harness.BenchError(f"{cfg.vus} VUs need more open files than this process may have ({nofile})")
-    pids = harness.service_pids(s)
+    pids = harness.service_pids(stack)
     env = harness.service_env(pids)
     run = LoadRun(s, cfg, out)
     say = run.out

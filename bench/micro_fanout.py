@@ -37,9 +37,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from contract.events import ScanEvent, ScanJob
-from contract.runtime_metrics import GC_PAUSE
 from contract.settings import Settings
-from streams.state import StateStore
+from runtime.metrics import GC_PAUSE
+from view import StateStore
 
 from . import harness, synthetic, wire
 from .load import check_seqs
@@ -439,7 +439,7 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
 
 def gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
     """Per generation: collections, seconds in them, and how many took over STALL_MS (from the
-    `eco2_gc_pause_seconds` histogram of contract/runtime_metrics.py)."""
+    `eco2_gc_pause_seconds` histogram of runtime/metrics.py)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, dict[str, float]] = {}

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from contract.events import ScanEvent
 from contract.settings import Settings
 from contract.topics import ROUTER_GROUP
-from streams.state import StateStore
+from view import StateStore
 
 from . import harness, synthetic
 from .stats import machine, self_cpu_s, tree_cpu_s

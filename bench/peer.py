@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import jwt
 from contract.events import ScanEvent, ScanJob
 from contract.settings import Settings
 
-from . import harness, synthetic, wire
+from . import harness, md, synthetic, wire
 from .micro_fanout import Fanout, FanoutConfig, Server, fanout, gateway_server
 from .stats import machine
 
@@ -166,10 +166,11 @@ class PeerConfig:
     name: str = ""
 
 
-async def run_peer(s: Settings, cfg: PeerConfig, say: Any = print, out: Path | None = None) -> dict[str, Any]:
-    """Both servers at every rate, one after the other; each run's own report is written too."""
-    from . import report as rep
-
+async def run_peer(
+    s: Settings, cfg: PeerConfig, save: Callable[[dict[str, Any]], str], say: Any = print
+) -> dict[str, Any]:
+    """Both servers at every rate, one after the other; `save` writes each run's own report and
+    returns its file name (bench.report.write: that module renders this one's report kind)."""
     if centrifugo_binary(s) is None:  # fail before the gateway's runs, not after them
         raise PeerMissing(missing_peer_message())
     started = time.time()
@@ -191,7 +192,7 @@ async def run_peer(s: Settings, cfg: PeerConfig, say: Any = print, out: Path | N
             say(f"peer: {label} at {rate:,.0f} events/s")
             async with server_cm(s, fcfg, run) as server:
                 one = await fanout(server, fcfg, run, say)
-            files.append(rep.write(one, out)["json"].name)
+            files.append(save(one))
             rows.append(_row(label, rate, one))
             await asyncio.sleep(2.0)  # let sockets close before the next server starts
     return _report(cfg, started, rows, files)
@@ -275,38 +276,38 @@ def _report(cfg: PeerConfig, started: float, rows: list[dict[str, Any]], files: 
 
 
 def markdown(report: dict[str, Any]) -> list[str]:
-    from .report import _machine, _table, _targets, _v
 
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(report["started_at"]))
     res = report["results"]
     rows = [
         [
             r["server"] + (f" x{r['processes']}" if r["processes"] > 1 else ""),
-            f"{r['rate']:,.0f} ({_v(r['achieved'], '', 0)})",
+            f"{r['rate']:,.0f} ({md.value(r['achieved'], '', 0)})",
             f"{r['streaming']:,} / {r['finished']:,}",
-            _v(r["p50_ms"], " ms"),
-            _v(r["p99_ms"], " ms"),
+            md.value(r["p50_ms"], " ms"),
+            md.value(r["p99_ms"], " ms"),
             f"{r['lost']} / {r['duplicated']}",
-            _v(r["kib_per_connection"], " KiB"),
-            _v(r["cpu_pct"], " %"),
-            _v(r["cpu_ms_per_1000_events"], " ms"),
+            md.value(r["kib_per_connection"], " KiB"),
+            md.value(r["cpu_pct"], " %"),
+            md.value(r["cpu_ms_per_1000_events"], " ms"),
         ]
         for r in res["rows"]
     ]
     ratios = [
-        [f"{x['rate']:,.0f}", _v(x["p99_ratio"], "x", 2), _v(x["cpu_ratio"], "x", 2)] for x in res["ratios"]
+        [f"{x['rate']:,.0f}", md.value(x["p99_ratio"], "x", 2), md.value(x["cpu_ratio"], "x", 2)]
+        for x in res["ratios"]
     ]
     return [
         f"# {report['title']} ({when})",
         "",
         report["description"],
         "",
-        f"- Machine: {_machine(report['machine'])}.",
+        f"- Machine: {md.machine(report['machine'])}.",
         "- Config: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()) + ".",
         "",
         "## Side by side",
         "",
-        *_table(
+        *md.table(
             [
                 "server",
                 "events/s (achieved)",
@@ -323,9 +324,9 @@ def markdown(report: dict[str, Any]) -> list[str]:
         "",
         "## Gateway / Centrifugo",
         "",
-        *_table(["events/s", "delivery p99", "CPU per event"], ratios),
+        *md.table(["events/s", "delivery p99", "CPU per event"], ratios),
         "",
-        *_targets(report),
+        *md.targets(report),
         "Each run's own report: " + ", ".join(f"`{f}`" for f in res["reports"]) + ".",
     ]
 

@@ -127,10 +127,10 @@ class Target:
 
 def targets(s: Settings) -> list[Target]:
     """Every stack process that serves /metrics, on this checkout's ports (replicas included)."""
-    from eco2 import stack
+    from eco2 import services
 
     out = []
-    for svc in stack.services({"app"}, s):
+    for svc in services.services({"app"}, s):
         component = next(
             (c for c in (*HTTP_COMPONENTS, *CONSUMER_COMPONENTS) if c in (svc.name, *svc.groups)), None
         )

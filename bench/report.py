@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import md
+
 REPORTS_DIR = Path(__file__).resolve().parent / "reports"
 
 # The replaced system's published load results (../shared/reference/origin-system.md): 2 vCPU / 4 GB
@@ -47,64 +49,23 @@ def write(report: dict[str, Any], out_dir: Path | None = None) -> dict[str, Path
 # --- markdown ------------------------------------------------------------------------------------
 
 
-def _v(x: Any, unit: str = "", digits: int = 1) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:,.{digits}f}{unit}"
-    if isinstance(x, int):
-        return f"{x:,}{unit}"
-    return f"{x}{unit}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
-    ]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
-
-
-def _dist(d: dict[str, Any] | None, unit: str, digits: int = 1) -> str:
-    if not d or not d.get("n"):
-        return "-"
-    return (
-        f"p50 {_v(d['p50'], unit, digits)} · p95 {_v(d['p95'], unit, digits)} · "
-        f"p99 {_v(d['p99'], unit, digits)} · max {_v(d['max'], unit, digits)} (n={d['n']:,})"
-    )
-
-
-def _machine(m: dict[str, Any]) -> str:
-    return (
-        f"{m.get('cores')} cores ({m.get('cpu') or 'unknown CPU'}), {m.get('memory_gib')} GiB, "
-        f"Linux {m.get('kernel')}, Python {m.get('python')}, everything on one box incl. the load generator"
-    )
-
-
-def _targets(report: dict[str, Any]) -> list[str]:
-    rows = [
-        [t["target"], t["goal"], _v(t["measured"]), f"**{t['verdict']}**"] for t in report.get("targets", [])
-    ]
-    return ["## Targets", "", *_table(["target", "goal", "measured", "verdict"], rows), ""] if rows else []
-
-
 def _services(report: dict[str, Any]) -> list[str]:
     svc = report.get("services_cpu") or {}
     if not svc:
         return []
     rows = [
-        [n, _v(v["cpu_s"], " s", 1), _v(v["avg_pct_of_core"], "%"), _v(v["rss_mib"], " MiB")]
+        [
+            n,
+            md.value(v["cpu_s"], " s", 1),
+            md.value(v["avg_pct_of_core"], "%"),
+            md.value(v["rss_mib"], " MiB"),
+        ]
         for n, v in sorted(svc.items(), key=lambda kv: -kv[1]["cpu_s"])
     ]
     return [
         "## CPU by process during the run",
         "",
-        *_table(["process", "CPU", "avg (100% = 1 core)", "RSS at end"], rows),
+        *md.table(["process", "CPU", "avg (100% = 1 core)", "RSS at end"], rows),
         "",
     ]
 
@@ -114,9 +75,9 @@ def cpu_headline(report: dict[str, Any]) -> list[str]:
     cpu = report.get("cpu_per_job") or {}
     if cpu.get("total_ms") is None:
         return []
-    parts = ", ".join(f"{n} {_v(ms, ' ms', 1)}" for n, ms in cpu["by_process_ms"].items() if ms >= 0.05)
+    parts = ", ".join(f"{n} {md.value(ms, ' ms', 1)}" for n, ms in cpu["by_process_ms"].items() if ms >= 0.05)
     return [
-        f"**CPU per completed job: {_v(cpu['total_ms'], ' ms', 1)}** (all stack processes, "
+        f"**CPU per completed job: {md.value(cpu['total_ms'], ' ms', 1)}** (all stack processes, "
         f"{cpu['jobs']:,} jobs) = {parts}.",
         "",
     ]
@@ -140,6 +101,10 @@ def markdown(report: dict[str, Any]) -> str:
         from .alerts import markdown as alerts_md
 
         body = alerts_md(report)
+    elif kind == "abuse":
+        from .abuse import markdown as abuse_md
+
+        body = abuse_md(report)
     else:
         body = _load_md(report) if kind == "load" else _micro_md(report)
     from .boxref import markdown as boxref_md
@@ -163,7 +128,7 @@ def _load_md(report: dict[str, Any]) -> list[str]:
         )
         + " until final -> repeat.",
         f"- Simulated model latency: {lat['min_s']:g}-{lat['max_s']:g} s per call (2 calls per scan).",
-        f"- Machine: {_machine(report['machine'])}.",
+        f"- Machine: {md.machine(report['machine'])}.",
         "",
         *cpu_headline(report),
     ]
@@ -172,11 +137,12 @@ def _load_md(report: dict[str, Any]) -> list[str]:
             f"- Stage workers: one process, {report['stage_concurrency']} jobs in flight per stage "
             "(`ECO2_STAGE_CONCURRENCY`)."
         )
+    lag = r.get("generator_loop_lag_ms") or {}
     lines += [
-        f"- Load generator CPU: {_v(r['generator_cpu'].get('cpu_s'), ' s')} "
-        f"(avg {_v(r['generator_cpu'].get('avg_pct_of_core'), '%')} of one core); "
-        f"its event loop woke up late by p99 {_v((r.get('generator_loop_lag_ms') or {}).get('p99'), ' ms')}, "
-        f"max {_v((r.get('generator_loop_lag_ms') or {}).get('max'), ' ms')} (latencies it measured may be "
+        f"- Load generator CPU: {md.value(r['generator_cpu'].get('cpu_s'), ' s')} "
+        f"(avg {md.value(r['generator_cpu'].get('avg_pct_of_core'), '%')} of one core); "
+        f"its event loop woke up late by p99 {md.value(lag.get('p99'), ' ms')}, "
+        f"max {md.value(lag.get('max'), ' ms')} (latencies it measured may be "
         "inflated by up to that much).",
         "",
         "## Beside the original",
@@ -186,11 +152,11 @@ def _load_md(report: dict[str, Any]) -> list[str]:
     rows = [
         [
             f"{vus} (ours, {c['mode']})",
-            _v(r["scans_attempted"]),
-            _pct(r["completion_rate"]),
-            f"{_v(r['throughput_jpm'], '', 0)} jobs/min",
-            _v(r["e2e_s"]["p95"], " s"),
-            _v(r["scan_api_ms"]["p95"], " ms"),
+            md.value(r["scans_attempted"]),
+            md.pct(r["completion_rate"]),
+            f"{md.value(r['throughput_jpm'], '', 0)} jobs/min",
+            md.value(r["e2e_s"]["p95"], " s"),
+            md.value(r["scan_api_ms"]["p95"], " ms"),
         ]
     ]
     o = ORIGINAL.get(vus)
@@ -205,46 +171,50 @@ def _load_md(report: dict[str, Any]) -> list[str]:
                 f"{o['api_p95']} ms",
             ]
         )
-    lines += _table(["VUs", "scans", "completion", "throughput", "E2E p95", "Scan API p95"], rows)
+    lines += md.table(["VUs", "scans", "completion", "throughput", "E2E p95", "Scan API p95"], rows)
     lines += ["", "## Results", ""]
     res = [
         [
             "scan success (POST accepted)",
-            f"{_pct(r['scan_success_rate'])} ({r['scans_accepted']:,} / {r['scans_attempted']:,})",
+            f"{md.pct(r['scan_success_rate'])} ({r['scans_accepted']:,} / {r['scans_attempted']:,})",
         ],
         [
             "completion (completed / submitted)",
-            f"{_pct(r['completion_rate'])} ({r['jobs_completed']:,} / "
+            f"{md.pct(r['completion_rate'])} ({r['jobs_completed']:,} / "
             f"{r['jobs_submitted']:,}; failed {r['jobs_failed']})",
         ],
         ["jobs by outcome", ", ".join(f"{k} {v:,}" for k, v in sorted(r["jobs_by_status"].items()))],
-        ["reward rate", _pct(r["reward_rate"])],
-        ["Scan API (POST) latency", _dist(r["scan_api_ms"], " ms")],
-        ["result API (GET) latency", _dist(r["result_api_ms"], " ms")],
-        ["completion time (submit -> terminal)", _dist(r["completion_time_s"], " s", 2)],
-        ["E2E (VU iteration)", _dist(r["e2e_s"], " s", 2)],
-        ["model time per job (vision + answer)", _dist(r["model_time_s"], " s", 2)],
-        ["throughput, whole run", f"{_v(r['throughput_jpm'], '', 0)} jobs/min over {r['run_s']} s"],
+        ["reward rate", md.pct(r["reward_rate"])],
+        ["Scan API (POST) latency", md.dist(r["scan_api_ms"], " ms")],
+        ["result API (GET) latency", md.dist(r["result_api_ms"], " ms")],
+        ["completion time (submit -> terminal)", md.dist(r["completion_time_s"], " s", 2)],
+        ["E2E (VU iteration)", md.dist(r["e2e_s"], " s", 2)],
+        ["model time per job (vision + answer)", md.dist(r["model_time_s"], " s", 2)],
+        ["throughput, whole run", f"{md.value(r['throughput_jpm'], '', 0)} jobs/min over {r['run_s']} s"],
         [
             "throughput, steady state",
-            f"{_v(r['throughput_steady_jpm'], '', 0)} jobs/min (hold from "
+            f"{md.value(r['throughput_steady_jpm'], '', 0)} jobs/min (hold from "
             f"{r['steady_window_s'][0]} s to {r['steady_window_s'][1]} s)",
         ],
     ]
     if r.get("polls_per_job"):
         p = r["polls_per_job"]
         res.append(
-            ["polls per job", f"mean {_v(p['mean'], '', 1)} · p95 {_v(p['p95'])} · max {_v(p['max'], '', 0)}"]
+            [
+                "polls per job",
+                f"mean {md.value(p['mean'], '', 1)} · p95 {md.value(p['p95'])} · "
+                f"max {md.value(p['max'], '', 0)}",
+            ]
         )
     if r.get("sse"):
         sse = r["sse"]
         res += [
             [
                 "SSE events received",
-                f"{sse['events_received']:,} ({_v(sse['events_per_s'])}/s avg, "
+                f"{sse['events_received']:,} ({md.value(sse['events_per_s'])}/s avg, "
                 f"peak {sse['events_per_s_peak']:,}/s)",
             ],
-            ["SSE delivery latency (event ts -> client)", _dist(sse["delivery_ms"], " ms")],
+            ["SSE delivery latency (event ts -> client)", md.dist(sse["delivery_ms"], " ms")],
             [
                 "SSE lost / duplicated / unexpected events",
                 f"{sse['lost']} / {sse['duplicated']} / {sse['unexpected']} "
@@ -254,7 +224,7 @@ def _load_md(report: dict[str, Any]) -> list[str]:
         ]
     if r.get("errors"):
         res.append(["errors (top)", "; ".join(f"{k} x{v}" for k, v in r["errors"].items())])
-    lines += _table(["metric", "value"], res)
+    lines += md.table(["metric", "value"], res)
     st = r.get("stages") or {}
     if st:
         lines += [
@@ -271,35 +241,39 @@ def _load_md(report: dict[str, Any]) -> list[str]:
             rows.append(
                 [
                     name,
-                    _v(d["wait_s"]["p50"], " s", 3),
-                    _v(d["wait_s"]["p95"], " s", 3),
-                    _v(d["service_s"]["p50"], " s", 3),
-                    _v(d["service_s"]["p95"], " s", 3),
-                    _v(t.get("p95"), " s", 3),
+                    md.value(d["wait_s"]["p50"], " s", 3),
+                    md.value(d["wait_s"]["p95"], " s", 3),
+                    md.value(d["service_s"]["p50"], " s", 3),
+                    md.value(d["service_s"]["p95"], " s", 3),
+                    md.value(t.get("p95"), " s", 3),
                 ]
             )
         d = st["done_after_reward_s"]
-        rows.append(["done (after reward)", "-", "-", _v(d["p50"], " s", 3), _v(d["p95"], " s", 3), "-"])
-        lines += _table(["stage", "wait p50", "wait p95", "service p50", "service p95", "timings p95"], rows)
+        rows.append(
+            ["done (after reward)", "-", "-", md.value(d["p50"], " s", 3), md.value(d["p95"], " s", 3), "-"]
+        )
+        lines += md.table(
+            ["stage", "wait p50", "wait p95", "service p50", "service p95", "timings p95"], rows
+        )
         lines += [
             "",
             f"History check: {st['history_mismatched_jobs']} of {st['history_checked_jobs']:,} finished "
             "jobs have a seq list in Redis that is not the expected one.",
         ]
     lines += [""]
-    lines += _targets(report)
+    lines += md.targets(report)
     lines += _services(report)
     return lines
 
 
 def _flat(prefix: str, value: Any, rows: list[list[str]]) -> None:
     if isinstance(value, dict) and set(value) >= {"n", "p50", "p95"}:
-        rows.append([prefix, _dist(value, "", 3)])
+        rows.append([prefix, md.dist(value, "", 3)])
     elif isinstance(value, dict):
         for k, v in value.items():
             _flat(f"{prefix}.{k}" if prefix else k, v, rows)
     elif not isinstance(value, list):
-        rows.append([prefix, _v(value, "", 2)])
+        rows.append([prefix, md.value(value, "", 2)])
 
 
 def _micro_md(report: dict[str, Any]) -> list[str]:
@@ -308,14 +282,14 @@ def _micro_md(report: dict[str, Any]) -> list[str]:
     if report.get("description"):
         lines += [report["description"], ""]
     lines += [
-        f"- Machine: {_machine(report['machine'])}.",
+        f"- Machine: {md.machine(report['machine'])}.",
         "- Config: " + ", ".join(f"{k}={v}" for k, v in report.get("config", {}).items()) + ".",
         "",
     ]
     rows: list[list[str]] = []
     _flat("", report["results"], rows)
-    lines += ["## Results", "", *_table(["metric", "value"], rows), ""]
-    lines += _targets(report)
+    lines += ["## Results", "", *md.table(["metric", "value"], rows), ""]
+    lines += md.targets(report)
     lines += _services(report)
     return lines
 
@@ -357,6 +331,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         from .ab_report import plot as ab_plot
 
         return ab_plot(report, path)
+    if report.get("kind") == "abuse":
+        from .abuse import plot as abuse_plot
+
+        return abuse_plot(report, path)
     series: list[dict[str, Any]] = report.get("series") or []
     panels = PANELS.get(report.get("kind", ""), report.get("panels") or [])
     if not series or not panels:
@@ -426,7 +404,7 @@ def _latest(reports: list[dict[str, Any]], key: Any) -> dict[Any, dict[str, Any]
 def _verdict(rep: dict[str, Any], prefix: str) -> str:
     for t in rep.get("targets", []):
         if t["target"].startswith(prefix):
-            return f"{t['verdict']} ({_v(t['measured'])})"
+            return f"{t['verdict']} ({md.value(t['measured'])})"
     return "-"
 
 
@@ -467,17 +445,17 @@ def results_section(reports: list[dict[str, Any]]) -> str:
                 [
                     f"{vus:,}",
                     f"**ours ({mode})**",
-                    _v(r["scans_attempted"]),
-                    _pct(r["completion_rate"]),
-                    _v(r["throughput_jpm"], "", 0),
-                    _v(r.get("throughput_steady_jpm"), "", 0),
-                    _v(r["e2e_s"]["p95"], " s"),
-                    _v(r["scan_api_ms"]["p95"], " ms"),
+                    md.value(r["scans_attempted"]),
+                    md.pct(r["completion_rate"]),
+                    md.value(r["throughput_jpm"], "", 0),
+                    md.value(r.get("throughput_steady_jpm"), "", 0),
+                    md.value(r["e2e_s"]["p95"], " s"),
+                    md.value(r["scan_api_ms"]["p95"], " ms"),
                     f"`{rep['_file']}`",
                 ]
             )
     lines += ["### Load test: the original's scenario", ""]
-    lines += _table(
+    lines += md.table(
         [
             "VUs",
             "system",
@@ -506,7 +484,7 @@ def results_section(reports: list[dict[str, Any]]) -> str:
         )
     if trows:
         lines += ["", "### Targets per run", ""]
-        lines += _table(
+        lines += md.table(
             [
                 "run",
                 "completion >= 99.9%",
@@ -532,9 +510,10 @@ def results_section(reports: list[dict[str, Any]]) -> str:
             [
                 "pipeline, zero-latency model",
                 f"{r['submitted']:,} jobs: terminal in Redis at "
-                f"{_v(r['redis_terminal']['jobs_per_s'])} jobs/s, stored in Postgres at "
-                f"{_v(pg.get('jobs_per_s'))} jobs/s; Scan API p95 {_v(r['scan_api_ms']['p95'], ' ms')}; "
-                f"CPU {_v((rep.get('cpu_per_job') or {}).get('total_ms'), ' ms')} per job",
+                f"{md.value(r['redis_terminal']['jobs_per_s'])} jobs/s, stored in Postgres at "
+                f"{md.value(pg.get('jobs_per_s'))} jobs/s; "
+                f"Scan API p95 {md.value(r['scan_api_ms']['p95'], ' ms')}; "
+                f"CPU {md.value((rep.get('cpu_per_job') or {}).get('total_ms'), ' ms')} per job",
                 "-",
                 f"`{rep['_file']}`",
             ]
@@ -547,8 +526,8 @@ def results_section(reports: list[dict[str, Any]]) -> str:
         mrows.append(
             [
                 "router (private router draining a backlog)",
-                f"{_v(lag.get('events_per_s'), '', 0)} events/s ({_v(lag.get('events'))} events, "
-                f"{_v(lag.get('events_per_cpu_s'), '', 0)} events per CPU second)",
+                f"{md.value(lag.get('events_per_s'), '', 0)} events/s ({md.value(lag.get('events'))} events, "
+                f"{md.value(lag.get('events_per_cpu_s'), '', 0)} events per CPU second)",
                 _verdict(rep, "router events/s (lag"),
                 f"`{rep['_file']}`",
             ]
@@ -556,7 +535,7 @@ def results_section(reports: list[dict[str, Any]]) -> str:
         mrows.append(
             [
                 "router logic direct (StateStore.apply)",
-                f"{_v(r['direct']['events_per_s'], '', 0)} events/s",
+                f"{md.value(r['direct']['events_per_s'], '', 0)} events/s",
                 _verdict(rep, "router events/s (direct"),
                 f"`{rep['_file']}`",
             ]
@@ -574,14 +553,14 @@ def results_section(reports: list[dict[str, Any]]) -> str:
                 f"SSE fan-out, {who}, {r['clients']:,} clients"
                 + (
                     f", streams ending ({r['streams_per_s']:,} opened/s, "
-                    f"{_v(r['gateway_cpu_ms_per_stream'], ' ms', 2)} gateway CPU per stream, "
-                    f"max delivery gap {_v(r['max_delivery_gap_ms'], ' ms')})"
+                    f"{md.value(r['gateway_cpu_ms_per_stream'], ' ms', 2)} gateway CPU per stream, "
+                    f"max delivery gap {md.value(r['max_delivery_gap_ms'], ' ms')})"
                     if churn
                     else ""
                 ),
-                f"{r['connected']:,} streaming; delivery p50 {_v(d['p50'], ' ms')}, "
-                f"p99 {_v(d['p99'], ' ms')} at {_v(r['apply_rate_achieved'], '', 0)} events/s; "
-                f"{_v(r['gateway_kib_per_connection'])} KiB "
+                f"{r['connected']:,} streaming; delivery p50 {md.value(d['p50'], ' ms')}, "
+                f"p99 {md.value(d['p99'], ' ms')} at {md.value(r['apply_rate_achieved'], '', 0)} events/s; "
+                f"{md.value(r['gateway_kib_per_connection'])} KiB "
                 "per connection; "
                 + (f"{peak} Redis connections; " if (peak := r["gateway_redis_connections"]["peak"]) else "")
                 + f"lost/dup {r['lost']}/{r['duplicated']}",
@@ -591,7 +570,7 @@ def results_section(reports: list[dict[str, Any]]) -> str:
         )
     if mrows:
         lines += ["", "### Micro-benchmarks", ""]
-        lines += _table(["benchmark", "result", "target", "report"], mrows)
+        lines += md.table(["benchmark", "result", "target", "report"], mrows)
     return "\n".join(_measured_on([*loads.values(), *micro.values()]) + lines) + "\n"
 
 
@@ -600,7 +579,7 @@ def _measured_on(used: list[dict[str, Any]]) -> list[str]:
     days: dict[str, set[str]] = {}
     for rep in used:
         when = time.strftime("%Y-%m-%d", time.localtime(rep.get("started_at", 0)))
-        days.setdefault(_machine(rep["machine"]), set()).add(when)
+        days.setdefault(md.machine(rep["machine"]), set()).add(when)
     if not days:
         return []
     boxes = "; ".join(

@@ -20,10 +20,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from contract import keys
-from contract.runtime_metrics import ASYNCIO_TASKS
 from contract.settings import Settings
 from contract.topics import TOPICS
-from eco2.stack import data_dir
+from eco2.service import data_dir
+from runtime.metrics import ASYNCIO_TASKS
 
 from .stats import percentile, rss_kib, tree_cpu_s
 

@@ -4,13 +4,12 @@ data), and its markdown report."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from . import md
 from .load import Job, check_seqs
+from .soak_config import SoakConfig
 from .stats import percentile
-
-if TYPE_CHECKING:
-    from .soak import SoakConfig
 
 APP_PROCESSES = ("api", "workers", "router", "writer", "gateway", "model")
 # Redis keys one job may leave: state, history, and memos (8 started/completed events, done or
@@ -357,7 +356,6 @@ def judge(
 
 
 def markdown(report: dict[str, Any]) -> list[str]:
-    from .report import _machine, _table, _targets, _v
 
     c, r = report["config"], report["results"]
     lat = c["model_latency"]
@@ -377,10 +375,10 @@ def markdown(report: dict[str, Any]) -> list[str]:
         f"{c['key_scan_every'] * c['sample_every_s']:g} s.",
         f"- Windows compared: {w['rule']} ({w['window_s']:g} s each); steady part {w['steady'][0]:g}-"
         f"{w['steady'][1]:g} s (after ramp-up + one E2E p95 of warm-up, {w['warm_up_s']:g} s).",
-        f"- Machine: {_machine(report['machine'])}.",
+        f"- Machine: {md.machine(report['machine'])}.",
         "",
     ]
-    lines += _targets(report)
+    lines += md.targets(report)
     rows = [
         [
             "jobs submitted / completed / failed",
@@ -389,7 +387,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
         ["jobs by outcome", ", ".join(f"{k} {v:,}" for k, v in sorted(r["jobs_by_status"].items()))],
         ["by client behaviour", ", ".join(f"{k} {v:,}" for k, v in sorted(r["by_client_kind"].items()))],
         ["by model fault: outcome", ", ".join(f"{k} {v:,}" for k, v in sorted(r["outcomes"].items()))],
-        ["throughput, whole run", f"{_v(r['throughput_jpm'], '', 0)} jobs/min"],
+        ["throughput, whole run", f"{md.value(r['throughput_jpm'], '', 0)} jobs/min"],
         [
             "first window",
             f"{w['first_stats']['throughput_jpm']} jobs/min, E2E p95 {w['first_stats']['e2e_p95_s']} s",
@@ -407,12 +405,12 @@ def markdown(report: dict[str, Any]) -> list[str]:
     if r.get("sse"):
         sse = r["sse"]
         rows.append(["SSE events / reconnects", f"{sse['events_received']:,} / {sse['reconnects']:,}"])
-    lines += ["## Results", "", *_table(["metric", "value"], rows), ""]
+    lines += ["## Results", "", *md.table(["metric", "value"], rows), ""]
     grows = [
         [
             col.split(":", 1)[1],
             col.split(":", 1)[0],
-            _v(g["median"]),
+            md.value(g["median"]),
             f"{g['first']:g} -> {g['last']:g}",
             f"{g['slope_per_h']:+g}",
             f"{g['limit_per_h']:g}",
@@ -433,7 +431,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
         + "; ".join(f"`{c}`: {why}" for c, why in NOT_JUDGED.items())
         + ".",
         "",
-        *_table(
+        *md.table(
             ["process", "series", "median", "first -> last", "slope per hour", "tolerance per hour", ""],
             grows,
         ),
@@ -442,9 +440,9 @@ def markdown(report: dict[str, Any]) -> list[str]:
     idle = [
         [
             c,
-            _v(v["before"]),
-            _v(v["after"]),
-            _v(v["limit"]),
+            md.value(v["before"]),
+            md.value(v["after"]),
+            md.value(v["limit"]),
             ("ok" if v["ok"] else "**NOT BACK**") if c.startswith("tasks:") else "(pools; not judged)",
         ]
         for c, v in r["idle"].items()
@@ -453,7 +451,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
         lines += [
             "## Idle before vs after the run",
             "",
-            *_table(["series", "before", "after", "limit", ""], idle),
+            *md.table(["series", "before", "after", "limit", ""], idle),
             "",
         ]
     k = r.get("redis_keys") or {}
@@ -461,10 +459,10 @@ def markdown(report: dict[str, Any]) -> list[str]:
         rows = [
             [
                 p,
-                _v(v["keys"]),
-                _v(k["per_job"].get(p)),
-                _v(k["per_job_max"].get(p)),
-                _v(v["bytes_avg"], " B"),
+                md.value(v["keys"]),
+                md.value(k["per_job"].get(p)),
+                md.value(k["per_job_max"].get(p)),
+                md.value(v["bytes_avg"], " B"),
                 f"{(v['ttl_max_s'] or 0) / 3600:.2f} h (limit {k['ttl_limits'].get(p, 0) / 3600:g} h)",
                 f"{k['level_bytes'].get(p, 0) / 2**20:,.0f} MiB",
             ]
@@ -473,7 +471,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
         lines += [
             "## Redis keys of this run's jobs",
             "",
-            *_table(
+            *md.table(
                 ["prefix", "keys", "per job", "max per job", "bytes per key", "longest TTL", "level"],
                 rows,
             ),
@@ -510,10 +508,12 @@ def markdown(report: dict[str, Any]) -> list[str]:
         store.append(
             [
                 name,
-                _v(a),
-                _v(b),
-                _v((b - a) * 1024 / jobs, " KiB", 2),
-                f"{_v(lv['level_gib'], ' GiB', 2)} ({lv['retention_days']:g} d)" if lv else "no retention",
+                md.value(a),
+                md.value(b),
+                md.value((b - a) * 1024 / jobs, " KiB", 2),
+                f"{md.value(lv['level_gib'], ' GiB', 2)} ({lv['retention_days']:g} d)"
+                if lv
+                else "no retention",
             ]
         )
     if store:
@@ -523,7 +523,9 @@ def markdown(report: dict[str, Any]) -> list[str]:
             "Kafka topics level off at (bytes per second) x retention; Postgres tables keep every result "
             "(no retention: they grow with jobs by design).",
             "",
-            *_table(["topic / table", "MiB at start", "MiB at end", "per job", "level at retention"], store),
+            *md.table(
+                ["topic / table", "MiB at start", "MiB at end", "per job", "level at retention"], store
+            ),
             "",
         ]
     logs = r.get("log_counts") or {}

@@ -16,6 +16,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from contract import keys, trace
 from contract.events import PIPELINE, ScanEvent, ScanJob, ScanResult, make_event, now
+from contract.pipeline import SPEC
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, partition_for
 
@@ -58,7 +59,7 @@ def events(j: ScanJob, terminal: bool = True) -> list[ScanEvent]:
                 "gaps": [],
             },
             reward={"granted": True, "character_code": "char_pet", "character_name": "Petty", "reason": "ok"},
-            timings={"vision": 7.5, "rule": 0.001, "answer": 7.5, "reward": 0.001},
+            timings={st.name: 7.5 if st.model else 0.001 for st in SPEC},  # model calls take seconds
             created_at=j.created_at,
             finished_at=now(),
         )

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from contract.pipeline import is_terminal
 from gateway.client import SseDecoder
 
 
@@ -255,7 +256,7 @@ async def follow(
                     last = max(last, seq)
                     if on_event is not None:
                         on_event(ev, now)
-                    if ev.get("status") == "failed" or ev.get("stage") == "done":
+                    if is_terminal(ev.get("stage"), ev.get("status")):
                         out.terminal = ev
                         out.error = None
                         return out
@@ -325,7 +326,7 @@ async def follow_centrifugo(
                 out.received.append(now)
                 if on_event is not None:
                     on_event(ev, now)
-                if ev.get("status") == "failed" or ev.get("stage") == "done":
+                if is_terminal(ev.get("stage"), ev.get("status")):
                     out.terminal = ev
                     return out
             out.error = "stream ended before the terminal event"

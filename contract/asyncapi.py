@@ -12,18 +12,21 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from contract import topics, trace
+from contract import topics, trace, versioning
 from contract.events import (
+    DONE,
+    DONE_SEQ,
     FAILED_EVENT,
     FAILED_SEQ,
     PIPELINE,
+    QUEUED,
     STAGES,
     DeadLetter,
     ScanEvent,
     ScanJob,
     ScanResult,
 )
-from contract.topics import DLQ, EVENTS, PERSISTENCE_DLQ, STAGE_TOPICS, TopicSpec
+from contract.topics import DLQ, EVENTS, FIRST_TOPIC, PERSISTENCE_DLQ, STAGE_TOPICS, TopicSpec
 
 KAFKA_BINDING = "0.5.0"
 HTTP_BINDING = "0.3.0"
@@ -31,7 +34,7 @@ REF = "#/components/schemas/{model}"
 
 # Who writes each topic besides the stage workers (for the descriptions).
 _PRODUCERS = {
-    STAGE_TOPICS["vision"]: "the scan API (one Kafka transaction with the job's queued event)",
+    FIRST_TOPIC: "the scan API (one Kafka transaction with the job's queued event)",
     EVENTS: "the scan API (queued) and every stage worker (started/completed/failed)",
     DLQ: "the stage workers, for jobs they give up on (`eco2 dlq replay` re-produces one to its stage topic)",
     PERSISTENCE_DLQ: "the Postgres writer, for records it can never store (`eco2 dlq replay` "
@@ -122,7 +125,7 @@ def _schemas() -> dict[str, Any]:
             "type": "string",
             "pattern": "^[0-9]+$",
             "description": f"the SSE `id:`: the event's seq (queued 1, stage started 10n, completed 10n+1, "
-            f"done 51, {FAILED_EVENT} {FAILED_SEQ}); send it back as Last-Event-ID to resume",
+            f"{DONE} {DONE_SEQ}, {FAILED_EVENT} {FAILED_SEQ}); send it back as Last-Event-ID to resume",
         },
     }
     for model in (ScanJob, ScanEvent, ScanResult, DeadLetter):
@@ -135,9 +138,9 @@ def _schemas() -> dict[str, Any]:
 def _sse_message(name: str) -> dict[str, Any]:
     if name == FAILED_EVENT:
         what = "the job failed (terminal; carries the failed result and `error`)"
-    elif name == "done":
+    elif name == DONE:
         what = "the job finished (terminal; carries the whole result)"
-    elif name == "queued":
+    elif name == QUEUED:
         what = "the job was accepted"
     else:
         what = f"the {name} stage started or completed (see `status`)"
@@ -182,7 +185,7 @@ def document() -> dict[str, Any]:
     operations: dict[str, Any] = {
         "apiSendsJob": _operation(
             "send",
-            _channel_id(STAGE_TOPICS["vision"]),
+            _channel_id(FIRST_TOPIC),
             "ScanJob",
             "the scan API queues a job (transactional id prefix "
             f"`{topics.API_TRANSACTIONAL_ID_PREFIX}`, with its queued event)",
@@ -251,9 +254,10 @@ def document() -> dict[str, Any]:
         "asyncapi": "3.0.0",
         "info": {
             "title": "eco2 scan event streaming",
-            "version": "1",
+            "version": versioning.SCHEMA_VERSION,
             "description": "The Kafka topics of the scan pipeline and the SSE stream built on them. "
-            "Generated from contract/ by `eco2 contract`; do not edit by hand.",
+            "Generated from contract/ by `eco2 contract`; do not edit by hand.\n\n**Versions.** "
+            + versioning.RULE,
         },
         "defaultContentType": "application/json",
         "servers": {

@@ -7,42 +7,49 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-# Pipeline order. seq = index * 10 + (1 if completed), as in the replaced system.
-STAGES: tuple[str, ...] = ("queued", "vision", "rule", "answer", "reward", "done")
-PIPELINE: tuple[str, ...] = ("vision", "rule", "answer", "reward")
-PROGRESS: dict[str, int] = {
-    "queued": 0,
-    "vision": 25,
-    "rule": 50,
-    "answer": 75,
-    "reward": 100,
-    "done": 100,
-}
-FAILED_SEQ = 99  # the one terminal failure of a job; above every stage seq
-TERMINAL_STAGES = ("done", "failed")
+# The stage list and everything derived from it (seqs, progress, the terminal test) live in
+# contract/pipeline.py; re-exported here, where the events that carry them are defined.
+from contract.pipeline import (
+    DONE,
+    DONE_SEQ,
+    FAILED,
+    FAILED_SEQ,
+    PIPELINE,
+    PROGRESS,
+    QUEUED,
+    STAGES,
+    SUCCESS_SEQS,
+    is_terminal,
+    next_stage,
+    seq_of,
+)
+from contract.versioning import Versioned
 
 Status = Literal["started", "completed", "failed"]
 
 # SSE `event:` names. A failure is `failed`, never `error`: EventSource dispatches its own
 # connection errors as `error`, so a client could not tell a failed job from a network blip.
-FAILED_EVENT = "failed"
+FAILED_EVENT = FAILED
 SSE_EVENTS: tuple[str, ...] = (*STAGES, FAILED_EVENT)
+
+__all__ = [
+    "DONE",
+    "DONE_SEQ",
+    "FAILED_SEQ",
+    "PIPELINE",
+    "PROGRESS",
+    "QUEUED",
+    "STAGES",
+    "SUCCESS_SEQS",
+    "is_terminal",
+    "next_stage",
+    "seq_of",
+]
 
 
 def sse_event_name(stage: str, status: str) -> str:
     """The SSE `event:` name of an event: its stage, or `failed` for the terminal failure."""
-    return FAILED_EVENT if status == "failed" else stage
-
-
-def seq_of(stage: str, status: str) -> int:
-    if status == "failed":
-        return FAILED_SEQ
-    return STAGES.index(stage) * 10 + (1 if status == "completed" else 0)
-
-
-def next_stage(stage: str) -> str:
-    """The stage after `stage` ("done" after the last pipeline stage)."""
-    return STAGES[STAGES.index(stage) + 1]
+    return FAILED_EVENT if status == FAILED else stage
 
 
 def now() -> float:
@@ -55,8 +62,11 @@ class ScanRequest(BaseModel):
     model: str | None = None
 
 
-class ScanJob(BaseModel):
-    """The message on every stage topic: the job plus everything earlier stages found."""
+class ScanJob(Versioned):  # `v` and unknown fields kept: contract/versioning.py
+    """The message on every stage topic: the job plus everything earlier stages found.
+
+    Each stage adds the fields of its output model (streams/agents.py); those of the first stages
+    are typed here, a newer stage's ride along as extra fields (kept, never dropped)."""
 
     job_id: str
     user_id: str
@@ -75,8 +85,9 @@ class ScanJob(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
 
 
-class ScanResult(BaseModel):
-    """The whole outcome of a scan: carried by the terminal event, cached and stored."""
+class ScanResult(Versioned):  # `v` and unknown fields kept: contract/versioning.py
+    """The whole outcome of a scan: carried by the terminal event, cached and stored (every stage
+    output the job gathered; see ScanJob)."""
 
     job_id: str
     user_id: str
@@ -94,7 +105,7 @@ class ScanResult(BaseModel):
     finished_at: float
 
 
-class ScanEvent(BaseModel):
+class ScanEvent(Versioned):  # `v` and unknown fields kept: contract/versioning.py
     """One progress event on `scan.events`; event_id is deterministic so replays dedupe."""
 
     event_id: str
@@ -110,7 +121,7 @@ class ScanEvent(BaseModel):
 
     @property
     def terminal(self) -> bool:
-        return self.stage == "done" or self.status == "failed"
+        return is_terminal(self.stage, self.status)
 
     @property
     def sse_event(self) -> str:
@@ -154,7 +165,7 @@ class Reward(BaseModel):
     reason: str
 
 
-class DeadLetter(BaseModel):
+class DeadLetter(Versioned):  # `v` and unknown fields kept: contract/versioning.py
     """A record on a dead-letter topic: the original message plus why it could not be handled."""
 
     source: Literal["pipeline", "writer"]

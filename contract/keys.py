@@ -51,7 +51,7 @@ def quota_scans(user_id: str) -> str:
 
 def quota_inflight(user_id: str) -> str:
     """Sorted set: the user's jobs in flight, scored by the ms their lease ends; the router removes
-    a job when it applies its terminal event (streams/state.py)."""
+    a job when it applies its terminal event (view/state.py)."""
     return f"scan:quota:{len(user_id)}:{user_id}:inflight"
 
 

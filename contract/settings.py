@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.pipeline import PIPELINE
+
 KAFKA_VERSION = "4.3.1"  # the Kafka that Strimzi 1.2 deploys by default; pinned only here
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +82,7 @@ class Settings(BaseSettings):
     sim_latency_max_s: float = 10.0
 
     # Stage workers.
-    stages: str = "vision,rule,answer,reward"  # which agents this process runs
+    stages: str = ",".join(PIPELINE)  # which agents this process runs (default: all)
     stage_concurrency: int = 500  # jobs in flight per stage per process (model calls take seconds)
     stage_timeout_s: float = 30.0
     stage_max_retries: int = 3
@@ -107,7 +109,7 @@ class Settings(BaseSettings):
     # port fail when work is pending and nothing was fetched or committed for health_stall_s
     # (longer than the slowest legitimate job: stage_timeout_s x attempts), when no partition
     # was assigned health_unassigned_s after a rebalance (0: never), or when the event loop was
-    # blocked for health_loop_block_s. streams/health.py says why.
+    # blocked for health_loop_block_s. runtime/health.py says why.
     health_stall_s: float = 300.0
     health_unassigned_s: float = 300.0
     health_loop_block_s: float = 10.0
@@ -142,7 +144,7 @@ class Settings(BaseSettings):
     # seconds (a rebalance) or after a restart, so hours, not the state's day: they are half of
     # what a job keeps in Redis (the soak, docs/benchmarks.md).
     memo_ttl_s: int = 6 * 3600
-    # Self-healing view (streams/view.py, streams/heal.py): how often a router checks that Redis
+    # Self-healing view (view/marker.py, streams/heal.py): how often a router checks that Redis
     # still holds the view, and how far back a rebuild replays (0 = state_ttl_s).
     view_check_s: float = 1.0
     rebuild_window_s: int = 0

@@ -6,9 +6,12 @@ The local stack creates topics from this list and `deploy/strimzi/topics.yaml` i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from aiokafka.partitioner import murmur2
+
+from contract.pipeline import PIPELINE, SPEC
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -28,20 +31,18 @@ class TopicSpec:
     doc: str = ""
 
 
-VISION = "scan.vision"
-RULE = "scan.rule"
-ANSWER = "scan.answer"
-REWARD = "scan.reward"
-EVENTS = "scan.events"
-DLQ = "scan.dlq"
-PERSISTENCE_DLQ = "scan.persistence.dlq"
+# Prepended to every topic name: empty in every deployment. A test that runs a private pipeline
+# (another stage list) on the shared local Kafka sets it for its own processes, so its topics
+# and the stack's never meet.
+PREFIX = os.environ.get("ECO2_TOPIC_PREFIX", "")
 
-STAGE_TOPICS: dict[str, str] = {
-    "vision": VISION,
-    "rule": RULE,
-    "answer": ANSWER,
-    "reward": REWARD,
-}
+EVENTS = f"{PREFIX}scan.events"
+DLQ = f"{PREFIX}scan.dlq"
+PERSISTENCE_DLQ = f"{PREFIX}scan.persistence.dlq"
+
+# One topic per stage, scan.<stage>, in pipeline order; the scan API writes the first.
+STAGE_TOPICS: dict[str, str] = {stage: f"{PREFIX}scan.{stage}" for stage in PIPELINE}
+FIRST_TOPIC = STAGE_TOPICS[PIPELINE[0]]
 
 # Retention is sized to what reads each log (docs/operations.md, "Kafka disk"): a stage topic is
 # read within seconds and kept through a long weekend's outage of its stage; scan.events feeds the
@@ -54,10 +55,7 @@ EVENTS_RETENTION_DAYS = 3
 _stage_config = {"retention.ms": str(STAGE_RETENTION_DAYS * DAY_MS), "cleanup.policy": "delete"}
 
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec(VISION, STAGE_PARTITIONS, _stage_config, "jobs waiting for image classification"),
-    TopicSpec(RULE, STAGE_PARTITIONS, _stage_config, "classified jobs waiting for rule lookup"),
-    TopicSpec(ANSWER, STAGE_PARTITIONS, _stage_config, "jobs waiting for the written answer"),
-    TopicSpec(REWARD, STAGE_PARTITIONS, _stage_config, "answered jobs waiting for the reward"),
+    *(TopicSpec(STAGE_TOPICS[st.name], STAGE_PARTITIONS, _stage_config, st.doc) for st in SPEC),
     TopicSpec(
         EVENTS,
         EVENTS_PARTITIONS,

@@ -9,6 +9,9 @@ from collections.abc import Iterable, Mapping
 PATTERN = r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$"
 _TRACEPARENT = re.compile(PATTERN)
 HEADER = "traceparent"
+# The job a model call is for (HTTP header of the stage workers' model requests): lets the model
+# stand-in count calls per job, so `eco2 chaos --rollout` can prove no call was ever repeated.
+JOB_HEADER = "X-Eco2-Job-Id"
 
 
 def new_traceparent() -> str:

@@ -240,6 +240,7 @@ def peer(
 ) -> None:
     """The fan-out benchmark against the gateway and against Centrifugo, side by side (never in
     `make test`; skipped with a message where Centrifugo is missing and Go cannot build it)."""
+    from bench import report as rep
     from bench.peer import (
         PeerConfig,
         PeerMissing,
@@ -266,26 +267,41 @@ def peer(
     if centrifugo_binary(s) is None:
         typer.secho(missing_peer_message(), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(0)
-    _finish(_run(run_peer(s, cfg, typer.echo, out)), out)
+    _finish(_run(run_peer(s, cfg, lambda one: rep.write(one, out)["json"].name, typer.echo)), out)
 
 
 @bench_app.command("chaos")
 def chaos(
-    vus: Annotated[int, typer.Option("--vus", help="SSE virtual users")] = 30,
+    vus: Annotated[
+        int | None, typer.Option("--vus", help="SSE virtual users [30; 60 with --rollout]")
+    ] = None,
     hold: Annotated[
         float, typer.Option("--hold", help="seconds at --vus; the faults are spread over it")
     ] = 200.0,
     warmup: Annotated[float, typer.Option("--warmup", help="seconds of load before the first fault")] = 15.0,
     faults: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--faults",
-            help="comma-separated, in order: api,workers,router,gateway,writer,kafka,postgres,redis,flush",
+            help="comma-separated, in order: api,workers,router,gateway,writer,kafka,postgres,redis,flush "
+            "[all; with --rollout: workers,router,writer,gateway,api]",
         ),
-    ] = "api,workers,router,gateway,writer,kafka,postgres,redis,flush",
+    ] = None,
+    rollout: Annotated[
+        bool,
+        typer.Option(
+            "--rollout",
+            help="a Deployment rollout: SIGTERM each component in turn (it drains) and restart it; "
+            "also checks that no model call was repeated",
+        ),
+    ] = False,
     model_latency: Annotated[
-        str, typer.Option("--model-latency", help="simulated model seconds per call MIN,MAX, or keep")
-    ] = "1,2",
+        str | None,
+        typer.Option(
+            "--model-latency",
+            help="simulated model seconds per call MIN,MAX, or keep [1,2; 5,10 with --rollout]",
+        ),
+    ] = None,
     settle: Annotated[
         float, typer.Option("--settle", help="max seconds to wait for Postgres rows afterwards")
     ] = 180.0,
@@ -298,7 +314,7 @@ def chaos(
         typer.Option(
             "--alerts",
             help="instead: the alert rules in a real Prometheus, quiet on a clean load, firing on "
-            "real faults (bench/alerts.py; --vus, --hold = clean load, --faults from "
+            "real faults (bench/alerts.py; --vus, --hold = clean load [90 s], --faults from "
             "poison,stall,router,writer,redis,kafka,flush)",
         ),
     ] = False,
@@ -307,24 +323,31 @@ def chaos(
 ) -> None:
     """Load (SSE VUs) while every component is killed or restarted on a timeline; then checks that
     nothing accepted was lost, no stream had a gap or duplicate, and no 5xx but declared 503s.
+    With --rollout, each component gets SIGTERM in turn instead (see docs/benchmarks.md).
     With --alerts: the alerts of deploy/monitoring/rules.yaml in a real Prometheus instead."""
-    from bench.chaos import ChaosConfig, run_chaos
+    from bench.chaos import FAULTS, ROLLOUT, ChaosConfig, run_chaos
     from bench.harness import parse_latency
 
     if alerts:
-        _chaos_alerts(vus, hold, faults, parse_latency(model_latency), name, out, quiet)
+        _chaos_alerts(vus, hold, faults, model_latency, name, out, quiet)
         return
-    cfg = ChaosConfig(
-        vus=vus,
-        hold_s=hold,
-        warmup_s=warmup,
-        faults=tuple(x.strip() for x in faults.split(",") if x.strip()),
-        model_latency=parse_latency(model_latency),
-        settle_s=settle,
-        late_joiners=late_joiners,
-        name=name,
-        progress=not quiet,
-    )
+    chosen = faults if faults is not None else ",".join(ROLLOUT if rollout else FAULTS)
+    kw: dict[str, Any] = {
+        "hold_s": hold,
+        "warmup_s": warmup,
+        "faults": tuple(x.strip() for x in chosen.split(",") if x.strip()),
+        "settle_s": settle,
+        "late_joiners": late_joiners,
+        "name": name,
+        "progress": not quiet,
+    }
+    if vus is not None:
+        kw["vus"] = vus
+    if model_latency is not None:
+        kw["model_latency"] = parse_latency(model_latency)
+    elif not rollout:
+        kw["model_latency"] = parse_latency("1,2")
+    cfg = ChaosConfig.for_rollout(**kw) if rollout else ChaosConfig(**kw)
     report = _run(run_chaos(get_settings(), cfg, typer.echo))
     _finish(report, out)
     if any(t["verdict"] == "MISS" for t in report["targets"]):
@@ -332,27 +355,66 @@ def chaos(
 
 
 def _chaos_alerts(
-    vus: int,
+    vus: int | None,
     hold: float,
-    faults: str,
-    latency: tuple[float, float] | None,
+    faults: str | None,
+    model_latency: str | None,
     name: str,
     out: Path | None,
     quiet: bool,
 ) -> None:
     from bench.alerts import FAULTS, AlertsConfig, run_alerts
-    from bench.chaos import FAULTS as KILL_FAULTS
+    from bench.harness import parse_latency
 
-    chosen = tuple(x.strip() for x in faults.split(",") if x.strip())
-    cfg = AlertsConfig(
+    kw: dict[str, Any] = {"name": name, "progress": not quiet}
+    if vus is not None:
+        kw["vus"] = vus
+    if hold != 200.0:  # 200 s is the kill timeline's default, not the clean load's
+        kw["clean_s"] = hold
+    if model_latency is not None:
+        kw["model_latency"] = parse_latency(model_latency)
+    chosen = faults if faults is not None else ",".join(FAULTS)
+    kw["faults"] = tuple(x.strip() for x in chosen.split(",") if x.strip())
+    report = _run(run_alerts(get_settings(), AlertsConfig(**kw), typer.echo))
+    _finish(report, out)
+    if any(t["verdict"] == "MISS" for t in report["targets"]):
+        raise typer.Exit(2)
+
+
+@bench_app.command("abuse")
+def abuse(
+    vus: Annotated[int, typer.Option("--vus", help="honest SSE virtual users")] = 300,
+    ramp_up: Annotated[float, typer.Option("--ramp-up", help="seconds from 0 to --vus")] = 30.0,
+    hold: Annotated[float, typer.Option("--hold", help="seconds at --vus")] = 120.0,
+    ramp_down: Annotated[float, typer.Option("--ramp-down", help="seconds from --vus to 0")] = 30.0,
+    post_factor: Annotated[
+        float, typer.Option("--post-factor", help="the abuser posts this many times the sustained quota")
+    ] = 100.0,
+    streams: Annotated[int, typer.Option("--streams", help="stream opens the abuser attempts")] = 5000,
+    model_latency: Annotated[
+        str, typer.Option("--model-latency", help="simulated model seconds per call MIN,MAX, or keep")
+    ] = "5,10",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no live progress line")] = False,
+    name: NameOpt = "",
+    out: OutOpt = None,
+) -> None:
+    """The SSE scenario twice against quota'd API and gateway processes: alone, then beside one
+    abuser far past the quotas; the honest users must not notice, the abuser gets 429s."""
+    from bench.abuse import AbuseConfig, run_abuse
+    from bench.harness import parse_latency
+
+    cfg = AbuseConfig(
         vus=vus,
-        clean_s=hold if hold != 200.0 else AlertsConfig.clean_s,  # 200 s is the kill timeline's default
-        model_latency=latency,
-        faults=tuple(FAULTS) if chosen == KILL_FAULTS else chosen,
+        ramp_up_s=ramp_up,
+        hold_s=hold,
+        ramp_down_s=ramp_down,
+        post_factor=post_factor,
+        streams=streams,
+        model_latency=parse_latency(model_latency),
         name=name,
         progress=not quiet,
     )
-    report = _run(run_alerts(get_settings(), cfg, typer.echo))
+    report = _run(run_abuse(get_settings(), cfg))
     _finish(report, out)
     if any(t["verdict"] == "MISS" for t in report["targets"]):
         raise typer.Exit(2)

@@ -12,7 +12,7 @@ import typer
 
 from contract.settings import get_settings
 
-from . import stack
+from . import services, stack
 from .bench_cli import bench_app
 from .bench_cli import chaos as bench_chaos
 from .contract_cli import contract
@@ -91,8 +91,8 @@ def stack_logs(
     """Show a service's log."""
     s = get_settings()
     try:
-        svc = stack.find(name)
-    except stack.StackError as exc:
+        svc = services.find(name)
+    except services.StackError as exc:
         _fail(str(exc))
     path = stack.log_path(s, svc.name)
     if not path.exists():
@@ -121,6 +121,23 @@ def deploy_topics() -> None:
     from .topics_yaml import write
 
     typer.echo(f"wrote {write()}")
+
+
+@deploy_app.command("manifests")
+def deploy_manifests() -> None:
+    """Regenerate deploy/app/stages.yaml (stage Deployments, ScaledObjects) and
+    deploy/strimzi/users.yaml (KafkaUsers and ACLs) from contract/."""
+    from .manifests import write
+
+    for path in write():
+        typer.echo(f"wrote {path}")
+
+
+@deploy_app.command("all")
+def deploy_all() -> None:
+    """Regenerate every generated manifest: topics, stage workers and scalers, Kafka users."""
+    deploy_topics()
+    deploy_manifests()
 
 
 image_app = typer.Typer(help="The container image (buildah, no Docker engine or registry needed).")

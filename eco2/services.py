@@ -1,14 +1,18 @@
-"""The project's own processes in the stack table (API, stage workers, router, ...)."""
+"""The stack's table of processes: the Kafka nodes, Redis, Postgres, then the project's own
+(API, stage workers, router, ...), each a `Service`; `eco2 stack` starts them in this order."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 
-from contract.settings import Settings
+from contract.settings import Settings, get_settings
 from persistence.migrate import after_postgres
 
-from .stack import AFTER_POSTGRES, APPS, Service, _py, http_ready
+from . import infra
+from .probes import http_ready
+from .service import Service, StackError
 
 # Process i > 1 of a consumer component serves its metrics this much above process 1's port.
 METRICS_PORT_STEP = 10
@@ -84,45 +88,77 @@ def _http_service(
     return replace(shared, replica=lambda i: shared)
 
 
-# Migrations run whenever `stack up` starts Postgres.
-if after_postgres not in AFTER_POSTGRES:
-    AFTER_POSTGRES.append(after_postgres)
+def _py(module: str, *args: str) -> Callable[[Settings], list[str]]:
+    return lambda s: [sys.executable, "-m", module, *args]
 
-APPS.extend(
-    [
-        _http_service(
-            "model",
-            lambda s: f"http://{s.model_host}:{s.model_port}",
-            lambda s: s.model_port,
-            "simmodel",
-            "/health",
-            nice=10,
-        ),
-        _http_service(
-            "api", lambda s: s.api_url, lambda s: s.api_port, "producers", "/ready", env=local_quotas
-        ),
-        _metrics_service(
-            "workers",
-            lambda s: s.workers_metrics_port,
-            _py("streams", "worker"),
-            nice=10,
-            processes=lambda s: s.worker_processes,
-        ),
-        _metrics_service("writer", lambda s: s.writer_metrics_port, _py("persistence"), nice=10),
-        _metrics_service(
-            "router",
-            lambda s: s.router_metrics_port,
-            _py("streams", "router"),
-            processes=lambda s: s.router_processes,
-        ),
-        _http_service(
-            "gateway",
-            lambda s: s.gateway_url,
-            lambda s: s.gateway_port,
-            "gateway",
-            "/health",
-            processes=lambda s: s.gateway_processes,
-            env=local_quotas,
-        ),
-    ]
-)
+
+# Migrations run whenever `stack up` starts Postgres.
+INFRA: list[Service] = [infra.REDIS, infra.postgres(after_postgres)]
+
+APPS: list[Service] = [
+    _http_service(
+        "model",
+        lambda s: f"http://{s.model_host}:{s.model_port}",
+        lambda s: s.model_port,
+        "simmodel",
+        "/health",
+        nice=10,
+    ),
+    _http_service("api", lambda s: s.api_url, lambda s: s.api_port, "producers", "/ready", env=local_quotas),
+    _metrics_service(
+        "workers",
+        lambda s: s.workers_metrics_port,
+        _py("streams", "worker"),
+        nice=10,
+        processes=lambda s: s.worker_processes,
+    ),
+    _metrics_service("writer", lambda s: s.writer_metrics_port, _py("persistence"), nice=10),
+    _metrics_service(
+        "router",
+        lambda s: s.router_metrics_port,
+        _py("streams", "router"),
+        processes=lambda s: s.router_processes,
+    ),
+    _http_service(
+        "gateway",
+        lambda s: s.gateway_url,
+        lambda s: s.gateway_port,
+        "gateway",
+        "/health",
+        processes=lambda s: s.gateway_processes,
+        env=local_quotas,
+    ),
+]
+
+
+def expand(apps: list[Service], s: Settings) -> list[Service]:
+    """Each app service once per process (`processes`): process 1 keeps the name, process i is
+    `name-i`; all of them are in the group `name`, so `--only workers` means every worker."""
+    out: list[Service] = []
+    for svc in apps:
+        n = svc.processes(s) if svc.replica is not None else 1
+        if n <= 1:
+            out.append(svc)
+            continue
+        out.append(replace(svc, groups=(*svc.groups, svc.name)))
+        for i in range(2, n + 1):
+            assert svc.replica is not None
+            r = svc.replica(i)
+            out.append(replace(r, name=f"{svc.name}-{i}", groups=(*r.groups, svc.name)))
+    return out
+
+
+def services(groups: set[str] | None = None, s: Settings | None = None) -> list[Service]:
+    """The stack's services for settings `s` (default: this process's): the Kafka nodes first."""
+    s = s or get_settings()
+    every = infra.kafka_services(s) + INFRA + expand(APPS, s)
+    if groups is None:
+        return every
+    return [svc for svc in every if (set(svc.groups) | {svc.name}) & groups]
+
+
+def find(name: str) -> Service:
+    for svc in services():
+        if svc.name == name:
+            return svc
+    raise StackError(f"unknown service {name!r}; known: {', '.join(s.name for s in services())}")

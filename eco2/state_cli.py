@@ -17,7 +17,7 @@ def state_rebuild(
     batch: Annotated[int, typer.Option("--batch", help="events per Redis round trip")] = 500,
 ) -> None:
     """Rebuild every job's state and history from scan.events (idempotent; safe while running)."""
-    from streams.rebuild import rebuild
+    from view.rebuild import rebuild
 
     try:
         asyncio.run(rebuild(get_settings(), typer.echo, batch=batch))

@@ -10,12 +10,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request, Security
@@ -27,18 +25,19 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
-from contract import identity, keys, stream_token
-from contract.events import TERMINAL_STAGES
+import view
+from contract import stream_token
+from contract.events import DONE, FAILED_EVENT, STAGES
 from contract.openapi import install_openapi
-from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
 from quota import refusal
 from quota.limits import StreamLeases
-from streams import view
-from streams.state import retry_options
+from runtime.http_metrics import RequestMetrics
+from runtime.metrics import add_metrics_route, track_event_loop
 
-from . import openapi
-from .hub import Hub, Item
+from . import openapi, opening
+from .hub import Hub, Item, history_items
+from .opening import Snapshot
 from .stream import JobStream
 
 log = logging.getLogger("eco2.gateway")
@@ -58,6 +57,8 @@ STREAMS = Gauge("eco2_gateway_streams", "open SSE streams")
 VIEW_READY = Gauge("eco2_gateway_view_ready", "1 while the Redis view is whole (not lost or rebuilding)")
 VIEW_WATCH_S = 0.5  # how often a gateway reads the view marker
 REJECTED = Counter("eco2_gateway_rejected_total", "refused subscriptions", ["code"])
+# Counted by runtime/http_metrics.py's middleware: route = the route's template, every status.
+REQUESTS = Counter("eco2_gateway_requests_total", "gateway HTTP requests", ["route", "status"])
 MAX_STREAMS = Gauge("eco2_gateway_max_streams", "ECO2_MAX_CONNECTIONS: streams beyond it get 503")
 
 
@@ -67,21 +68,13 @@ async def _on_loop(fn: Callable[[], None]) -> None:
     fn()
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What opening a stream needs to know, read in one round trip (`Gateway.snapshot`)."""
-
-    view_ready: bool
-    owner: tuple[str, int, bool] | None  # (user_id, latest seq, finished); None: unknown job
-    history: list[Item]
-
-
 class Gateway:
     """Per-process state: settings, the Redis pool, the pub/sub hub and the stream count."""
 
     def __init__(self, s: Settings, redis: aioredis.Redis, hub: Hub) -> None:
         self.s = s
         self.redis = redis
+        self.store = view.StateStore(redis, s.state_ttl_s)  # reads only: the router applies
         self.hub = hub
         self.active = 0
         self.run_id: str | None = None  # the Redis server's, as last seen by the view watcher
@@ -126,24 +119,14 @@ class Gateway:
                 await self._view_changed.wait()
 
     async def read_history(self, job_id: str, after: int) -> list[Item]:
-        raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
-        return [Item.parse(r) for r in raw]  # type: ignore[arg-type]
+        return history_items(await self.store.history_json(job_id, after))
 
     async def snapshot(self, job_id: str, after: int) -> Snapshot:
-        """The view's status, the job's owner and its history after `after`, as of one instant
-        (MULTI/EXEC: one round trip per stream opened, not three; issue 13's churn profile)."""
-        async with self.redis.pipeline(transaction=True) as p:
-            p.hmget(keys.VIEW, list(view.MARKER_FIELDS))
-            p.hmget(keys.state(job_id), ["user_id", "seq", "stage", "status"])
-            p.zrangebyscore(keys.history(job_id), f"({after}", "+inf")
-            marker, state, history = await p.execute()
-        st, _ = view.interpret(marker, self.run_id)
-        user, seq, stage, status = state
-        owner = None
-        if user is not None and seq is not None:
-            finished = _text(status) == "failed" or _text(stage) in TERMINAL_STAGES
-            owner = (_text(user), int(seq), finished)
-        return Snapshot(st == "ready" and self.view_ok, owner, [Item.parse(r) for r in history])
+        """The view's status (as this gateway last saw the server), the job's owner and its
+        history after `after`, in one round trip (`view.StateStore.snapshot`)."""
+        snap = await self.store.snapshot(job_id, after, self.run_id)
+        ready = snap.status == "ready" and self.view_ok
+        return Snapshot(ready, snap.owner, history_items(snap.history))
 
     def slot(self, release_sub: Callable[[], None]) -> Callable[[], None]:
         """Count one stream; the returned release is idempotent (generator end or response end)."""
@@ -162,20 +145,9 @@ class Gateway:
         return release
 
 
-def _text(v: bytes | str | None) -> str:
-    return v.decode() if isinstance(v, bytes) else (v or "")
-
-
 def _error(code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     REJECTED.labels(str(code)).inc()
     return JSONResponse({"detail": detail}, status_code=code, headers=headers)
-
-
-def _last_seq(value: str | None) -> int:
-    try:
-        return max(int(value or 0), 0)
-    except ValueError:
-        return 0
 
 
 async def _guarded(
@@ -199,14 +171,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         track_event_loop()
-        pool = aioredis.BlockingConnectionPool.from_url(
-            s.redis_url,
-            max_connections=s.gateway_redis_pool,
-            timeout=10,  # waiting for a free pooled connection
-            client_name=CLIENT_NAME,
-            **retry_options(),
-        )
-        redis = aioredis.Redis(connection_pool=pool)
+        redis = view.pooled_client(s.redis_url, s.gateway_redis_pool, CLIENT_NAME)
         hub = Hub(s.redis_url, s.client_queue_size, client_name=CLIENT_NAME)
         await hub.start()
         app.state.gw = gw = Gateway(s, redis, hub)
@@ -219,8 +184,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
             renewer.cancel()
             await asyncio.gather(watcher, renewer, return_exceptions=True)
             await hub.stop()
-            await redis.aclose()
-            await pool.disconnect()
+            await redis.aclose()  # the client owns its pool: this hangs up every connection
 
     app = FastAPI(
         title="eco2 SSE gateway",
@@ -254,9 +218,15 @@ def create_app(s: Settings | None = None) -> FastAPI:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/config.json", include_in_schema=False)
-    async def config() -> dict[str, str]:
-        """What the demo page needs: where to POST scans (the API allows this origin via CORS)."""
-        return {"api_url": s.public_base_url or s.api_url}
+    async def config() -> dict[str, Any]:
+        """What the demo page needs: where to POST scans (the API allows this origin via CORS), and
+        the pipeline as contract/pipeline.py has it (the page draws one step per stage)."""
+        return {
+            "api_url": s.public_base_url or s.api_url,
+            "stages": list(STAGES),
+            "done": DONE,
+            "failed": FAILED_EVENT,
+        }
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -282,20 +252,9 @@ def create_app(s: Settings | None = None) -> FastAPI:
         token: Annotated[str | None, Security(STREAM_TOKEN)] = None,
     ) -> Response:
         gw: Gateway = request.app.state.gw
-        uid = x_user_id
-        if not uid and token is not None:
-            try:
-                uid = stream_token.verify(s, token, job_id).user_id
-            except stream_token.InvalidToken as exc:
-                return _error(401, f"invalid stream token: {exc}")
-        if not uid and s.gateway_allow_user_query:
-            uid = request.query_params.get("user")  # development only (ECO2_GATEWAY_ALLOW_USER_QUERY)
-        if not uid:
-            return _error(401, "missing X-User-ID or stream token")
-        if why := identity.problem(uid, s.max_user_id_len):
-            return _error(400, f"the user id {why}")  # before Redis sees it
-        if len(job_id) > openapi.MAX_JOB_ID_LEN:
-            return _error(404, "job not found")
+        uid = opening.caller(s, job_id, x_user_id, token, request.query_params.get("user"))
+        if isinstance(uid, opening.Refusal):
+            return _error(uid.status, uid.detail)
         if gw.active >= s.max_connections:
             return _error(503, "too many streams on this gateway; retry shortly", {"Retry-After": "1"})
         decision, lease = await gw.leases.acquire(uid)
@@ -320,36 +279,22 @@ def create_app(s: Settings | None = None) -> FastAPI:
         release = gw.slot(unsubscribe)
         streaming = False
         try:
-            last = _last_seq(last_event_id)
+            last = opening.last_seq(last_event_id)
             try:
-                snap = await gw.snapshot(job_id, last)
-                # A lost or rebuilding view may not know the job, or only part of its history:
-                # hold the request for the rebuild, else 503 (never a partial history as whole).
-                view_deadline = time.monotonic() + s.view_wait_s
-                while not snap.view_ready:
-                    left = view_deadline - time.monotonic()
-                    if left <= 0:
-                        return _error(
-                            503,
-                            "event history is being rebuilt (or Redis is down); retry shortly",
-                            {"Retry-After": "2"},
-                        )
-                    await gw.view_changed(left)
-                    snap = await gw.snapshot(job_id, last)
-                if snap.owner is None:  # a job just submitted may reach Redis a moment after its POST
-                    deadline = time.monotonic() + s.unknown_job_wait_s
-                    while snap.owner is None and time.monotonic() < deadline:
-                        await sub.wait(deadline - time.monotonic())
-                        sub.drain()  # whatever came live is in the history read next
-                        sub.resync = False
-                        snap = await gw.snapshot(job_id, last)
+                snap = await opening.settle(gw, sub, job_id, last, s.view_wait_s, s.unknown_job_wait_s)
             except RedisError as exc:
                 log.warning("state lookup of %s failed: %s", job_id, exc)
                 return _error(503, "job state unavailable; retry shortly", {"Retry-After": "1"})
-            owner = snap.owner
-            if owner is None or owner[0] != uid:
+            if snap is None:  # the view stayed lost or rebuilding: never a partial history as whole
+                return _error(
+                    503,
+                    "event history is being rebuilt (or Redis is down); retry shortly",
+                    {"Retry-After": "2"},
+                )
+            answer = opening.verdict(snap, uid, last)
+            if answer == "unknown":
                 return _error(404, "job not found")  # the same answer for someone else's job
-            if owner[2] and last >= owner[1]:
+            if answer == "finished":
                 return Response(status_code=204)  # finished and fully delivered: EventSource stops
             stream = JobStream(
                 job_id,
@@ -373,4 +318,6 @@ def create_app(s: Settings | None = None) -> FastAPI:
             if not streaming:
                 release()
 
+    # Last, so outermost: it counts what every handler and middleware above answers.
+    app.add_middleware(RequestMetrics, requests=REQUESTS)
     return app

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 
 from contract import stream_token
-from contract.events import ScanEvent
+from contract.events import ScanEvent, ScanResult
 
 OnEvent = Callable[[ScanEvent], Awaitable[Any] | Any]
 
@@ -56,13 +56,16 @@ async def follow(
     max_retries: int = 20,
     retry_s: float = 0.25,
     max_retry_s: float = 5.0,
+    on_wait: Callable[[int, float, str], None] | None = None,
 ) -> list[ScanEvent]:
     """Every event of the job after `last_event_id`, up to its terminal event.
 
     Authenticates as `user_id` (the auth proxy's X-User-ID) or with the stream `token` of the
     POST's stream_url. Reconnects (with backoff, `max_retries` times in a row without progress) on
-    network errors, a 503 from a full gateway, or a stream that ended early. Raises StreamError on
-    401/404.
+    network errors, a 503 from a full gateway, or a stream that ended early; a refusal that names
+    its Retry-After (429: the user's stream quota; 503: a full gateway or a view being rebuilt) is
+    waited out for that long instead, told first to `on_wait(status, seconds, body)`. Raises
+    StreamError on 401/404.
     """
     own = client is None
     http = client or make_client()
@@ -80,6 +83,7 @@ async def follow(
             if last:
                 headers["Last-Event-ID"] = str(last)
             progressed = False
+            wait_s: float | None = None  # what the server asked for, else our backoff
             try:
                 async with http.stream("GET", url, headers=headers) as resp:
                     if resp.status_code == 204:
@@ -87,6 +91,11 @@ async def follow(
                     if resp.status_code in (401, 403, 404):
                         body = (await resp.aread()).decode(errors="replace")
                         raise StreamError(f"{resp.status_code} for job {job_id}: {body}", resp.status_code)
+                    if resp.status_code in (429, 503) and "Retry-After" in resp.headers:
+                        body = (await resp.aread()).decode(errors="replace")
+                        wait_s = _seconds(resp.headers["Retry-After"], max_retry_s)
+                        if on_wait is not None:
+                            on_wait(resp.status_code, wait_s, body)
                     if resp.status_code == 200:
                         async for ev in _parse(resp):
                             if ev.seq <= last:
@@ -105,11 +114,21 @@ async def follow(
             failures = 0 if progressed else failures + 1
             if failures > max_retries:
                 raise StreamError(f"job {job_id}: gave up after {max_retries} reconnects at seq {last}")
-            if not progressed:
+            if wait_s is not None:
+                await asyncio.sleep(wait_s)
+            elif not progressed:
                 await asyncio.sleep(min(retry_s * 2 ** (failures - 1), max_retry_s))
     finally:
         if own:
             await http.aclose()
+
+
+def _seconds(retry_after: str, default: float) -> float:
+    """Retry-After in delta-seconds (the only form the gateway sends); `default` if unreadable."""
+    try:
+        return max(float(retry_after), 0.0)
+    except ValueError:
+        return default
 
 
 class SseDecoder:
@@ -161,19 +180,23 @@ def render_result(result: dict[str, Any] | None) -> str:
     if result.get("status") == "failed":
         return f"failed at {result.get('failed_stage') or '?'}: {result.get('error') or 'unknown error'}"
     lines: list[str] = []
-    c = result.get("classification") or {}
+    try:  # the contract's result fields (each a stage's output), not names spelled again here
+        res = ScanResult.model_validate(result)
+    except ValueError:
+        return "(unreadable result)"
+    c = res.classification or {}
     levels = ("major_category", "middle_category", "minor_category")
     category = " / ".join(str(c[k]) for k in levels if c.get(k))
     if category:
         lines.append(f"category: {category}")
-    a = result.get("answer") or {}
+    a = res.answer or {}
     if a.get("user_answer"):
         lines.append(f"answer:   {a['user_answer']}")
     for i, step in enumerate(a.get("disposal_steps") or [], 1):
         lines.append(f"  {i}. {step}")
     for w in a.get("warnings") or []:
         lines.append(f"  ! {w}")
-    r = result.get("reward") or {}
+    r = res.reward or {}
     if r:
         got = f"granted {r.get('character_name') or r.get('character_code')}" if r.get("granted") else "none"
         lines.append(f"reward:   {got} ({r.get('reason', '')})")

@@ -19,14 +19,17 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
-from contract import keys
-from contract.events import FAILED_EVENT, TERMINAL_STAGES
+from contract import keys, versioning
+from contract.events import is_terminal, sse_event_name
 from contract.topics import EVENTS_PARTITIONS
 
 log = logging.getLogger("eco2.gateway.hub")
 
 RESYNCS = Counter("eco2_gateway_resyncs_total", "streams told to re-read history", ["reason"])
 LIVE = Counter("eco2_gateway_live_events_total", "events received on the pub/sub connection")
+UNREADABLE = Counter(
+    "eco2_gateway_unreadable_entries_total", "history entries skipped: unknown schema major or malformed"
+)
 
 PING_EVERY_S = 5.0  # an idle pub/sub connection is pinged this often ...
 SILENT_LIMIT_S = 3 * PING_EVERY_S  # ... and reconnected when nothing (not even PONG) came back
@@ -46,14 +49,27 @@ class Item:
     def parse(cls, raw: bytes | str) -> Item:
         data = raw.decode() if isinstance(raw, bytes) else raw
         d = json.loads(data)
-        failed = d["status"] == "failed"
+        versioning.check(d.get(versioning.FIELD))  # any 1.x; its unknown fields go out untouched
         return cls(
             job_id=d["job_id"],
             seq=int(d["seq"]),
-            event=FAILED_EVENT if failed else d["stage"],
-            terminal=failed or d["stage"] in TERMINAL_STAGES,
+            event=sse_event_name(d["stage"], d["status"]),
+            terminal=is_terminal(d["stage"], d["status"]),
             data=data,
         )
+
+
+def history_items(raws: Iterable[bytes | str]) -> list[Item]:
+    """The history entries this gateway can read; one of an unknown schema major (or malformed) is
+    skipped and counted, and the stream treats its seq as a gap (contract/versioning.py)."""
+    out: list[Item] = []
+    for raw in raws:
+        try:
+            out.append(Item.parse(raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            UNREADABLE.inc()
+            log.error("skipping unreadable history entry: %s", exc)
+    return out
 
 
 class Subscriber:

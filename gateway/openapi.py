@@ -7,13 +7,24 @@ team (and schemathesis) can check the gateway against it. The event names come f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from contract import identity
-from contract.events import FAILED_EVENT, FAILED_SEQ, SSE_EVENTS, STAGES, ScanEvent
+from contract.events import (
+    DONE,
+    DONE_SEQ,
+    FAILED_EVENT,
+    FAILED_SEQ,
+    QUEUED,
+    SSE_EVENTS,
+    STAGES,
+    ScanEvent,
+    seq_of,
+)
 from contract.settings import Settings
+from quota import refusal
 
 EVENTS_OPERATION = "streamScanEvents"
 
@@ -22,6 +33,8 @@ class GatewayError(BaseModel):
     """Every refusal of the gateway (FastAPI's shape)."""
 
     detail: str
+    limit: Literal["streams"] | None = Field(default=None, description="429: the quota that refused")
+    retry_after_s: int | None = Field(default=None, description="429: as the Retry-After header")
 
 
 def _refusal(description: str, detail: str, **extra: Any) -> dict[str, Any]:
@@ -45,10 +58,10 @@ invalid token is a 401; someone else's job or an unknown one is the same 404.
 **Events.** Each event is `event: NAME`, `id: SEQ`, `data: EVENT-JSON` (the ScanEvent on
 `scan.events`). NAME is the stage ({stages}) or `{FAILED_EVENT}` for the job's failure; never
 `error`, which EventSource reserves for its own connection errors. SEQ is the event's position in
-the job: queued 1, each stage's `started` 10*n and `completed` 10*n+1, done 51, {FAILED_EVENT}
-{FAILED_SEQ}. Every seq is delivered once and in order, whatever the reconnects.
+the job: {QUEUED} {seq_of(QUEUED, "completed")}, each stage's `started` 10*n and `completed` 10*n+1, {DONE}
+{DONE_SEQ}, {FAILED_EVENT} {FAILED_SEQ}. Every seq is delivered once and in order, whatever the reconnects.
 
-**Terminal events.** `done` (success, carries the result) and `{FAILED_EVENT}` (carries the failed
+**Terminal events.** `{DONE}` (success, carries the result) and `{FAILED_EVENT}` (carries the failed
 result and `error`) end the stream; the server closes it after them.
 
 **Reconnecting.** Send `Last-Event-ID` (EventSource does this by itself): the stream resumes after
@@ -60,10 +73,13 @@ that seq. A finished job with nothing after it answers 204, which stops EventSou
 
 
 def events_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
+    first = seq_of(QUEUED, "completed")
     example = (
-        'event: queued\nid: 1\ndata: {"event_id": "…:1", "stage": "queued", "status": "completed", …}\n\n'
+        f'event: {QUEUED}\nid: {first}\ndata: {{"event_id": "…:{first}", "stage": "{QUEUED}", '
+        '"status": "completed", …}\n\n'
         ": keepalive\n\n"
-        'event: done\nid: 51\ndata: {"stage": "done", "status": "completed", "result": {…}, …}\n\n'
+        f'event: {DONE}\nid: {DONE_SEQ}\ndata: {{"stage": "{DONE}", "status": "completed", '
+        '"result": {…}, …}\n\n'
     )
     return {
         200: {
@@ -82,6 +98,11 @@ def events_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
             "missing X-User-ID or stream token",
         ),
         404: _refusal("no such job, or not the caller's (the two are indistinguishable)", "job not found"),
+        429: _refusal(
+            refusal.openapi_description("streams a user has open across all gateways"),
+            refusal.message("streams", s),
+            headers={"Retry-After": refusal.RETRY_AFTER_HEADER, **refusal.OPENAPI_HEADERS},
+        ),
         503: _refusal(
             "the gateway is full, cannot read the job's state, or the event history is being rebuilt "
             "after Redis lost it (a stream is first held up to ECO2_VIEW_WAIT_S for the rebuild); "

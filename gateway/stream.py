@@ -18,19 +18,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from prometheus_client import Counter
 from sse_starlette import ServerSentEvent
 
-from contract.events import FAILED_SEQ, PIPELINE, seq_of
+from contract.events import FAILED_SEQ, SUCCESS_SEQS
 
 from .hub import Item, Subscriber
 
 SENT = Counter("eco2_gateway_events_sent_total", "events written to SSE clients")
 GAPS = Counter("eco2_gateway_gaps_skipped_total", "seqs given up on after gap_wait_s")
 
-# The seqs of a successful job in order (queued 1, vision 10 11, ..., reward 40 41, done 51).
-ORDER: tuple[int, ...] = (
-    seq_of("queued", "completed"),
-    *(seq_of(stage, status) for stage in PIPELINE for status in ("started", "completed")),
-    seq_of("done", "completed"),
-)
+# The seqs of a successful job in order (queued 1, each stage's started/completed, done).
+ORDER: tuple[int, ...] = SUCCESS_SEQS
 NEXT: dict[int, int] = {0: ORDER[0], **dict(zip(ORDER, ORDER[1:], strict=False))}
 
 ReadHistory = Callable[[str, int], Awaitable[list[Item]]]

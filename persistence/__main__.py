@@ -7,9 +7,9 @@ import contextlib
 import logging
 import signal
 
-from contract.runtime_metrics import track_event_loop
 from contract.settings import get_settings
-from streams.health import serve
+from runtime.health import serve
+from runtime.metrics import track_event_loop
 
 from .writer import Writer
 

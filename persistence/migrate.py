@@ -62,6 +62,20 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", mig.version, mig.name
             )
             applied.append(mig.label)
+        # The stage output columns (persistence/store.py): derived, additive, idempotent.
+        # Only the missing ones: ALTER TABLE locks the table even when it changes nothing.
+        from .store import stage_column_ddl
+
+        have = {
+            r["column_name"]
+            for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = 'scans'"
+            )
+        }
+        for column, ddl in stage_column_ddl().items():
+            if column not in have:
+                await conn.execute(ddl)
     return applied
 
 
@@ -81,7 +95,7 @@ async def migrate_dsn(dsn: str) -> list[str]:
 
 
 async def after_postgres(s: Settings) -> None:
-    """The `eco2 stack up` hook (eco2.stack.AFTER_POSTGRES): migrate once Postgres is up."""
+    """The `eco2 stack up` hook (eco2/services.py hands it to `infra.postgres`): migrate once it is up."""
     applied = await migrate_dsn(s.postgres_dsn)
     if applied:
         print(f"  applied migrations: {', '.join(applied)}", flush=True)

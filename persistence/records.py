@@ -1,8 +1,11 @@
 """What the writer makes of one `scan.events` record: skip it, store its result, or dead-letter it.
 
-Only terminal events (stage "done" or status "failed") are stored; their `result` is the whole
-ScanResult. A terminal event that cannot be stored as it is (not JSON, not a valid event, no or
-an invalid result) is bad data: no retry can fix it, so it goes to the dead-letter topic at once.
+Only terminal events (`contract.pipeline.is_terminal`: done, or failed) are stored; their
+`result` is the whole ScanResult. A terminal event that cannot be stored as it is (not JSON, not a
+valid event, no or an invalid result) is bad data: no retry can fix it, so it goes to the
+dead-letter topic at once. So is any record of a schema major this writer cannot read
+(contract/versioning.py): it cannot even tell whether it is terminal. Other versions of the same
+major are read, their unknown fields ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from contract import pipeline, versioning
 from contract.events import Reward, ScanEvent, ScanResult
 
 
@@ -20,7 +24,7 @@ from contract.events import Reward, ScanEvent, ScanResult
 class Bad:
     """A record that can never be stored as it is."""
 
-    reason: str  # not_json | invalid_event | invalid_result
+    reason: str  # not_json | unknown_version | invalid_event | invalid_result
     error: str
     value: dict[str, Any]  # the original value ({"raw": text} when it was not a JSON object)
 
@@ -45,7 +49,7 @@ def decode(raw: bytes | None) -> dict[str, Any] | Bad:
 
 
 def is_terminal(value: dict[str, Any]) -> bool:
-    return value.get("stage") == "done" or value.get("status") == "failed"
+    return pipeline.is_terminal(value.get("stage"), value.get("status"))
 
 
 def parse(raw: bytes | None) -> ScanResult | Bad | None:
@@ -53,6 +57,8 @@ def parse(raw: bytes | None) -> ScanResult | Bad | None:
     value = decode(raw)
     if isinstance(value, Bad):
         return value
+    if not versioning.readable(value):
+        return Bad("unknown_version", f"schema version {value.get(versioning.FIELD)!r} cannot be read", value)
     if not is_terminal(value):
         return None
     return result_of(value)

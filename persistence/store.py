@@ -1,6 +1,8 @@
 """The Postgres side: write a batch of results in one statement, read one result back.
 
-A batch is one INSERT ... SELECT FROM unnest(...) per table, both in a single statement (one round
+The columns of `scans` are derived: the job's identity, then one per field of each stage's output
+model (streams/agents.py), then how it ended; so is the SQL. A batch is one INSERT ... SELECT FROM
+unnest(...) per table, both in a single statement (one round
 trip, atomic without an explicit transaction). Idempotent: a job's row is never changed once
 written (ON CONFLICT DO NOTHING) and an ownership row keeps the earliest granting scan, so replaying
 any events, in any order, leaves the tables as they are.
@@ -8,15 +10,18 @@ any events, in any order, leaves the tables as they are.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
+from contract import versioning
 from contract.events import ScanResult
+from streams import registry
 
 from .records import Ownership, ownership_of
 
@@ -24,27 +29,69 @@ from .records import Ownership, ownership_of
 # limit such as a too large value): the record is isolated and, failing again, dead-lettered.
 # Any other error (connection, shutdown, timeout, lock, missing table...) holds the writer.
 DATA_ERROR_CLASSES = ("22", "23", "54")
+EXTRA = "extra"  # the column of the fields no other column holds
 
-_JSON_COLUMNS = ("classification", "rules", "answer", "reward", "timings")
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: Literal["text", "jsonb", "timestamptz"]
 
-WRITE_SQL = """
+    @property
+    def array(self) -> str:  # the unnest() argument type of the column
+        return "float8[]" if self.kind == "timestamptz" else "text[]"
+
+    @property
+    def select(self) -> str:  # the value stored, from the unnest() column
+        if self.kind == "timestamptz":
+            return f"to_timestamp({self.name})"
+        return f"{self.name}::jsonb" if self.kind == "jsonb" else self.name
+
+
+def _stage_columns() -> list[Column]:
+    """A column per field of every stage's output model (streams/agents.py), in pipeline order."""
+    registry.load()
+    fields = registry.output_fields()
+    return [Column(name, "text" if registry.is_text(t) else "jsonb") for name, t in fields.items()]
+
+
+@functools.cache
+def columns() -> tuple[Column, ...]:
+    """The scans table's columns: the job's identity, each stage's outputs, how the job ended."""
+    head = [Column("job_id", "text"), Column("user_id", "text"), Column("status", "text"),
+            Column("image_url", "text")]
+    tail = [Column("error", "text"), Column("failed_stage", "text"), Column("timings", "jsonb"),
+            Column("created_at", "timestamptz"), Column("finished_at", "timestamptz"),
+            # The schema version of the result and the fields of a newer version this writer does
+            # not know (contract/versioning.py; migration 0003): kept, not dropped, in a rollout.
+            Column("v", "text"), Column(EXTRA, "jsonb")]
+    return (*head, *_stage_columns(), *tail)
+
+
+def stage_column_ddl() -> dict[str, str]:
+    """The additive migration of the stage columns (persistence/migrate.py runs it after the SQL
+    files): a stage added to the pipeline gets its columns, existing rows keep theirs (NULL)."""
+    return {c.name: f"ALTER TABLE scans ADD COLUMN IF NOT EXISTS {c.name} {c.kind}" for c in _stage_columns()}
+
+
+@functools.cache
+def write_sql() -> str:
+    """One statement: INSERT ... SELECT FROM unnest(...) into scans and character_ownership."""
+    cols = columns()
+    n = len(cols)
+    names = ", ".join(c.name for c in cols)
+    arrays = ", ".join(f"${i}::{c.array}" for i, c in enumerate(cols, 1))
+    own = ", ".join(f"${n + i}::{t}" for i, t in enumerate(("text[]", "text[]", "text[]", "float8[]"), 1))
+    return f"""
 WITH s AS (
-  INSERT INTO scans (job_id, user_id, status, image_url, classification, rules_key, rules, answer,
-                     reward, error, failed_stage, timings, created_at, finished_at)
-  SELECT job_id, user_id, status, image_url, classification::jsonb, rules_key, rules::jsonb,
-         answer::jsonb, reward::jsonb, error, failed_stage, timings::jsonb,
-         to_timestamp(created_at), to_timestamp(finished_at)
-  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-              $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::float8[])
-       AS t(job_id, user_id, status, image_url, classification, rules_key, rules, answer, reward,
-            error, failed_stage, timings, created_at, finished_at)
+  INSERT INTO scans ({names})
+  SELECT {", ".join(c.select for c in cols)}
+  FROM unnest({arrays}) AS t({names})
   ON CONFLICT (job_id) DO NOTHING
   RETURNING 1
 ), o AS (
   INSERT INTO character_ownership AS c (user_id, character_code, job_id, acquired_at)
   SELECT user_id, character_code, job_id, to_timestamp(acquired_at)
-  FROM unnest($15::text[], $16::text[], $17::text[], $18::float8[])
-       AS t(user_id, character_code, job_id, acquired_at)
+  FROM unnest({own}) AS t(user_id, character_code, job_id, acquired_at)
   ON CONFLICT (user_id, character_code) DO UPDATE
      SET job_id = EXCLUDED.job_id, acquired_at = EXCLUDED.acquired_at
      WHERE (EXCLUDED.acquired_at, EXCLUDED.job_id) < (c.acquired_at, c.job_id)
@@ -53,11 +100,11 @@ WITH s AS (
 SELECT (SELECT count(*) FROM s) AS scans, (SELECT count(*) FROM o) AS ownership
 """
 
-FETCH_SQL = """
-SELECT job_id, user_id, status, image_url, classification::text, rules_key, rules::text,
-       answer::text, reward::text, error, failed_stage, timings::text, created_at, finished_at
-FROM scans WHERE job_id = $1
-"""
+
+@functools.cache
+def fetch_sql() -> str:
+    cols = ", ".join(f"{c.name}::text" if c.kind == "jsonb" else c.name for c in columns())
+    return f"SELECT {cols} FROM scans WHERE job_id = $1"
 
 
 @dataclass(frozen=True)
@@ -78,9 +125,19 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
 
+def _arg(r: ScanResult, c: Column) -> Any:
+    """One result's value for column `c` (a stage output the job never got is NULL)."""
+    if c.name == EXTRA:  # what no column holds: a newer version's fields
+        known = {col.name for col in columns()}
+        rest = {k: v for k, v in (r.model_extra or {}).items() if k not in known}
+        return _json(rest) if rest else None
+    value = getattr(r, c.name, None)
+    return _json(value) if c.kind == "jsonb" else value
+
+
 def batch_args(results: Sequence[ScanResult]) -> list[list[Any]]:
-    """The 18 array arguments of WRITE_SQL; duplicates inside the batch are resolved here because
-    one statement may not touch the same ownership row twice."""
+    """The array arguments of `write_sql()` (one per column, then the 4 of ownership); duplicates
+    inside the batch are resolved here because one statement may not touch the same ownership row twice."""
     scans: dict[str, ScanResult] = {}
     for r in results:
         scans.setdefault(r.job_id, r)  # the first terminal event of a job wins, as in the table
@@ -95,20 +152,7 @@ def batch_args(results: Sequence[ScanResult]) -> list[list[Any]]:
     rows = list(scans.values())
     own = list(owned.values())
     return [
-        [r.job_id for r in rows],
-        [r.user_id for r in rows],
-        [r.status for r in rows],
-        [r.image_url for r in rows],
-        [_json(r.classification) for r in rows],
-        [r.rules_key for r in rows],
-        [_json(r.rules) for r in rows],
-        [_json(r.answer) for r in rows],
-        [_json(r.reward) for r in rows],
-        [r.error for r in rows],
-        [r.failed_stage for r in rows],
-        [_json(r.timings) for r in rows],
-        [r.created_at for r in rows],
-        [r.finished_at for r in rows],
+        *([_arg(r, c) for r in rows] for c in columns()),
         [o.user_id for o in own],
         [o.character_code for o in own],
         [o.job_id for o in own],
@@ -120,7 +164,7 @@ async def write_batch(db: asyncpg.Pool | asyncpg.Connection, results: Sequence[S
     """Store a batch of results in one statement (all or nothing)."""
     if not results:
         return Written(0, 0)
-    row = await db.fetchrow(WRITE_SQL, *batch_args(results))
+    row = await db.fetchrow(write_sql(), *batch_args(results))
     assert row is not None
     return Written(row["scans"], row["ownership"])
 
@@ -130,15 +174,20 @@ async def fetch_result(db: asyncpg.Pool | asyncpg.Connection, job_id: str) -> di
 
     The scan API's fallback for `GET /api/v1/scan/{job_id}/result` once Redis has expired it.
     """
-    row = await db.fetchrow(FETCH_SQL, job_id)
+    row = await db.fetchrow(fetch_sql(), job_id)
     if row is None:
         return None
     out: dict[str, Any] = dict(row)
-    for col in _JSON_COLUMNS:
-        out[col] = json.loads(out[col]) if out[col] is not None else None
+    for c in columns():
+        if c.kind == "jsonb":
+            out[c.name] = json.loads(out[c.name]) if out[c.name] is not None else None
+        elif c.kind == "timestamptz":
+            out[c.name] = _epoch(out[c.name])
     out["timings"] = out["timings"] or {}
-    for col in ("created_at", "finished_at"):
-        out[col] = _epoch(out[col])
+    out["v"] = out["v"] or versioning.LEGACY_VERSION
+    extra = out.pop("extra")
+    if extra is not None:  # a newer version's fields, as the result carried them
+        out = {**extra, **out}
     return out
 
 

@@ -26,7 +26,7 @@ from contract import trace
 from contract.events import DeadLetter, ScanResult
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, PERSISTENCE_DLQ, partition_for
-from streams.health import Policy, Progress, unread, watch
+from runtime.health import Policy, Progress, unread, watch
 
 from . import metrics, store
 from .batcher import Batcher
@@ -49,6 +49,9 @@ class Writer:
         self._pool: asyncpg.Pool | None = None
         self.progress = Progress(self.group, Policy.of(s))
         self._flushing: list[Record] = []  # the batch being written (pending work for /health)
+        # When each pending record was fetched, for the oldest in-flight age per partition (the
+        # record that holds the partition's commit; the stuck-message alert reads it).
+        self._arrived: dict[tuple[str, int, int], float] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -63,18 +66,40 @@ class Writer:
             watcher.cancel()
             await self.close()
 
-    async def _pending(self) -> tuple[dict[TopicPartition, int], None]:
-        """Per owned partition: records in the pending batch plus unread ones (for /health)."""
+    async def _pending(self) -> tuple[dict[TopicPartition, int], dict[TopicPartition, float]]:
+        """Per owned partition: records in the pending batch plus unread ones, and the age of the
+        oldest pending record (for /health and eco2_consumer_oldest_in_flight_seconds)."""
         consumer = self._consumer
         tps = consumer.assignment() if consumer is not None else set()
         if consumer is None or not tps:
-            return {}, None
+            return {}, {}
         ends = await consumer.end_offsets(list(tps))
         pending = unread(ends, {tp: await consumer.position(tp) for tp in tps})
+        return pending | self._in_flight(pending), self._oldest(tps)
+
+    def _in_flight(self, pending: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        out = dict(pending)
         for m in [*self._flushing, *self.batcher.items()]:
             tp = TopicPartition(m.topic, m.partition)
-            pending[tp] = pending.get(tp, 0) + 1
-        return pending, None
+            out[tp] = out.get(tp, 0) + 1
+        return out
+
+    def _oldest(self, tps: set[TopicPartition]) -> dict[TopicPartition, float]:
+        """Age of each partition's oldest fetched-but-uncommitted record (0 when none); forgets
+        the arrival of records no longer pending (written, or dropped in a rebalance)."""
+        now = time.monotonic()
+        ages = dict.fromkeys(tps, 0.0)
+        seen: set[TopicPartition] = set()
+        arrived: dict[tuple[str, int, int], float] = {}
+        for m in [*self._flushing, *self.batcher.items()]:  # oldest first
+            key = (m.topic, m.partition, m.offset)
+            arrived[key] = self._arrived.get(key, now)
+            tp = TopicPartition(m.topic, m.partition)
+            if tp not in seen:
+                seen.add(tp)
+                ages[tp] = now - arrived[key]
+        self._arrived = arrived
+        return ages
 
     async def start(self) -> None:
         s = self.s
@@ -128,8 +153,10 @@ class Writer:
         got = await self._consumer.getmany(
             timeout_ms=int(self.batcher.wait_s() * 1000), max_records=max(self.batcher.room(), 1)
         )
+        now = time.monotonic()
         for msgs in got.values():
             for m in msgs:
+                self._arrived[(m.topic, m.partition, m.offset)] = now
                 self.batcher.add(m)
         if got:
             self.progress.progressed()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,23 +20,29 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import view
+from catalog import rules
 from contract import identity, keys, stream_token, trace
-from contract.events import ScanJob, ScanRequest, make_event, now
+from contract.events import QUEUED, ScanJob, ScanRequest, make_event, now
 from contract.openapi import install_openapi
-from contract.runtime_metrics import add_metrics_route, track_event_loop
 from contract.settings import Settings, get_settings
 from quota import refusal
 from quota.limits import Decision, ScanQuota
-from streams import rules, view
-from streams.state import StateStore, pooled_client
+from runtime.http_metrics import RequestMetrics
+from runtime.metrics import add_metrics_route, track_event_loop
+from view import StateStore, pooled_client
 
-from . import openapi
+from . import idempotency, openapi
 from .jobs import JobWriter
 from .validation import InvalidInput, check_request
 
+# Counted by runtime/http_metrics.py's middleware: route = the route's template, every status.
 REQUESTS = Counter("eco2_api_requests_total", "scan API requests", ["route", "status"])
 LATENCY = Histogram(
-    "eco2_api_seconds", "scan API latency", ["route"], buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
+    "eco2_api_seconds",
+    "scan API latency (to the response's start)",
+    ["route"],
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
 )
 
 log = logging.getLogger("eco2.api")
@@ -123,12 +126,10 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
         # redis-py already retried a dropped connection; Redis is really unavailable.
-        REQUESTS.labels("submit" if request.method == "POST" else "result", "503").inc()
         return unavailable(f"state store unavailable: {type(exc).__name__}")
 
     @app.exception_handler(ResultStoreDown)
     async def postgres_down(request: Request, exc: ResultStoreDown) -> JSONResponse:
-        REQUESTS.labels("result", "503").inc()
         return unavailable(f"result store unavailable: {exc}")
 
     @app.exception_handler(RequestValidationError)
@@ -154,52 +155,38 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     async def submit(
         body: ScanRequest, request: Request, user: UserHeader = None, idem: IdemHeader = None
     ) -> JSONResponse:
-        t0 = time.perf_counter()
         if not user:
             return error(401, "unauthenticated", "the X-User-ID header is required")
         if bad := _bad_user(user, s):
-            REQUESTS.labels("submit", "400").inc()
             return bad
         try:
             req = check_request(body, s)
         except InvalidInput as exc:
-            REQUESTS.labels("submit", "400").inc()
             return error(400, exc.code, exc.message, field=exc.field)
         redis: aioredis.Redis = request.app.state.redis
         job_id = uuid.uuid4().hex
         if idem is not None and (why := identity.problem(idem, s.max_idempotency_key_len)):
-            REQUESTS.labels("submit", "400").inc()
             return error(
                 400, "invalid_idempotency_key", f"X-Idempotency-Key {why}", field="X-Idempotency-Key"
             )
         idem_key = keys.idempotency(user, idem) if idem else None
         if idem_key:
-            fingerprint = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
-            # SET NX is the atomic claim: of two concurrent POSTs only one creates a job.
-            existing = await redis.set(
-                idem_key, f"{job_id} {fingerprint}", nx=True, get=True, ex=s.idempotency_ttl_s
-            )
-            first_job, _, first_fingerprint = _text(existing or "").partition(" ")
-            # Our own job id back means redis-py retried a SET whose reply was lost: still ours.
-            if existing is not None and first_job != job_id:
-                if first_fingerprint != fingerprint:
-                    REQUESTS.labels("submit", "409").inc()
-                    return error(
-                        409,
-                        "idempotency_key_reused",
-                        "X-Idempotency-Key was used with a different request body; "
-                        "use a new key for a new scan",
-                        job_id=first_job,
-                    )
-                REQUESTS.labels("submit", "202").inc()
-                return _accepted(s, first_job, user)  # a replay: no quota taken twice
+            fp = idempotency.fingerprint(req)
+            claim = await idempotency.claim(redis, idem_key, job_id, fp, s.idempotency_ttl_s)
+            if claim.outcome == "conflict":
+                return error(
+                    409,
+                    "idempotency_key_reused",
+                    "X-Idempotency-Key was used with a different request body; use a new key for a new scan",
+                    job_id=claim.job_id,
+                )
+            if claim.outcome == "replay":
+                return _accepted(s, claim.job_id, user)  # no quota taken twice
         quota: ScanQuota = request.app.state.quota
         decision = await quota.take(user, job_id)
         if not decision.allowed:
             if idem_key:
-                with contextlib.suppress(RedisError):
-                    await redis.delete(idem_key)  # the key names no job: a later retry may use it
-            REQUESTS.labels("submit", "429").inc()
+                await idempotency.forget(redis, idem_key)  # the key names no job: a retry may use it
             return _too_many(s, decision)
         job = ScanJob(
             job_id=job_id,
@@ -209,16 +196,14 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             model=req.model or "",
             created_at=now(),
         )
-        queued = make_event(job, "queued", "completed")
+        queued = make_event(job, QUEUED, "completed")
         tp = trace.child_of(request.headers.get("traceparent"))
         try:
             await request.app.state.writer.submit(job, queued, tp)
         except Exception as exc:  # Kafka down or too slow (api_submit_timeout_s): not accepted
             if idem_key:
-                with contextlib.suppress(RedisError):
-                    await redis.delete(idem_key)  # let the client retry with the same key
+                await idempotency.forget(redis, idem_key)  # let the client retry with the same key
             await quota.release(user, job_id)
-            REQUESTS.labels("submit", "503").inc()
             return unavailable(f"could not queue the scan: {type(exc).__name__}")
         # The router derives the same state from scan.events; writing it here too means a
         # result poll right after this response already finds the job and its owner. The job
@@ -227,8 +212,6 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             await request.app.state.store.apply([queued])
         except RedisError as exc:
             log.warning("job %s accepted; its queued state not cached (%s)", job_id, exc)
-        REQUESTS.labels("submit", "202").inc()
-        LATENCY.labels("submit").observe(time.perf_counter() - t0)
         limits = refusal.headers(decision, s, refusal.scan_policy(s))
         return _accepted(s, job_id, user, {"traceparent": tp, **limits})
 
@@ -248,18 +231,15 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         operation_id=openapi.RESULT_OPERATION,
     )
     async def result(job_id: str, request: Request, user: UserHeader = None) -> JSONResponse:
-        t0 = time.perf_counter()
         if not user:
             return error(401, "unauthenticated", "the X-User-ID header is required")
         if bad := _bad_user(user, s):
-            REQUESTS.labels("result", "400").inc()
             return bad
         store: StateStore = request.app.state.store
         state = await store.state(job_id)
         if state is not None and "result" in state:  # a result is final whatever the view's state
             if state.get("user_id") != user:
                 return error(404, "not_found", "no such scan")
-            REQUESTS.labels("result", "200").inc()
             return JSONResponse(state["result"])
         whole = await request.app.state.view.ready()
         if state is None or not whole:
@@ -269,16 +249,12 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             if stored is not None:
                 if stored.get("user_id") != user:
                     return error(404, "not_found", "no such scan")
-                REQUESTS.labels("result", "200").inc()
                 return JSONResponse(stored)
             if not whole:
-                REQUESTS.labels("result", "503").inc()
                 return unavailable("scan state is being rebuilt; retry shortly", "rebuilding")
             return error(404, "not_found", "no such scan")
         if state.get("user_id") != user:  # not yours: indistinguishable from unknown
             return error(404, "not_found", "no such scan")
-        LATENCY.labels("result").observe(time.perf_counter() - t0)
-        REQUESTS.labels("result", "202").inc()
         return JSONResponse(
             {
                 "job_id": job_id,
@@ -316,7 +292,8 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
     add_metrics_route(app)
-
+    # Last, so outermost: it counts what every handler and middleware above answers.
+    app.add_middleware(RequestMetrics, requests=REQUESTS, latency=LATENCY)
     return app
 
 
@@ -356,10 +333,6 @@ def _accepted(s: Settings, job_id: str, user: str, headers: dict[str, str] | Non
     return JSONResponse(
         body.model_dump(), status_code=202, headers={"Location": body.result_url, **(headers or {})}
     )
-
-
-def _text(value: bytes | str | bool) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _postgres_fallback(s: Settings) -> ResultFallback | None:

@@ -17,6 +17,25 @@ class ScanError(RuntimeError):
         self.body = body
 
 
+class RateLimited(ScanError):
+    """A 429: one of the user's quotas refused the scan; nothing was queued, so posting again
+    after `retry_after_s` is safe."""
+
+    def __init__(self, status: int, body: Any, retry_after_s: float) -> None:
+        super().__init__(status, body)
+        self.retry_after_s = retry_after_s
+        self.limit = body.get("limit", "?") if isinstance(body, dict) else "?"
+        self.message = body.get("message", "") if isinstance(body, dict) else ""
+
+
+def retry_after(resp: httpx.Response, default: float = 1.0) -> float:
+    """Seconds from a response's Retry-After (delta-seconds form, the only one this API sends)."""
+    try:
+        return max(float(resp.headers.get("Retry-After", default)), 0.0)
+    except ValueError:
+        return default
+
+
 async def submit(
     http: httpx.AsyncClient,
     image_url: str,
@@ -35,9 +54,34 @@ async def submit(
     if model is not None:
         body["model"] = model
     resp = await http.post("/api/v1/scan", json=body, headers=headers)
+    if resp.status_code == 429:
+        raise RateLimited(resp.status_code, resp.json() if resp.content else None, retry_after(resp))
     if resp.status_code != 202:
         raise ScanError(resp.status_code, resp.json() if resp.content else None)
     return resp.json()  # type: ignore[no-any-return]
+
+
+async def submit_when_allowed(
+    http: httpx.AsyncClient,
+    image_url: str,
+    user: str,
+    *,
+    max_wait_s: float = 120.0,
+    on_wait: Callable[[RateLimited], None] | None = None,
+    **kw: Any,
+) -> dict[str, Any]:
+    """`submit`, waiting out 429s for their Retry-After (told to `on_wait` first) for at most
+    `max_wait_s` in all; then the last RateLimited is raised."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        try:
+            return await submit(http, image_url, user, **kw)
+        except RateLimited as exc:
+            if time.monotonic() + exc.retry_after_s > deadline:
+                raise
+            if on_wait is not None:
+                on_wait(exc)
+            await asyncio.sleep(exc.retry_after_s)
 
 
 async def wait_result(

@@ -1,4 +1,4 @@
-"""Writes new jobs to Kafka: the job to `scan.vision` and its `queued` event, atomically.
+"""Writes new jobs to Kafka: the job to the first stage's topic and its `queued` event, atomically.
 
 A Kafka transaction makes both records visible together or not at all. A producer runs one
 transaction at a time, so concurrent requests are grouped: whatever arrives while a transaction
@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from contract import trace
 from contract.events import ScanEvent, ScanJob
 from contract.settings import Settings
-from contract.topics import API_TRANSACTIONAL_ID_PREFIX, BY_NAME, EVENTS, VISION, partition_for
+from contract.topics import API_TRANSACTIONAL_ID_PREFIX, BY_NAME, EVENTS, FIRST_TOPIC, partition_for
 
 MAX_BATCH = 200
 TXN_TIMEOUT_S = 30.0  # longest a producer spends on one transaction before it is replaced
@@ -129,10 +129,10 @@ class JobWriter:
                 key = p.job.job_id.encode()
                 hdrs = trace.headers(p.traceparent)
                 await producer.send(
-                    VISION,
+                    FIRST_TOPIC,
                     p.job.model_dump_json().encode(),
                     key=key,
-                    partition=partition_for(p.job.job_id, BY_NAME[VISION].partitions),
+                    partition=partition_for(p.job.job_id, BY_NAME[FIRST_TOPIC].partitions),
                     headers=hdrs,
                 )
                 await producer.send(

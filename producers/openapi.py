@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from contract import identity, trace
 from contract.events import SSE_EVENTS, ScanResult
 from contract.settings import Settings
+from quota import refusal
 
 from .validation import request_schema
 
@@ -53,6 +54,10 @@ class ApiError(BaseModel):
     field: str | None = Field(default=None, description="the request field at fault, if one is")
     details: list[FieldProblem] | None = None
     job_id: str | None = Field(default=None, description="409: the job the key already names")
+    limit: Literal["scans", "inflight"] | None = Field(
+        default=None, description="429: the quota that refused"
+    )
+    retry_after_s: int | None = Field(default=None, description="429: as the Retry-After header")
 
 
 class Readiness(BaseModel):
@@ -101,7 +106,7 @@ def submit_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
             "model": ScanAccepted,
             "description": "queued: the job and its `queued` event are committed to Kafka. A repeat "
             "with the same X-Idempotency-Key and body returns the same job.",
-            "headers": {"Location": location, "traceparent": TRACEPARENT},
+            "headers": {"Location": location, "traceparent": TRACEPARENT, **refusal.OPENAPI_HEADERS},
             "links": {
                 "GetResult": {
                     "operationId": RESULT_OPERATION,
@@ -148,6 +153,14 @@ def submit_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
         409: _error(
             "the X-Idempotency-Key was already used by this user with a different body",
             {"reused": ("idempotency_key_reused", "X-Idempotency-Key was used with a different body")},
+        ),
+        429: _error(
+            refusal.openapi_description("scans a user may post, jobs a user has in flight"),
+            {
+                "scans": ("rate_limited", refusal.message("scans", s)),
+                "inflight": ("rate_limited", refusal.message("inflight", s)),
+            },
+            headers={"Retry-After": refusal.RETRY_AFTER_HEADER, **refusal.OPENAPI_HEADERS},
         ),
         503: _error(
             f"Kafka did not take the job within {s.api_submit_timeout_s:g} s (or Redis is down): not "

@@ -6,7 +6,7 @@ own (`TIME`), so replicas with skewed clocks agree.
 
 - scans: a token bucket of `scan_burst` tokens refilled at `scan_rate_per_min`;
 - in flight: at most `inflight_max` jobs between their POST and their terminal event. The POST
-  adds the job, the router removes it when it applies the terminal event (streams/state.py); a
+  adds the job, the router removes it when it applies the terminal event (view/state.py); a
   job also drops out after `inflight_lease_s`, so nothing is held forever if that event never
   reaches Redis (a flushed view);
 - streams: at most `streams_max` open streams across all gateways; each is a lease its gateway

@@ -62,3 +62,29 @@ def message(limit: Limit, s: Settings) -> str:
         )
         + "; retry after Retry-After seconds"
     )
+
+
+# The fields as both services' OpenAPI documents describe them (producers/openapi.py, gateway/openapi.py).
+OPENAPI_HEADERS: dict[str, dict[str, object]] = {
+    "RateLimit": {
+        "description": 'what is left of each limit that applies, e.g. `"scans";r=0;t=10` (remaining, '
+        "seconds until the window is whole again); draft-ietf-httpapi-ratelimit-headers",
+        "schema": {"type": "string"},
+    },
+    "RateLimit-Policy": {
+        "description": 'the limits, e.g. `"scans";q=5;w=50, "inflight";q=3;qu="concurrent-requests"`',
+        "schema": {"type": "string"},
+    },
+}
+RETRY_AFTER_HEADER = {
+    "description": "seconds until the refused limit lets the request through",
+    "schema": {"type": "integer", "minimum": 1},
+}
+
+
+def openapi_description(limits: str) -> str:
+    """The 429's description in either document."""
+    return (
+        f"a per-user quota ({limits}) refused the request: nothing was queued or opened; `limit` "
+        "names the quota, Retry-After says when to come back (quota/, README 'Fair use')"
+    )

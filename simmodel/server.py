@@ -5,6 +5,9 @@ Deterministic: the classification is derived from the image URL's file name (tok
 Latency is configurable (the hosted model took 5-10 s a call) and can be changed at run time
 through `PUT /admin/latency`, so tests run at 0 s and load tests at the hosted model's pace.
 
+`GET /admin/stats` counts calls per schema and image URL; `?by=job` per job (the stage workers send
+the job id in the `X-Eco2-Job-Id` header), which is how a test proves no model call was repeated.
+
 Fault injection, also from the file name, for tests of the pipeline's error handling:
 - `transientN` (e.g. `transient2-paper.jpg`): the first N calls for that URL and schema get a 503,
 - `permanent`: every call gets a 400 (a request the model will never accept),
@@ -30,9 +33,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from contract.runtime_metrics import add_metrics_route, track_event_loop
+from catalog import rules
+from contract import trace
 from contract.settings import Settings, get_settings
-from streams import rules
+from runtime.metrics import add_metrics_route, track_event_loop
 
 _TOKEN_SPLIT = re.compile(r"[^a-z0-9_]+")
 
@@ -53,6 +57,19 @@ class CallCounts:
         self.max_urls = max_urls
         self.total = 0
         self._per_url: OrderedDict[str, int] = OrderedDict()
+        self._per_job: OrderedDict[str, dict[str, int]] = OrderedDict()  # same bound as per URL
+
+    def add_job(self, job_id: str, schema: str) -> None:
+        """Count one call of `schema` for the job named by the request's job header."""
+        counts = self._per_job.pop(job_id, {})
+        counts[schema] = counts.get(schema, 0) + 1
+        self._per_job[job_id] = counts
+        while len(self._per_job) > self.max_urls:
+            self._per_job.popitem(last=False)
+
+    def by_job(self) -> dict[str, Any]:
+        """Calls per job and schema, as `eco2 chaos --rollout` checks them (one each, never two)."""
+        return {"total": self.total, "jobs": {j: dict(c) for j, c in self._per_job.items()}}
 
     def add(self, key: str) -> int:
         """Count one call of `key`; returns its count so far."""
@@ -195,8 +212,9 @@ def create_app(s: Settings | None = None) -> FastAPI:
         return latency
 
     @app.get("/admin/stats")
-    async def stats() -> dict[str, int]:
-        return calls.as_dict()
+    async def stats(by: str = "") -> dict[str, Any]:
+        """Calls per schema and image URL (`?by=job`: per job id, from the job header)."""
+        return calls.by_job() if by == "job" else calls.as_dict()
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -213,6 +231,8 @@ def create_app(s: Settings | None = None) -> FastAPI:
         url = image_url or str(ctx.get("image_url", ""))
         words = _tokens(url)
         n_calls = calls.add(f"{schema_name}:{url}")
+        if job_id := request.headers.get(trace.JOB_HEADER):
+            calls.add_job(job_id, schema_name)
 
         lat: Latency = app.state.latency
         if lat.max_s > 0:

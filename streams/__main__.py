@@ -8,12 +8,13 @@ import logging
 import os
 
 from contract.events import PIPELINE
-from contract.runtime_metrics import track_event_loop
 from contract.settings import get_settings
 from contract.topics import stage_group
+from runtime.health import serve
+from runtime.metrics import track_event_loop
 
 from .app import create_app, quiet_noisy_loggers
-from .health import serve, watch_faust
+from .watch import watch_faust
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +34,13 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown stages {sorted(unknown)}; choose from {','.join(PIPELINE)}")
         stages = [st for st in PIPELINE if st in stages]  # canonical order -> stable group id
+        from .registry import RegistryMismatch, check
+
+        try:
+            check()  # every stage of contract/pipeline.py has its agent, no agent is left over
+        except RegistryMismatch as exc:
+            logging.critical("%s", exc)
+            raise SystemExit(3) from None
         from .groups import OverlappingStages, refuse_overlap, watch_overlap
 
         try:

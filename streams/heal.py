@@ -1,6 +1,6 @@
 """The router's self-healing: notice that Redis lost the view and replay it from `scan.events`.
 
-Every `view_check_s` the router looks at the view marker (streams/view.py). When it is missing,
+Every `view_check_s` the router looks at the view marker (view/marker.py). When it is missing,
 written by another Redis run (a restart), or rebuilding with no live rebuilder, one router process
 claims the rebuild and replays the window the view is meant to hold (`state_ttl_s`, or
 `rebuild_window_s`) from the offsets-for-times of its start to the end offsets at that moment,
@@ -27,11 +27,10 @@ from prometheus_client import Counter, Gauge
 
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS
+from view import Claim, StateStore, checkpoint
+from view.rebuild import rebuild
 
 from .app import trace_logger
-from .rebuild import rebuild
-from .state import StateStore
-from .view import Claim, checkpoint
 
 log = trace_logger("eco2.router.heal")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from contract.events import PIPELINE
+from contract.pipeline import PIPELINE
 
 STAGE_LATENCY = Histogram(
     "eco2_stage_seconds",
@@ -24,7 +24,7 @@ E2E = Histogram(
 
 # Every stage's failure series exists from the start at 0, so the dead-letter panel and alert have
 # a series to read before the first failure (a labelled counter is otherwise absent until then).
-FAILURE_REASONS = ("model_permanent_error", "model_retries_exhausted", "invalid_message")
+FAILURE_REASONS = ("model_permanent_error", "model_retries_exhausted", "invalid_message", "unknown_version")
 for _stage in PIPELINE:
     for _reason in FAILURE_REASONS:
         FAILURES.labels(_stage, _reason)

@@ -12,10 +12,10 @@ import openai
 from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 from openai._constants import DEFAULT_CONNECTION_LIMITS
 
+from catalog import rules
+from contract import trace
 from contract.events import ScanJob
 from contract.settings import Settings
-
-from . import rules
 
 VISION_PROMPT = (
     "You classify a photographed piece of waste for Korean separate collection. "
@@ -71,7 +71,12 @@ class Clients:
 
 
 async def _structured(
-    api: AsyncOpenAI, model: str, messages: list[dict[str, Any]], name: str, schema: dict[str, Any]
+    api: AsyncOpenAI,
+    model: str,
+    messages: list[dict[str, Any]],
+    name: str,
+    schema: dict[str, Any],
+    job_id: str,
 ) -> dict[str, Any]:
     try:
         # The SDK's own client and transport (auth, timeouts, error mapping), but the body we
@@ -89,6 +94,7 @@ async def _structured(
                 },
                 "temperature": 0,
             },
+            options={"headers": {trace.JOB_HEADER: job_id}},
         )
     except (
         openai.APITimeoutError,
@@ -134,7 +140,12 @@ async def classify(api: AsyncOpenAI, s: Settings, job: ScanJob) -> dict[str, Any
         },
     ]
     doc = await _structured(
-        api, model_for(job, s.vision_model), messages, "classification", rules.classification_schema()
+        api,
+        model_for(job, s.vision_model),
+        messages,
+        "classification",
+        rules.classification_schema(),
+        job.job_id,
     )
     if doc.get("major_category") not in rules.MAJOR_CATEGORIES:
         raise PermanentModelError(f"unknown major category {doc.get('major_category')!r}")
@@ -154,7 +165,9 @@ async def write_answer(api: AsyncOpenAI, s: Settings, job: ScanJob, advice: list
         {"role": "system", "content": ANSWER_PROMPT},
         {"role": "user", "content": json.dumps(context, ensure_ascii=False)},
     ]
-    doc = await _structured(api, model_for(job, s.answer_model), messages, "answer", rules.answer_schema())
+    doc = await _structured(
+        api, model_for(job, s.answer_model), messages, "answer", rules.answer_schema(), job.job_id
+    )
     if not isinstance(doc.get("disposal_steps"), list) or not isinstance(doc.get("gaps", []), list):
         raise PermanentModelError("answer does not follow the schema")
     return doc

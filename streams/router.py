@@ -24,11 +24,11 @@ from contract.events import ScanEvent
 from contract.settings import Settings
 from contract.topics import EVENTS
 from contract.trace import from_headers, trace_id
+from runtime.health import Progress
+from view import StateStore, client
 
 from .app import topic, trace_logger
 from .heal import Healer
-from .health import Progress
-from .state import StateStore, client
 
 log = trace_logger("eco2.router")
 

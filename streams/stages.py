@@ -1,4 +1,4 @@
-"""The four stage agents: vision -> rule -> answer -> reward -> done.
+"""The stage engine: runs each stage's agent (streams/agents.py) on its topic, in pipeline order.
 
 Each agent runs `stage_concurrency` jobs at once (model calls take seconds). Processing is
 at-least-once: Faust commits an offset only after the job's messages are flushed. A redelivered
@@ -19,8 +19,9 @@ from typing import Any
 import faust
 from redis.exceptions import RedisError
 
-from contract import keys, trace
+from contract import keys, trace, versioning
 from contract.events import (
+    DONE,
     PIPELINE,
     DeadLetter,
     ScanJob,
@@ -32,10 +33,10 @@ from contract.events import (
 )
 from contract.settings import Settings
 from contract.topics import BY_NAME, DLQ, EVENTS, STAGE_TOPICS, partition_for
+from view import pooled_client
 
-from . import metrics, model, rewards, rules
+from . import metrics, model, registry
 from .app import topic, trace_logger
-from .state import pooled_client
 
 log = trace_logger("eco2.stages")
 
@@ -136,32 +137,21 @@ class Pipeline:
                 delay = self.s.retry_backoff_s * 2 ** (attempts - 1)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
 
+    # The agents' view of this worker (registry.Context).
+    def model(self) -> Any:
+        return self.models.take()
+
+    async def retried(self, stage: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        return await self._with_retries(stage, call)
+
     async def run_stage(self, stage: str, job: ScanJob) -> ScanJob:
-        """Do one stage's work and return the job with its findings added."""
-        out = job.model_copy(deep=True)
-        if stage == "vision":
-            out.classification = await self._with_retries(
-                stage, lambda: model.classify(self.models.take(), self.s, job)
-            )
-        elif stage == "rule":
-            match = rules.lookup(job.classification or {})
-            out.rules_key = match.key if match else None
-            out.rules = match.rule if match else None
-        elif stage == "answer":
-            if job.rules is None:
-                out.answer = dict(rules.FALLBACK_ANSWER)  # no rule: fixed answer, no model call
-            else:
-                advice = rules.situation_advice(
-                    job.rules, (job.classification or {}).get("situation_tags", [])
-                )
-                out.answer = await self._with_retries(
-                    stage, lambda: model.write_answer(self.models.take(), self.s, job, advice)
-                )
-        elif stage == "reward":
-            out.reward = rewards.decide(job.classification, job.rules is not None, job.answer).model_dump()
-        else:
-            raise ValueError(f"unknown stage {stage}")
-        return out
+        """Do one stage's work (its registered agent) and return the job with its output added,
+        stamped with this worker's schema version (contract/versioning.py)."""
+        agent = registry.REGISTRY[stage]
+        found = await agent.run(self, job)
+        return ScanJob.model_validate(
+            {**job.model_dump(), **found.model_dump(), versioning.FIELD: versioning.SCHEMA_VERSION}
+        )
 
     # --- one message ----------------------------------------------------------------------
 
@@ -207,12 +197,12 @@ class Pipeline:
             out = ScanJob.model_validate(done)
             nxt = next_stage(stage)
             claims = [self._event(out, stage, "completed")]
-            if nxt == "done":
-                claims.append(self._event(out, "done", "completed", result=result_of(out, "completed")))
+            if nxt == DONE:
+                claims.append(self._event(out, DONE, "completed", result=result_of(out, "completed")))
             events, _ = await self._claim(claims)  # completed (and done): one round trip
             for data in events:
                 await self._send(EVENTS, out.job_id, data, tp)
-            if nxt == "done":
+            if nxt == DONE:
                 metrics.E2E.observe(max(0.0, time.time() - out.created_at))
             else:
                 await self._send(STAGE_TOPICS[nxt], out.job_id, out.model_dump_json(), tp)
@@ -251,7 +241,7 @@ class Pipeline:
             key=str(value.get("job_id")) if value.get("job_id") else None,
             value=value,
             stage=stage,
-            reason="invalid_message",
+            reason="invalid_message" if versioning.readable(value) else "unknown_version",
             error=error[:2000],
         )
         await self._send(DLQ, letter.key or "unknown", letter.model_dump_json(), tp)
@@ -261,21 +251,17 @@ class Pipeline:
 def result_of(
     job: ScanJob, status: str, error: str | None = None, failed_stage: str | None = None
 ) -> ScanResult:
-    return ScanResult(
-        job_id=job.job_id,
-        user_id=job.user_id,
-        status=status,  # type: ignore[arg-type]
-        image_url=job.image_url,
-        classification=job.classification,
-        rules_key=job.rules_key,
-        rules=job.rules,
-        answer=job.answer,
-        reward=job.reward,
-        error=error,
-        failed_stage=failed_stage,
-        timings=job.timings,
-        created_at=job.created_at,
-        finished_at=now(),
+    """The job's outcome: its identity, every stage output it gathered, timings, and how it ended."""
+    kept = (set(ScanResult.model_fields) & set(ScanJob.model_fields)) | set(job.model_extra or {})
+    return ScanResult.model_validate(
+        {
+            **job.model_dump(include=kept),
+            "status": status,
+            "error": error,
+            "failed_stage": failed_stage,
+            "finished_at": now(),
+            versioning.FIELD: versioning.SCHEMA_VERSION,  # a new record: the writer's stamp
+        }
     )
 
 
@@ -293,6 +279,7 @@ async def _redis_retry(call: Callable[[], Awaitable[Any]]) -> Any:
 
 def register(app: faust.App, s: Settings, stages: list[str]) -> Pipeline:
     """Define one agent per stage in `stages` on this process's Faust app."""
+    registry.check()  # every stage of the pipeline has its agent, and no agent is left over
     pipeline = Pipeline(app, s)
     for stage in stages:
         assert stage in PIPELINE, stage

@@ -27,14 +27,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
 
+import view
 from bench.harness import Proc as HelperProc
 from contract import keys, trace
 from contract.events import PIPELINE, ScanEvent, ScanJob, ScanResult, make_event, now
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, partition_for
-from eco2.stack import redis_argv
-from streams import view
-from streams.state import StateStore
+from eco2.infra import redis_argv
+from eco2.services import local_quotas
+from view import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -298,6 +299,7 @@ def gateway_proc(s: Settings, **env: str) -> Proc:
             "ECO2_GATEWAY_PORT": str(port),
             "ECO2_REDIS_URL": isolated_redis_url(s),
             "ECO2_GAP_WAIT_S": "1.0",
+            **local_quotas(s),  # as `eco2 stack up` runs its gateways: one test user opens many streams
             **env,
         },
         log=log_path(s, name),

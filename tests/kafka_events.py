@@ -9,6 +9,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from contract.pipeline import is_terminal
 from contract.settings import Settings
 from contract.topics import DLQ, EVENTS, shard_of
 
@@ -57,7 +58,7 @@ async def job_events(
 
     def finished(msgs: list[Any]) -> bool:
         return all(
-            any(e["stage"] == "done" or e["status"] == "failed" for e in evs)
+            any(is_terminal(e["stage"], e["status"]) for e in evs)
             for evs in per_job(msgs).values()
         )
 
@@ -89,7 +90,7 @@ def finished_for(msgs: list[Any], job_ids: list[str]) -> bool:
         key = m.key.decode() if m.key else ""
         if key in job_ids:
             e = json.loads(m.value)
-            if e["stage"] == "done" or e["status"] == "failed":
+            if is_terminal(e["stage"], e["status"]):
                 terminal.add(key)
     return terminal >= set(job_ids)
 

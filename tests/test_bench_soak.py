@@ -19,8 +19,8 @@ from bench.load import EXPECTED_SEQS, Job
 from bench.soak import SoakConfig, SoakRun, parse_duration
 from bench.soak_sampler import LogWatch, kafka_log_bytes
 from bench.soak_verdict import KEYS_PER_JOB_MAX, growth, judge, kafka_level, slope_per_hour, windows
-from contract.runtime_metrics import ASYNCIO_TASKS, track_event_loop
 from contract.settings import Settings
+from runtime.metrics import ASYNCIO_TASKS, track_event_loop
 from simmodel.server import CallCounts, _counted, _tokens, classify, create_app
 
 from .conftest import eco2
@@ -394,7 +394,7 @@ def test_soak_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, 
 async def test_gc_pauses_are_measured_once_per_collection() -> None:
     from prometheus_client import REGISTRY
 
-    from contract.runtime_metrics import GC_PAUSE
+    from runtime.metrics import GC_PAUSE
 
     track_event_loop()
     track_event_loop()  # idempotent: one callback, one observation per collection

@@ -54,3 +54,24 @@ def test_chaos_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str,
     assert all(t["verdict"] == "PASS" for t in rep["targets"]), rep["targets"]
     status = json.loads(eco2("stack", "status", "--json").stdout)["services"]
     assert all(info["up"] for info in status.values()), status
+
+
+@pytest.mark.integration
+def test_chaos_rollout_smoke(tmp_path: Path, settings: Settings, stack_status: dict[str, Any]) -> None:
+    """`eco2 chaos --rollout` in seconds: every app component SIGTERMed and restarted in turn."""
+    proc = eco2(
+        *("chaos", "--rollout", "--vus", "3", "--hold", "20", "--warmup", "3", "--model-latency", "0.5,1"),
+        *("--settle", "60", "--quiet", "--name", "smoke-rollout", "--out", str(tmp_path)),
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [path] = tmp_path.glob("smoke-rollout-*.json")
+    rep = json.loads(path.read_text())
+    r = rep["results"]
+    assert [f["what"] for f in rep["timeline"]] == ["workers", "router", "writer", "gateway", "api"]
+    assert all(f["action"] == "SIGTERM, restart" and f["drain_s"] is not None for f in rep["timeline"])
+    assert r["jobs_accepted"] > 0 and r["jobs_with_one_terminal_row"] == r["jobs_accepted"]
+    assert r["model_calls"]["jobs"] == r["jobs_completed"] > 0
+    assert r["model_calls"]["calls"] == 2 * r["jobs_completed"]
+    assert all(t["verdict"] == "PASS" for t in rep["targets"]), rep["targets"]

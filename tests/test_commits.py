@@ -110,7 +110,7 @@ class Msg:
 
 
 async def test_the_faust_internals_health_reads_are_there(consumer: tuple[Any, Deliver]) -> None:
-    """streams/health.py reads Faust's committed offsets and the in-flight counters; fails when
+    """streams/watch.py reads Faust's committed offsets and the in-flight counters; fails when
     an upgrade renames them."""
     from streams.commits import committed_offsets
 

@@ -19,7 +19,7 @@ from contract import stream_token
 from contract.events import ScanEvent
 from contract.settings import Settings
 from gateway.client import follow, make_client
-from streams.state import StateStore
+from view import StateStore
 
 from .gateway_support import (
     EventProducer,

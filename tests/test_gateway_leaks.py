@@ -21,9 +21,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench import wire
-from contract.runtime_metrics import ASYNCIO_TASKS
 from contract.settings import Settings
-from streams.state import StateStore
+from runtime.metrics import ASYNCIO_TASKS
+from view import StateStore
 
 from .gateway_support import full_events, gateway_proc, isolated_redis_url, job, wait_ready
 

@@ -1,4 +1,4 @@
-"""Consumer health (streams/health.py): /health fails when a consumer is alive but stuck.
+"""Consumer health (runtime/health.py): /health fails when a consumer is alive but stuck.
 
 Unit tests judge `Progress` on a fake clock; the integration tests stall real consumers on the
 real broker: a private router whose Redis stops answering (and then gets SIGSTOPped), and an
@@ -29,8 +29,8 @@ from contract import keys
 from contract.settings import Settings
 from contract.topics import BY_NAME, STAGE_TOPICS, stage_group
 from persistence.writer import Writer
+from runtime.health import Policy, Progress, serve
 from streams.commits import InFlight
-from streams.health import Policy, Progress, serve
 
 from .gateway_support import (
     EventProducer,

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from contract.settings import Settings
-from streams.health import serve
+from runtime.health import serve
 
 
 def test_the_endpoint_binds_loopback_unless_told_otherwise() -> None:

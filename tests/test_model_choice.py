@@ -17,7 +17,7 @@ from openai import AsyncOpenAI
 
 from contract.events import ScanJob, now
 from contract.settings import Settings
-from contract.topics import BY_NAME, VISION, partition_for
+from contract.topics import BY_NAME, FIRST_TOPIC, partition_for
 from streams import model
 
 from .kafka_events import read_partition
@@ -86,9 +86,9 @@ async def test_the_api_leaves_the_model_to_the_stages_unless_the_client_names_on
             assert r.status_code == 202, r.text
             jobs[r.json()["job_id"]] = chosen
     for job_id, chosen in jobs.items():
-        p = partition_for(job_id, BY_NAME[VISION].partitions)
+        p = partition_for(job_id, BY_NAME[FIRST_TOPIC].partitions)
         msgs = await read_partition(
-            settings, VISION, p, since, lambda ms, j=job_id: any(m.key == j.encode() for m in ms)
+            settings, FIRST_TOPIC, p, since, lambda ms, j=job_id: any(m.key == j.encode() for m in ms)
         )
         record = next(json.loads(m.value) for m in msgs if m.key == job_id.encode())
         assert record["model"] == (chosen or "")

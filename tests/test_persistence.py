@@ -34,13 +34,13 @@ from contract.topics import (
     EVENTS,
     EVENTS_PARTITIONS,
     PERSISTENCE_DLQ,
-    RULE,
+    STAGE_TOPICS,
     partition_for,
     shard_of,
 )
 from persistence.store import fetch_result
 from persistence.writer import Writer
-from streams.state import StateStore
+from view import StateStore
 
 from .conftest import REPO, eco2
 
@@ -352,21 +352,21 @@ async def test_pipeline_dead_letter_replays_to_its_stage_topic(settings: Setting
         created_at=now(), classification={"major": "recyclable", "middle": "metal"},
     )
     letter = DeadLetter(
-        source="pipeline", topic=RULE, key=job.job_id, value=job.model_dump(), stage="rule",
+        source="pipeline", topic=STAGE_TOPICS["rule"], key=job.job_id, value=job.model_dump(), stage="rule",
         reason="rule_error", error="test dead letter",
     )
     await produce(settings, [(job.job_id, letter.model_dump_json().encode())], topic=DLQ)
     rows = await dead_letters(settings, DLQ, {job.job_id})
     assert len(rows) == 1 and rows[0]["source"] == "pipeline" and rows[0]["reason"] == "rule_error"
     out = eco2("dlq", "replay", "--topic", DLQ, "--offset", str(rows[0]["offset"])).stdout
-    m = re.search(rf"job {job.job_id} -> {RULE}\[(\d+)\]@(\d+)", out)
+    m = re.search(rf"job {job.job_id} -> {STAGE_TOPICS['rule']}\[(\d+)\]@(\d+)", out)
     assert m, out
     partition, offset = int(m.group(1)), int(m.group(2))
-    assert partition == partition_for(job.job_id, BY_NAME[RULE].partitions)
+    assert partition == partition_for(job.job_id, BY_NAME[STAGE_TOPICS["rule"]].partitions)
     c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
     await c.start()
     try:
-        tp = TopicPartition(RULE, partition)
+        tp = TopicPartition(STAGE_TOPICS["rule"], partition)
         c.assign([tp])
         c.seek(tp, offset)
         msg = await asyncio.wait_for(c.getone(), 20)

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from contract.events import Reward, ScanJob, ScanResult, make_event, now
+from contract.versioning import SCHEMA_VERSION
 from persistence.batcher import Batcher
 from persistence.records import Bad, ownership_of, parse
-from persistence.store import batch_args, is_data_error
+from persistence.store import batch_args, columns, is_data_error
 
 
 class Clock:
@@ -173,10 +174,13 @@ def test_batch_args_dedupe_jobs_and_keep_earliest_ownership() -> None:
     rc = _result(c, reward=Reward(granted=False, reason="no").model_dump())
     ra_again = _result(a, finished_at=50.0, answer={"text": "later duplicate"})
     args = batch_args([ra, rb, rc, ra_again])
-    assert len(args) == 18
-    assert args[0] == ["a", "b", "c"]  # one row per job; the first terminal event wins
-    assert json.loads(args[7][0] or "null") is None  # a's answer: the first one (None)
-    assert args[14:] == [["u"], ["PET"], ["b"], [100.0]]
+    names = [c.name for c in columns()]
+    assert len(args) == len(names) + 4
+    by = dict(zip(names, args, strict=False))
+    assert by["job_id"] == ["a", "b", "c"]  # one row per job; the first terminal event wins
+    assert json.loads(by["answer"][0] or "null") is None  # a's answer: the first one (None)
+    assert args[len(names) :] == [["u"], ["PET"], ["b"], [100.0]]
+    assert by["v"] == [SCHEMA_VERSION] * 3 and by["extra"] == [None] * 3  # no fields of a newer version
 
 
 def test_is_data_error_only_for_data_classes() -> None:
@@ -189,3 +193,31 @@ def test_is_data_error_only_for_data_classes() -> None:
     assert not is_data_error(asyncpg.exceptions.CannotConnectNowError("x"))
     assert not is_data_error(ConnectionRefusedError())
     assert not is_data_error(TimeoutError())
+
+
+def test_writer_reports_the_age_of_each_partitions_oldest_pending_record() -> None:
+    """What eco2_consumer_oldest_in_flight_seconds shows for the writer (the stuck-message alert):
+    per partition the oldest record fetched and not yet committed, 0 for an idle partition; the
+    arrivals of records already written are forgotten."""
+    import time
+
+    from aiokafka import ConsumerRecord, TopicPartition
+
+    from contract.settings import Settings
+    from persistence.writer import Writer
+
+    def rec(partition: int, offset: int) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord("scan.events", partition, offset, 0, 0, None, b"{}", None, 0, 2, [])
+
+    w = Writer(Settings())
+    now = time.monotonic()
+    old, young, written = rec(0, 7), rec(0, 8), rec(1, 3)
+    for m, age in ((old, 30.0), (young, 2.0), (written, 50.0)):
+        w._arrived[(m.topic, m.partition, m.offset)] = now - age
+    w._flushing = [old]
+    w.batcher.add(young)
+    tps = {TopicPartition("scan.events", p) for p in (0, 1, 2)}
+    ages = w._oldest(tps)
+    assert 30.0 <= ages[TopicPartition("scan.events", 0)] < 31.0
+    assert ages[TopicPartition("scan.events", 1)] == ages[TopicPartition("scan.events", 2)] == 0.0
+    assert set(w._arrived) == {("scan.events", 0, 7), ("scan.events", 0, 8)}

@@ -19,28 +19,22 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from contract.events import FAILED_SEQ, PIPELINE, PROGRESS, seq_of
+from catalog import rewards, rules
+from contract.events import DONE, DONE_SEQ, FAILED_SEQ, PIPELINE, PROGRESS, QUEUED, SUCCESS_SEQS, seq_of
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, STAGE_TOPICS, partition_for, shard_of, stage_group
 from producers.client import submit, wait_result
-from streams import rewards, rules
 
 from .conftest import REPO, eco2
 from .kafka_events import dead_letters, job_events, read_partition
 
 pytestmark = pytest.mark.integration
 
+# Every event of a successful job, in order: queued, started/completed per stage, done.
 EXPECTED = [
-    ("queued", "completed"),
-    ("vision", "started"),
-    ("vision", "completed"),
-    ("rule", "started"),
-    ("rule", "completed"),
-    ("answer", "started"),
-    ("answer", "completed"),
-    ("reward", "started"),
-    ("reward", "completed"),
-    ("done", "completed"),
+    (QUEUED, "completed"),
+    *((st, status) for st in PIPELINE for status in ("started", "completed")),
+    (DONE, "completed"),
 ]
 
 
@@ -69,7 +63,7 @@ async def test_scan_end_to_end_events_in_seq_order(api: httpx.AsyncClient, setti
     events = (await job_events(settings, [job_id], t0))[job_id]
     assert [(e["stage"], e["status"]) for e in events] == EXPECTED
     seqs = [e["seq"] for e in events]
-    assert seqs == sorted(seqs) == [seq_of(st, status) for st, status in EXPECTED]
+    assert seqs == sorted(seqs) == [seq_of(st, status) for st, status in EXPECTED] == list(SUCCESS_SEQS)
     assert [e["progress"] for e in events if e["status"] == "completed"] == [
         PROGRESS[st] for st, status in EXPECTED if status == "completed"
     ]
@@ -148,7 +142,7 @@ def test_records_are_stored_compressed(settings: Settings, zero_latency_model: s
     """Issue 16: Kafka's logs at retention. Every batch the API and the stage workers wrote for a
     scan is stored zstd-compressed (codec 4 in the batch attributes); control batches (transaction
     markers) are never compressed."""
-    from eco2.stack import data_dir
+    from eco2.service import data_dir
 
     t0 = int(time.time() * 1000)
 
@@ -219,7 +213,7 @@ async def test_transient_model_errors_are_retried(
     url = img("transient2-paper-box", uid)
     job = (await submit(api, url, f"user-{uid}"))["job_id"]
     events = (await job_events(settings, [job], t0))[job]
-    assert events[-1]["stage"] == "done"
+    assert events[-1]["stage"] == DONE
     assert events[-1]["result"]["status"] == "completed"
     stats = httpx.get(f"{zero_latency_model}/admin/stats").json()
     assert stats[f"classification:{url}"] == 3  # two 503s, then the answer
@@ -237,7 +231,7 @@ async def test_permanent_model_error_fails_the_job_with_a_dead_letter(
     assert (last["stage"], last["status"], last["seq"]) == ("vision", "failed", FAILED_SEQ)
     assert "400" in last["error"]
     assert last["result"]["status"] == "failed" and last["result"]["failed_stage"] == "vision"
-    assert not any(e["stage"] == "done" for e in events)
+    assert not any(e["stage"] == DONE for e in events)
 
     letters = await dead_letters(settings, job, t0)
     assert letters and letters[0]["reason"] == "model_permanent_error"
@@ -330,7 +324,7 @@ async def test_sigkill_worker_mid_flight_loses_no_job(settings: Settings, zero_l
         for e in events[job]:
             by_seq.setdefault(e["seq"], set()).add(json.dumps(e, sort_keys=True))
         assert all(len(v) == 1 for v in by_seq.values()), f"{job}: a seq with two contents"
-        assert 51 in by_seq, f"{job} never finished"
+        assert DONE_SEQ in by_seq, f"{job} never finished"
         assert sorted(by_seq) == [seq_of(st, status) for st, status in EXPECTED]
 
 

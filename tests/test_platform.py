@@ -216,9 +216,9 @@ def test_status_json_names_every_service(stack_status):
 def test_broker_heap_is_resident_from_the_start(settings: Settings, stack_status):
     """Issue 16: the soak saw a fresh broker's RSS climb +313 MiB/h as G1 first used its heap.
     With AlwaysPreTouch the heap is resident at start, so RSS is flat from the first sample."""
-    from eco2 import stack
+    from eco2 import services, stack
 
-    pid = stack.read_pid(settings, stack.find("kafka"))
+    pid = stack.read_pid(settings, services.find("kafka"))
     assert pid is not None, "the stack's broker is not running"
     heap = (settings.kafka_heap or "768m").lower()
     heap_mib = int(heap[:-1]) * (1024 if heap.endswith("g") else 1)

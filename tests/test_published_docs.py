@@ -8,7 +8,7 @@ import json
 import openapi_spec_validator
 import yaml
 
-from contract import topics, trace
+from contract import topics, trace, versioning
 from contract.events import SSE_EVENTS
 from contract.settings import Settings
 from eco2 import contract_cli
@@ -57,3 +57,15 @@ def test_asyncapi_says_what_contract_says() -> None:
     names = sorted(messages[m["$ref"].rsplit("/", 1)[1]]["name"] for m in stream)
     assert names == sorted(SSE_EVENTS)
     assert "error" not in SSE_EVENTS
+
+
+def test_asyncapi_states_the_version_rule() -> None:
+    """The document carries the rule of contract/versioning.py and every record schema its `v`."""
+    doc = yaml.safe_load(contract_cli.ASYNCAPI_DOC.read_text())
+    assert doc["info"]["version"] == versioning.SCHEMA_VERSION
+    assert versioning.RULE in doc["info"]["description"]
+    schemas = doc["components"]["schemas"]
+    for name in ("ScanJob", "ScanEvent", "ScanResult", "DeadLetter"):
+        v = schemas[name]["properties"][versioning.FIELD]
+        assert v["default"] == versioning.SCHEMA_VERSION and v["pattern"] == versioning.PATTERN
+        assert schemas[name]["additionalProperties"] is True  # unknown fields are kept, not refused

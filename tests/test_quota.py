@@ -13,7 +13,7 @@ from contract.events import ScanJob, make_event, now
 from contract.settings import Settings
 from quota import refusal
 from quota.limits import ScanQuota, StreamLeases
-from streams.state import StateStore, client
+from view import StateStore, client
 
 
 def test_identity_bounds() -> None:

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from contract import keys
 from contract.settings import Settings
-from streams.state import StateStore
+from view import StateStore
 
 from .gateway_support import full_events, isolated_redis_url, job
 

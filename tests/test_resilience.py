@@ -25,14 +25,15 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import BusyLoadingError
 
+import view
 from contract import keys
 from contract.settings import Settings
-from contract.topics import BY_NAME, EVENTS, VISION
+from contract.topics import BY_NAME, EVENTS, FIRST_TOPIC
 from eco2 import install
+from eco2.services import local_quotas
 from gateway.client import follow
-from streams import view
-from streams.rebuild import rebuild
-from streams.state import StateStore
+from view import StateStore
+from view.rebuild import rebuild
 
 from .conftest import eco2
 from .gateway_support import (
@@ -184,6 +185,7 @@ def api_proc(settings: Settings, redis_url: str, kafka: str | None = None) -> Pr
             "ECO2_REDIS_URL": redis_url,
             "ECO2_KAFKA_BOOTSTRAP": kafka or settings.kafka_bootstrap,
             "ECO2_API_SUBMIT_TIMEOUT_S": "5",
+            **local_quotas(settings),  # as `eco2 stack up` runs its API: one test user posts many scans
         },
         log=log_path(settings, name),
         extra={"url": f"http://127.0.0.1:{port}"},
@@ -303,8 +305,8 @@ async def test_post_while_kafka_is_down_is_a_bounded_503_and_accepted_jobs_are_k
                 else:
                     assert time.monotonic() < deadline, api.tail()
                     await asyncio.sleep(1.0)
-        found = await _job_ids(bootstrap, [VISION, EVENTS])
-        for topic in (VISION, EVENTS):
+        found = await _job_ids(bootstrap, [FIRST_TOPIC, EVENTS])
+        for topic in (FIRST_TOPIC, EVENTS):
             missing = [j for j in accepted if j not in found[topic]]
             assert not missing, f"{topic}: accepted jobs missing: {missing}\n{api.tail()}"
     finally:

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from catalog.rewards import CHARACTERS, DEFAULT_CHARACTER, character_for, decide
+from catalog.rules import MAJOR_CATEGORIES, RECYCLABLE_MIDDLES
 from contract.events import Reward
-from streams.rewards import CHARACTERS, DEFAULT_CHARACTER, character_for, decide
-from streams.rules import MAJOR_CATEGORIES, RECYCLABLE_MIDDLES
 
 CLEAN_ANSWER = {"disposal_steps": ["Empty it"], "user_answer": "Do this.", "warnings": [], "gaps": []}
 

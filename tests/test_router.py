@@ -23,7 +23,7 @@ from contract.events import ScanEvent
 from contract.settings import Settings
 from gateway.client import follow
 from streams.router import EXIT_UNAPPLIED
-from streams.state import StateStore
+from view import StateStore
 
 from .gateway_support import (
     REPO,

@@ -8,8 +8,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from streams import rules
-from streams.rules import (
+from catalog import rules
+from catalog.rules import (
     ALL_MIDDLES,
     FALLBACK_ANSWER,
     MAJOR_CATEGORIES,

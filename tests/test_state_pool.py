@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from contract.settings import Settings
-from streams.state import pooled_client
+from view import pooled_client
 
 pytestmark = pytest.mark.integration
 

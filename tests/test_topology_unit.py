@@ -11,8 +11,8 @@ import yaml
 
 from contract.events import PIPELINE
 from contract.settings import REPO_ROOT, Settings
-from contract.topics import MIN_INSYNC_REPLICAS, REPLICATION_FACTOR, TOPICS, replication
-from eco2 import stack
+from contract.topics import MIN_INSYNC_REPLICAS, REPLICATION_FACTOR, TOPICS, replication, stage_group
+from eco2 import infra, services, stack
 from eco2.topics_yaml import TOPICS_YAML
 from streams import groups
 
@@ -54,21 +54,21 @@ def _settings(tmp_path: Path, **kw: object) -> Settings:
 def test_three_nodes_listen_two_ports_apart_and_clients_know_all(tmp_path: Path) -> None:
     s = _settings(tmp_path, kafka_nodes=3)
     assert s.kafka_bootstrap == "127.0.0.1:19000,127.0.0.1:19002,127.0.0.1:19004"
-    table = stack.services({"kafka"}, s)
+    table = services.services({"kafka"}, s)
     assert [svc.name for svc in table] == ["kafka-1", "kafka-2", "kafka-3"]
     assert [svc.url(s) for svc in table] == s.kafka_bootstrap.split(",")
-    assert [n.controller_port(s) for n in stack.kafka_nodes(s)] == [19001, 19003, 19005]
+    assert [n.controller_port(s) for n in infra.kafka_nodes(s)] == [19001, 19003, 19005]
     # Only the last node runs the topic creation, once the whole cluster answers.
     assert [svc.after_ready is not None for svc in table] == [False, False, True]
-    assert [svc.name for svc in stack.services({"kafka"}, _settings(tmp_path))] == ["kafka"]
+    assert [svc.name for svc in services.services({"kafka"}, _settings(tmp_path))] == ["kafka"]
 
 
 def test_node_config_carries_the_replication(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     s = _settings(tmp_path, kafka_nodes=3)
-    monkeypatch.setattr(stack.install, "ensure_kafka", lambda s: tmp_path)
-    monkeypatch.setattr(stack.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0))
-    node = stack.kafka_nodes(s)[1]
-    stack._kafka_prepare(s, node)
+    monkeypatch.setattr(infra.install, "ensure_kafka", lambda s: tmp_path)
+    monkeypatch.setattr(infra.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0))
+    node = infra.kafka_nodes(s)[1]
+    infra._kafka_prepare(s, node)
     cfg = dict(
         line.split("=", 1)
         for line in (tmp_path / "data/kafka-2/server.properties").read_text().splitlines()
@@ -81,9 +81,27 @@ def test_node_config_carries_the_replication(tmp_path: Path, monkeypatch) -> Non
     assert cfg["default.replication.factor"] == cfg["offsets.topic.replication.factor"] == "3"
 
 
+def test_a_cluster_id_that_starts_with_a_dash_formats(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The id is random base64: about one in 64 starts with "-", which the storage tool read as an
+    option after `-t` ("expected one argument"; a private test stack then failed to start)."""
+    s = _settings(tmp_path)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(infra.install, "ensure_kafka", lambda s: tmp_path)
+    monkeypatch.setattr(infra, "_kafka_cluster_id", lambda s: "-dashFirst0123456789ab")
+
+    def run(argv: list[str], **kw: object) -> SimpleNamespace:
+        calls.append(argv)
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(infra.subprocess, "run", run)
+    infra._kafka_prepare(s, infra.kafka_nodes(s)[0])
+    (argv,) = calls
+    assert "--cluster-id=-dashFirst0123456789ab" in argv and "-t" not in argv
+
+
 def test_several_processes_per_component(tmp_path: Path) -> None:
     s = _settings(tmp_path, worker_processes=3, router_processes=2, gateway_processes=2)
-    names = [svc.name for svc in stack.services({"app"}, s)]
+    names = [svc.name for svc in services.services({"app"}, s)]
     assert names == [
         "model",
         "api",
@@ -96,13 +114,13 @@ def test_several_processes_per_component(tmp_path: Path) -> None:
         "gateway",
         "gateway-2",
     ]
-    workers = stack.services({"workers"}, s)
+    workers = services.services({"workers"}, s)
     assert [svc.port(s) for svc in workers] == [s.workers_metrics_port + 10 * i for i in range(3)]
     assert [svc.env(s)["ECO2_METRICS_PORT"] for svc in workers] == [str(svc.port(s)) for svc in workers]
-    gateways = stack.services({"gateway"}, s)
+    gateways = services.services({"gateway"}, s)
     assert {svc.port(s) for svc in gateways} == {s.gateway_port} and all(g.shared_port for g in gateways)
     # One process each by default, under the historical names.
-    assert [svc.name for svc in stack.services({"workers", "router", "gateway"}, _settings(tmp_path))] == [
+    assert [svc.name for svc in services.services({"workers", "router", "gateway"}, _settings(tmp_path))] == [
         "workers",
         "router",
         "gateway",
@@ -115,7 +133,7 @@ def test_down_stops_processes_of_another_layout(tmp_path: Path) -> None:
     run.mkdir(parents=True)
     for name in ("kafka-1", "kafka-3", "workers-4", "redis"):
         (run / f"{name}.pid").write_text("999999\n")
-    table = stack.services(None, s)
+    table = services.services(None, s)
     assert [svc.name for svc in stack._strays(s, table, None)] == ["kafka-1", "kafka-3", "workers-4"]
     assert [svc.name for svc in stack._strays(s, table, {"infra"})] == ["kafka-1", "kafka-3"]
     assert [svc.name for svc in stack._strays(s, table, {"workers"})] == ["workers-4"]
@@ -141,7 +159,7 @@ def test_stage_producers_are_idempotent_with_acks_all(tmp_path: Path) -> None:
 
 
 def test_stage_groups_name_their_stages() -> None:
-    assert groups.stages_of("eco2-stage-vision-rule-answer-reward") == {"vision", "rule", "answer", "reward"}
+    assert groups.stages_of(stage_group(PIPELINE)) == set(PIPELINE)
     assert groups.stages_of("eco2-stage-vision") == {"vision"}
     assert groups.stages_of("eco2-router") == set()
 

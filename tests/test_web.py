@@ -11,6 +11,7 @@ import pytest
 from playwright.async_api import Page, async_playwright
 
 from contract import stream_token
+from contract.events import STAGES
 from contract.settings import Settings
 
 from .gateway_support import EventProducer, Proc, delete_jobs, full_events, job, submit
@@ -23,7 +24,6 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-STAGES = ["queued", "vision", "rule", "answer", "reward", "done"]
 
 
 @pytest.fixture
@@ -78,8 +78,8 @@ async def test_page_shows_progress_to_the_final_stage(
     assert seen[-1] == "100%"
     assert await page.evaluate("window.eco2Log") == [f"{e.stage}:{e.status}" for e in [*full_events(j)]]
     assert set((await stage_statuses(page)).values()) == {"completed"}
-    assert await page.text_content("#answer") == f"Rinse it ({j.job_id})."
-    assert "Petty" in (await page.text_content("#reward") or "")
+    assert await page.text_content("#advice") == f"Rinse it ({j.job_id})."
+    assert "Petty" in (await page.text_content("#prize") or "")
     await delete_jobs(settings, [j.job_id])
 
 
@@ -118,9 +118,9 @@ async def test_page_reopens_its_stream_after_a_503_and_shows_each_event_once(
     waits Retry-After and reopens; the reopened stream replays the history, shown once."""
     import redis.asyncio as aioredis
 
+    import view
     from contract import keys
-    from streams import view
-    from streams.state import StateStore
+    from view import StateStore
 
     from .gateway_support import gateway_proc, isolated_redis_url, wait_ready
 
@@ -173,7 +173,7 @@ async def test_page_submits_a_real_scan(
     log = await page.evaluate("window.eco2Log")
     assert log[0] == "queued:completed" and log[-1] == "done:completed"
     assert [x for x in log if x.endswith(":completed")] == [f"{s}:completed" for s in STAGES]
-    assert await page.text_content("#answer")
-    assert await page.text_content("#reward")
+    assert await page.text_content("#advice")
+    assert await page.text_content("#prize")
     job_text = await page.text_content("#job") or ""
     await delete_jobs(settings, [job_text.removeprefix("job ")])

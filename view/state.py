@@ -11,24 +11,25 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from contract import keys
-from contract.events import TERMINAL_STAGES, ScanEvent
+from contract.events import ScanEvent
+from contract.pipeline import is_terminal, is_terminal_lua
 from contract.topics import shard_of
+
+from . import marker
 
 # KEYS: state, history, the owner's in-flight quota set.  ARGV: seq, event json, channel ("" = do
 # not publish), ttl, stage, status, progress, user, result json ("" when none), ttl once finished,
-# job id. Returns 1 when the event was new.
+# job id, the event's schema version (contract/versioning.py). Returns 1 when the event was new.
+# The history entry is the event JSON, `v` included; the state hash keeps the `v` of its event.
 # A finished job's keys keep only the finished TTL, whatever arrives after its terminal event.
 _APPLY = """
-local terminal = TERMINAL
 local seq = tonumber(ARGV[1])
 local new = 0
 if redis.call('ZCOUNT', KEYS[2], seq, seq) == 0 then
@@ -38,57 +39,21 @@ end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
 if seq > cur then
   redis.call('HSET', KEYS[1], 'seq', seq, 'stage', ARGV[5], 'status', ARGV[6],
-             'progress', ARGV[7], 'user_id', ARGV[8], 'event', ARGV[2])
+             'progress', ARGV[7], 'user_id', ARGV[8], 'event', ARGV[2], 'v', ARGV[12])
   if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[9]) end
 end
 local ttl = ARGV[4]
 local st = redis.call('HMGET', KEYS[1], 'stage', 'status')
-if st[2] == 'failed' or terminal[st[1]] then ttl = ARGV[10] end
+if TERMINAL_STATE then ttl = ARGV[10] end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 if new == 1 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[2]) end
 -- A terminal event frees the job's in-flight quota slot (quota/limits.py); repeats are harmless.
-if ARGV[6] == 'failed' or terminal[ARGV[5]] then redis.call('ZREM', KEYS[3], ARGV[11]) end
+if TERMINAL_EVENT then redis.call('ZREM', KEYS[3], ARGV[11]) end
 return new
-""".replace("TERMINAL", "{" + ", ".join(f"['{s}'] = true" for s in TERMINAL_STAGES) + "}")
-
-
-def retry_options() -> dict[str, Any]:
-    """redis-py's own retry for every client of the project: a command that meets a dropped or
-    stale connection (Redis restarted, a failover) reconnects and is retried with jittered backoff
-    (about 2.5 s in all) instead of surfacing as an error; idle pooled connections are
-    health-checked before use. Only a Redis that stays down gets past this (callers answer 503 or
-    hold their work). A timeout is not retried: a hung Redis would only multiply the wait (the
-    router's health probe counts on it surfacing after `socket_timeout`). Every command the
-    project retries is idempotent (the Lua apply, reads, SET NX GET whose caller recognises its
-    own value)."""
-    backoff = ExponentialWithJitterBackoff(cap=0.5, base=0.05)
-    return {
-        "retry": Retry(backoff, retries=6, supported_errors=(RedisConnectionError,)),
-        "retry_on_error": [RedisConnectionError],
-        "health_check_interval": 5,
-        "socket_connect_timeout": 2,
-        "socket_timeout": 5,
-    }
-
-
-def client(url: str, name: str, **kw: Any) -> aioredis.Redis:
-    """A Redis client with the project's retry options (`kw` overrides them)."""
-    return aioredis.from_url(url, client_name=name, **{**retry_options(), **kw})
-
-
-def pooled_client(url: str, max_connections: int, name: str, **kw: Any) -> aioredis.Redis:
-    """A Redis client whose requests wait for a free pooled connection instead of failing.
-
-    redis-py's default pool raises "Too many connections" once `max_connections` are busy, which
-    under load turned result polls into HTTP 500s; a bounded, blocking pool queues them instead.
-    The client owns its pool (`from_pool`), so its `aclose()` hangs up every connection (a client
-    handed a pool leaves it open).
-    """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=10, client_name=name, **{**retry_options(), **kw}
-    )
-    return aioredis.Redis.from_pool(pool)
+""".replace("TERMINAL_STATE", is_terminal_lua("st[1]", "st[2]")).replace(
+    "TERMINAL_EVENT", is_terminal_lua("ARGV[5]", "ARGV[6]")
+)
 
 
 class StateStore:
@@ -130,6 +95,7 @@ class StateStore:
                         json.dumps(ev.result) if ev.result is not None else "",
                         self._finished_ttl(ev, now),
                         ev.job_id,
+                        ev.v,
                     ],
                     client=pipe,
                 )
@@ -145,20 +111,71 @@ class StateStore:
         return max(1, int(self.finished_ttl_s - max(0.0, now - ev.ts)))
 
     async def state(self, job_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.hgetall(keys.state(job_id))  # type: ignore[misc]
-        if not raw:
-            return None
-        out: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
-        out["seq"] = int(out["seq"])
-        out["progress"] = int(out["progress"])
-        if "result" in out:
-            out["result"] = json.loads(out["result"])
-        return out
+        """The job's latest state (seq, stage, status, progress, user_id, event, result), or None."""
+        return _decode(await self.redis.hgetall(keys.state(job_id)))  # type: ignore[misc]
 
     async def history(self, job_id: str, after_seq: int = -1) -> list[ScanEvent]:
         """Events with seq > after_seq, in seq order."""
-        raw = await self.redis.zrangebyscore(keys.history(job_id), f"({after_seq}", "+inf")
-        return [ScanEvent.model_validate_json(r) for r in raw]  # type: ignore[arg-type]
+        return [ScanEvent.model_validate_json(r) for r in await self.history_json(job_id, after_seq)]
+
+    async def history_json(self, job_id: str, after_seq: int = -1) -> list[bytes]:
+        """The same events as stored (JSON), for readers that parse only what they need."""
+        return await self.redis.zrangebyscore(keys.history(job_id), f"({after_seq}", "+inf")  # type: ignore[return-value]
+
+    async def snapshot(self, job_id: str, after_seq: int, server_run_id: str | None) -> Snapshot:
+        """The view's status, the job's owner and its history after `after_seq`, as of one instant
+        (MULTI/EXEC: one round trip per stream opened, not three; issue 13's churn profile).
+        `server_run_id` as in `marker.read`."""
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hmget(keys.VIEW, list(marker.MARKER_FIELDS))
+            p.hmget(keys.state(job_id), list(OWNER_FIELDS))
+            p.zrangebyscore(keys.history(job_id), f"({after_seq}", "+inf")
+            raw_marker, raw_owner, history = await p.execute()
+        status, _ = marker.interpret(raw_marker, server_run_id)
+        state = _decode(dict(zip(OWNER_FIELDS, raw_owner, strict=True)))
+        owner = None
+        if state is not None:
+            owner = Owner(state.get("user_id", ""), state["seq"], _finished(state["stage"], state["status"]))
+        return Snapshot(status, owner, history)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Whose job it is, how far it got and whether it has ended (`StateStore.snapshot`)."""
+
+    user_id: str
+    seq: int  # the latest seq applied
+    finished: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What opening a stream needs to know, read in one round trip (`StateStore.snapshot`)."""
+
+    status: marker.Status
+    owner: Owner | None  # None: the view does not know the job
+    history: list[bytes]  # the events after the reader's seq, as stored, in seq order
+
+
+# The state hash as the Lua above writes it; `_decode` is its one reader.
+OWNER_FIELDS = ("user_id", "seq", "stage", "status")
+
+
+def _decode(raw: Mapping[bytes | str, bytes | str | None]) -> dict[str, Any] | None:
+    out: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items() if v is not None}
+    if "seq" not in out:
+        return None
+    out["seq"] = int(out["seq"])
+    if "progress" in out:
+        out["progress"] = int(out["progress"])
+    if "result" in out:
+        out["result"] = json.loads(out["result"])
+    return out
+
+
+def _finished(stage: str, status: str) -> bool:
+    """Has the job ended (the state hash moves only forward, so it has for good)?"""
+    return is_terminal(stage, status)
 
 
 def _text(value: bytes | str) -> str:

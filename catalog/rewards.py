@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from catalog.rules import RECYCLABLE_MIDDLES, is_recyclable
 from contract.events import Reward
-from streams.rules import RECYCLABLE_MIDDLES, is_recyclable
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,46 @@
+"""Health of a Faust consumer (stage workers, router): what runtime/health.py judges, sampled
+from Faust's consumer and the in-flight counts of streams/commits.py."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from runtime.health import Policy, Progress, unread, watch
+
+from . import commits
+
+
+def watch_faust(app: Any, s: Any) -> Progress:
+    """Start watching a Faust app's consumer (stage workers, router) once its worker runs.
+
+    Progress = a message delivered to a stream (commits.InFlight counts them) or a committed
+    offset that moved; pending = unacked in-flight messages + unread records below the end."""
+    progress = Progress(app.conf.id, Policy.of(s))
+    state: dict[str, Any] = {"deliveries": -1, "committed": None}
+
+    async def sample() -> tuple[Mapping[Any, int], Mapping[Any, float]]:
+        consumer = app.consumer
+        flight: commits.InFlight = consumer.in_flight
+        tps = frozenset(consumer.assignment())
+        if tps != progress.assigned:
+            progress.rebalanced(tps)
+        committed = commits.committed_offsets(consumer)
+        if flight.deliveries != state["deliveries"] or committed != state["committed"]:
+            if state["committed"] is not None:
+                progress.progressed()
+            state.update(deliveries=flight.deliveries, committed=committed)
+        if not tps:
+            return {}, {}
+        ends = await consumer.highwaters(*tps)
+        positions = {tp: await consumer.position(tp) for tp in tps}
+        pending = unread(ends, positions)
+        for tp in tps:
+            pending[tp] = pending.get(tp, 0) + flight.outstanding(tp)
+        return pending, {tp: flight.oldest_age(tp) for tp in tps}
+
+    @app.task
+    async def _watch_health() -> None:
+        await watch(progress, sample, s.health_interval_s)
+
+    return progress
