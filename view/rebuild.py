@@ -190,6 +190,8 @@ async def rebuild_newest_first(
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        # Each round seeks back: a fetch long-polling at a partition's end would hold it up.
+        fetch_max_wait_ms=20,
         **s.kafka_client_kwargs(),
     )
     live_from = dict(live_from or {})
@@ -197,6 +199,7 @@ async def rebuild_newest_first(
     try:
         tps = [TopicPartition(EVENTS, p) for p in range(BY_NAME[EVENTS].partitions)]
         consumer.assign(tps)
+        consumer.pause(*tps)  # fetched only while a range of theirs is read (`_read_ranges`)
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
         found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
@@ -258,10 +261,13 @@ async def rebuild_newest_first(
 async def _read_ranges(
     consumer: AIOKafkaConsumer, ranges: Mapping[TopicPartition, tuple[int, int]]
 ) -> dict[TopicPartition, list[tuple[int, bytes | None]]]:
-    """Every record in [lo, hi) of each partition: (offset, value)."""
+    """Every record in [lo, hi) of each partition: (offset, value). A partition is paused again
+    once its range is read: its fetcher would otherwise prefetch the newer records, replayed
+    already, round after round."""
     out: dict[TopicPartition, list[tuple[int, bytes | None]]] = {tp: [] for tp in ranges}
     for tp, (lo, _) in ranges.items():
         consumer.seek(tp, lo)
+    consumer.resume(*ranges)
     pending = set(ranges)
     while pending:
         got = await consumer.getmany(*pending, timeout_ms=1000)
@@ -271,4 +277,5 @@ async def _read_ranges(
         for tp in list(pending):
             if await consumer.position(tp) >= ranges[tp][1]:
                 pending.discard(tp)
+                consumer.pause(tp)
     return out
