@@ -27,7 +27,7 @@ from redis.exceptions import BusyLoadingError
 
 import view
 from contract import keys
-from contract.events import ScanEvent
+from contract.events import ScanEvent, ScanJob
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, FIRST_TOPIC, partition_for
 from eco2 import install
@@ -619,3 +619,33 @@ async def test_a_flushed_view_serves_recent_jobs_first_and_never_a_partial_histo
         gateway.kill(signal.SIGTERM)
         await r.aclose()
         shutil.rmtree(settings.local_dir / "faust" / group, ignore_errors=True)
+
+
+async def test_result_during_a_newest_first_rebuild_vouches_per_job(
+    settings: Settings, own_redis: RedisServer, uid: str
+) -> None:
+    """Issue 22, the result endpoint: while the view is rebuilt newest first, a running job whose
+    queued event is back is answered from Redis (202, processing); one with only later events
+    back is a 503 `rebuilding` (it is in no Postgres row either), never its partial state; and a
+    rebuild that does not replay newest first (from a checkpoint) vouches for no job."""
+    whole, partial = job(uid), job(uid)
+    async with running_api(settings, own_redis) as (url, r):
+        claim = view.Claim(r, "test", 30)
+        await r.delete(keys.VIEW)  # lost, as after a FLUSHALL
+        assert await claim.take()
+        store = StateStore(r, settings.state_ttl_s, settings.result_ttl_s, publish=False)
+        await store.apply(full_events(whole)[:4])  # queued, vision started/completed, rule started
+        await store.apply(full_events(partial)[2:4])  # its queued event not back yet
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+            async def status(j: ScanJob) -> tuple[int, str]:
+                resp = await http.get(f"/api/v1/scan/{j.job_id}/result", headers={"X-User-ID": uid})
+                return resp.status_code, resp.json().get("error", resp.json().get("status", ""))
+
+            # Claimed, not (yet) declared newest first: nothing is vouched for.
+            assert await status(whole) == (503, "rebuilding")
+            assert await claim.replay_newest_first()
+            assert await status(whole) == (202, "processing")
+            assert await status(partial) == (503, "rebuilding")
+            assert await claim.finish()
+            assert await status(partial) == (202, "processing")  # the view vouches for all now
