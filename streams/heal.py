@@ -43,6 +43,10 @@ REPLAYED = Counter("eco2_view_rebuild_events_total", "events replayed by automat
 REBUILDING = Gauge("eco2_view_rebuilding", "1 while this process rebuilds the Redis view")
 LAST_SECONDS = Gauge("eco2_view_rebuild_last_seconds", "duration of the last finished rebuild")
 LAST_EVENTS = Gauge("eco2_view_rebuild_last_events", "events replayed by the last finished rebuild")
+LAST_FIRST_CHUNK = Gauge(
+    "eco2_view_rebuild_last_first_chunk_seconds",
+    "newest-first rebuilds: until the newest chunk of every partition was back (recent jobs served)",
+)
 # from: checkpoint | window
 STARTS = Counter("eco2_view_rebuild_starts_total", "automatic rebuilds by where they started", ["start"])
 CHECKPOINTS = Counter("eco2_view_checkpoints_total", "view checkpoints written")
@@ -157,6 +161,8 @@ class Healer:
                 REBUILDS.labels("done").inc()
                 LAST_SECONDS.set(took)
                 LAST_EVENTS.set(stats.events)
+                if stats.first_chunk_s is not None:
+                    LAST_FIRST_CHUNK.set(stats.first_chunk_s)
                 log.warning(
                     "view rebuild done (epoch %s): %d events replayed (%d new), %d jobs, %.1fs "
                     "(newest chunks back after %s); view ready",
