@@ -16,8 +16,15 @@ def test_chunk_plan_walks_back_from_the_end_without_gap_or_overlap() -> None:
     assert list(chunk_plan(0, 10, 4)) == [(6, 10), (2, 6), (0, 2)]
     assert list(chunk_plan(5, 5, 4)) == []
     assert list(chunk_plan(3, 4, 100)) == [(3, 4)]
-    for begin, end, size in [(0, 1000, 7), (17, 9001, 500), (0, 3, 1)]:
-        plan = list(chunk_plan(begin, end, size))
+    # A small first round, doubling up to the chunk size.
+    assert list(chunk_plan(0, 100, 30, first=5)) == [(95, 100), (85, 95), (65, 85), (35, 65), (5, 35), (0, 5)]
+    for begin, end, size, first in [
+        (0, 1000, 7, None),
+        (17, 9001, 500, 3),
+        (0, 3, 1, 10),
+        (5, 50_000, 5000, 500),
+    ]:
+        plan = list(chunk_plan(begin, end, size, first))
         assert plan[0][1] == end and plan[-1][0] == begin
         assert all(a[0] == b[1] for a, b in zip(plan, plan[1:], strict=False))  # contiguous
         assert all(0 < hi - lo <= size for lo, hi in plan)
@@ -37,12 +44,12 @@ def _log(n_jobs: int, seed: int) -> list[tuple[int, ScanEvent]]:
 def test_a_job_whose_queued_event_is_back_has_all_its_later_events_back() -> None:
     """The per-job readiness rule, replayed chunk by chunk: at every moment a reader could look
     (between two applies), a job whose history holds its queued event holds all its events."""
-    for seed, size in [(1, 7), (2, 50), (3, 1), (4, 1000)]:
+    for seed, size, first in [(1, 7, None), (2, 50, 3), (3, 1, None), (4, 1000, 10)]:
         log = _log(40, seed)
         applied: dict[str, set[int]] = {}
         expected = {ev.job_id: {e.seq for _, e in log if e.job_id == ev.job_id} for _, ev in log}
         ended: dict[str, float] = {}
-        for lo, hi in chunk_plan(0, len(log), size):
+        for lo, hi in chunk_plan(0, len(log), size, first):
             for _, ev in newest_first(log[lo:hi], ended, time.time(), 3600):
                 applied.setdefault(ev.job_id, set()).add(ev.seq)
                 for job_id, seqs in applied.items():

@@ -134,13 +134,21 @@ async def rebuild(
             await client.aclose()
 
 
-def chunk_plan(begin: int, end: int, size: int) -> Iterator[tuple[int, int]]:
-    """The ranges [lo, hi) of one partition, newest first: from `end` back to `begin`."""
+FIRST_CHUNK = 500  # records per partition in the first round; each next round doubles, up to `chunk`
+
+
+def chunk_plan(begin: int, end: int, size: int, first: int | None = None) -> Iterator[tuple[int, int]]:
+    """The ranges [lo, hi) of one partition, newest first: from `end` back to `begin`. The first
+    range holds `first` records (default: `size`), each next one twice as many, up to `size`: the
+    jobs of the last moments (the ones users wait on) are back after one small round, and the
+    rest of the log goes in big ones."""
     hi = end
+    step = max(min(first or size, size), 1)
     while hi > begin:
-        lo = max(begin, hi - max(size, 1))
+        lo = max(begin, hi - step)
         yield lo, hi
         hi = lo
+        step = min(step * 2, max(size, 1))
 
 
 def newest_first(
@@ -174,7 +182,8 @@ async def rebuild_newest_first(
     progress_every_s: float = 1.0,
 ) -> RebuildStats:
     """Replay `scan.events` from offsets-for-times(`since_ms`) to the end offsets of now into
-    `store`, newest first: rounds of one chunk (`chunk` records) per partition, going backwards.
+    `store`, newest first: rounds of one chunk per partition, going backwards (`FIRST_CHUNK`
+    records, doubling each round up to `chunk`).
 
     `live_from` ({partition: offset}, the router group's committed offsets at the start): records
     at or above it may not have been applied by the router before the view was lost, and a stream
@@ -207,7 +216,7 @@ async def rebuild_newest_first(
             at = found.get(tp)
             begin[tp] = min(max(at.offset if at is not None else end[tp], begin[tp]), end[tp])
         total = sum(end[tp] - begin[tp] for tp in tps)
-        plans = {tp: chunk_plan(begin[tp], end[tp], chunk) for tp in tps}
+        plans = {tp: chunk_plan(begin[tp], end[tp], chunk, FIRST_CHUNK) for tp in tps}
         echo(f"rebuilding newest first from {EVENTS}: {total} offsets, {len(tps)} partitions, chunk {chunk}")
         ended: dict[str, float] = {}
         last_echo = time.monotonic()
