@@ -97,6 +97,10 @@ def markdown(report: dict[str, Any]) -> str:
         from .ab_report import markdown as ab_md
 
         body = ab_md(report)
+    elif kind == "alerts":
+        from .alerts import markdown as alerts_md
+
+        body = alerts_md(report)
     elif kind == "abuse":
         from .abuse import markdown as abuse_md
 

@@ -317,15 +317,28 @@ def chaos(
         ),
     ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="no live progress line")] = False,
+    alerts: Annotated[
+        bool,
+        typer.Option(
+            "--alerts",
+            help="instead: the alert rules in a real Prometheus, quiet on a clean load, firing on "
+            "real faults (bench/alerts.py; --vus, --hold = clean load [90 s], --faults from "
+            "poison,stall,router,writer,redis,kafka,flush)",
+        ),
+    ] = False,
     name: NameOpt = "",
     out: OutOpt = None,
 ) -> None:
     """Load (SSE VUs) while every component is killed or restarted on a timeline; then checks that
     nothing accepted was lost, no stream had a gap or duplicate, and no 5xx but declared 503s.
-    With --rollout, each component gets SIGTERM in turn instead (see docs/benchmarks.md)."""
+    With --rollout, each component gets SIGTERM in turn instead (see docs/benchmarks.md).
+    With --alerts: the alerts of deploy/monitoring/rules.yaml in a real Prometheus instead."""
     from bench.chaos import FAULTS, ROLLOUT, ChaosConfig, run_chaos
     from bench.harness import parse_latency
 
+    if alerts:
+        _chaos_alerts(vus, hold, faults, model_latency, name, out, quiet)
+        return
     chosen = faults if faults is not None else ",".join(ROLLOUT if rollout else FAULTS)
     kw: dict[str, Any] = {
         "hold_s": hold,
@@ -345,6 +358,33 @@ def chaos(
         kw["model_latency"] = parse_latency("1,2")
     cfg = ChaosConfig.for_rollout(**kw) if rollout else ChaosConfig(**kw)
     report = _run(run_chaos(get_settings(), cfg, typer.echo))
+    _finish(report, out)
+    if any(t["verdict"] == "MISS" for t in report["targets"]):
+        raise typer.Exit(2)
+
+
+def _chaos_alerts(
+    vus: int | None,
+    hold: float,
+    faults: str | None,
+    model_latency: str | None,
+    name: str,
+    out: Path | None,
+    quiet: bool,
+) -> None:
+    from bench.alerts import FAULTS, AlertsConfig, run_alerts
+    from bench.harness import parse_latency
+
+    kw: dict[str, Any] = {"name": name, "progress": not quiet}
+    if vus is not None:
+        kw["vus"] = vus
+    if hold != 200.0:  # 200 s is the kill timeline's default, not the clean load's
+        kw["clean_s"] = hold
+    if model_latency is not None:
+        kw["model_latency"] = parse_latency(model_latency)
+    chosen = faults if faults is not None else ",".join(FAULTS)
+    kw["faults"] = tuple(x.strip() for x in chosen.split(",") if x.strip())
+    report = _run(run_alerts(get_settings(), AlertsConfig(**kw), typer.echo))
     _finish(report, out)
     if any(t["verdict"] == "MISS" for t in report["targets"]):
         raise typer.Exit(2)

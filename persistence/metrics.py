@@ -22,3 +22,9 @@ RETRIES = Counter(
     ["kind"],
 )
 DEAD_LETTERS = Counter("eco2_writer_dead_letters_total", "records sent to scan.persistence.dlq", ["reason"])
+
+# Present at 0 from the start (the dead-letter panel and alert read them before the first letter);
+# the reasons persistence/records.py and writer.py give.
+DEAD_LETTER_REASONS = ("not_json", "invalid_event", "invalid_result", "postgres_rejected", "unknown_version")
+for _reason in DEAD_LETTER_REASONS:
+    DEAD_LETTERS.labels(_reason)

@@ -177,13 +177,16 @@ def serve(port: int, progress: Progress | None, host: str = "127.0.0.1") -> Thre
     class Handler(MetricsHandler):
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
+            # The verdict on every request, scrapes included: eco2_consumer_healthy must be
+            # fresh for Prometheus even where nothing probes /health (locally, or between probes).
+            v = progress.verdict() if progress is not None else None
+            if progress is not None and v is not None:
+                HEALTHY.labels(progress.group).set(1 if v.alive else 0)
             if path not in ("/health", "/ready"):
                 return super().do_GET()
-            if progress is None:
+            if v is None:
                 return self._answer(200, {"status": "ok"})
-            v = progress.verdict()
             ok = v.alive if path == "/health" else v.ready
-            HEALTHY.labels(progress.group).set(1 if v.alive else 0)
             body = {"status": "ok" if ok else "failing", "reasons": v.reasons, **v.detail}
             return self._answer(200 if ok else 503, body)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from contract.pipeline import PIPELINE
+
 STAGE_LATENCY = Histogram(
     "eco2_stage_seconds",
     "time one job spends in a stage (model calls included)",
@@ -19,3 +21,10 @@ E2E = Histogram(
     "from the POST (job created_at) to its done event, per finished scan",
     buckets=(1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 300),
 )
+
+# Every stage's failure series exists from the start at 0, so the dead-letter panel and alert have
+# a series to read before the first failure (a labelled counter is otherwise absent until then).
+FAILURE_REASONS = ("model_permanent_error", "model_retries_exhausted", "invalid_message", "unknown_version")
+for _stage in PIPELINE:
+    for _reason in FAILURE_REASONS:
+        FAILURES.labels(_stage, _reason)

@@ -163,6 +163,25 @@ def test_endpoint_answers_503_with_reasons_and_serves_metrics() -> None:
         server.shutdown()
 
 
+def test_the_healthy_gauge_is_fresh_on_a_scrape_with_no_health_probe() -> None:
+    """Prometheus scrapes /metrics only: eco2_consumer_healthy must follow the verdict there too
+    (it was set by /health alone, so locally, with nothing probing, it was never exported)."""
+    p, clock = progress()
+    p.group = f"g-scrape-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    server = serve(port, p, host="127.0.0.1")
+    assert server is not None
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert f'eco2_consumer_healthy{{group="{p.group}"}} 1.0' in httpx.get(f"{base}/metrics").text
+        p.sampled({TP("t", 0): 2})
+        clock.t += 31
+        p.beat()
+        assert f'eco2_consumer_healthy{{group="{p.group}"}} 0.0' in httpx.get(f"{base}/metrics").text
+    finally:
+        server.shutdown()
+
+
 # --- against the real broker ------------------------------------------------------------------
 
 FAST = {"stall_s": 3.0, "unassigned_s": 0.0, "loop_block_s": 2.0, "interval_s": 0.3}
