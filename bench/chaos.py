@@ -9,6 +9,11 @@ exact; late joiners read whole histories; no 5xx but declared 503s (counted); an
 component took to be back. Loopback only, bounded: the load stops by itself and every fault ends
 with its restart, whatever happens (a Ctrl-C still restarts what was killed).
 
+The flush is measured as a user sees it (issue 22): the time until the stream of the newest job
+accepted before the FLUSHALL is served again, whole from its first event (`first_stream_s`), and
+the time until the whole view is back (`back_s`), on a log made long with `--seed-log N` (events
+of old finished jobs, bench/longlog.py) where the stack's own log is short.
+
 `--rollout` (`ChaosConfig.rollout`) is a Deployment rollout instead: under load each of the
 workers, router, writer, gateway and API gets SIGTERM in turn, drains and is started again. On top
 of the checks above it proves no model call was repeated: the model stand-in counts each job's
@@ -23,19 +28,21 @@ import collections
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
 import httpx
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 import view
 from contract.settings import Settings
+from contract.topics import BY_NAME, EVENTS
 from eco2 import services, stack
 
-from . import harness, wire
+from . import harness, longlog, wire
 from .load import EXPECTED_SEQS, LoadConfig, LoadRun, check_seqs
 from .stats import machine
 
@@ -63,6 +70,8 @@ class ChaosConfig:
     progress: bool = True
     rollout: bool = False  # SIGTERM + restart of each of `faults` (components only), no SIGKILL
     drain_timeout_s: float = 60.0  # rollout: a process still up this long after SIGTERM is killed
+    seed_log: int = 0  # events of old finished jobs produced to scan.events before the load
+    first_stream_goal_s: float = 5.0  # a flush: the newest job's stream served again within this
 
     @classmethod
     def for_rollout(cls, **kw: Any) -> ChaosConfig:
@@ -83,6 +92,8 @@ class Fault:
     back_s: float | None = None  # until the component answered again (view ready for a flush)
     error: str | None = None
     drain_s: float | None = None  # rollout: from SIGTERM until the process had exited
+    first_stream_s: float | None = None  # flush: until the newest job's whole stream was served
+    log_events: int | None = None  # flush: offsets of scan.events in the rebuild's window
 
 
 class ChaosLoad(LoadRun):
@@ -124,9 +135,55 @@ async def _view_ready(s: Settings, t0: float, timeout_s: float) -> float:
         await r.aclose()
 
 
-async def inject(s: Settings, what: str, at_s: float, timeout_s: float) -> Fault:
+async def window_offsets(s: Settings) -> int:
+    """Offsets of scan.events a rebuild of the view replays now (the router's window)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **s.kafka_client_kwargs())
+    await consumer.start()
+    try:
+        tps = [TopicPartition(EVENTS, p) for p in range(BY_NAME[EVENTS].partitions)]
+        end = await consumer.end_offsets(tps)
+        since_ms = int((time.time() - (s.rebuild_window_s or s.state_ttl_s)) * 1000)
+        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+        begin = await consumer.beginning_offsets(tps)
+        return sum(end[tp] - max(begin[tp], f.offset if (f := found.get(tp)) else end[tp]) for tp in tps)
+    finally:
+        await consumer.stop()
+
+
+Probe = Callable[[float], Coroutine[Any, Any, float | None]]
+
+
+def stream_probe(s: Settings, load: LoadRun) -> Probe:
+    """After a flush (wall time `flushed`): follow the newest job accepted before it from its first
+    event; seconds until its stream was served, or None (refused to the end, or not whole: then a
+    partial history was served, which the caller reports as a failure)."""
+    gw = s.gateway_url.removeprefix("http://").split(":")
+
+    async def probe(flushed: float) -> float | None:
+        jobs = [j for j in load.jobs if j.job_id is not None]
+        if not jobs:
+            return None
+        j = jobs[-1]
+        f = await wire.follow(
+            gw[0],
+            int(gw[1]),
+            str(j.job_id),
+            f"bench-{load.run_id}-{j.vu}",
+            timeout_s=120.0,
+            max_reconnects=200,
+        )
+        if f.terminal is None or not f.received or any(check_seqs(f.seqs, j.failed_stage).values()):
+            return None
+        return round(f.received[0] - flushed, 2)
+
+    return probe
+
+
+async def inject(s: Settings, what: str, at_s: float, timeout_s: float, probe: Probe | None = None) -> Fault:
     """One fault and the recovery from it (the restart always runs, even when cancelled)."""
     t0 = time.monotonic()
+    flushed = time.time()
+    probing: asyncio.Task[float | None] | None = None
     svc = services.find("redis" if what == "flush" else what)
     if what in COMPONENTS or what == "redis":
         action = "kill -9, restart"
@@ -143,8 +200,11 @@ async def inject(s: Settings, what: str, at_s: float, timeout_s: float) -> Fault
         r = aioredis.from_url(s.redis_url)
         try:
             await r.flushall()
+            flushed = time.time()
         finally:
             await r.aclose()
+        if probe is not None:
+            probing = asyncio.create_task(probe(flushed))
     else:
         raise harness.BenchError(f"unknown fault {what!r}; choose from {', '.join(FAULTS)}")
     fault = Fault(what, action, round(at_s, 1))
@@ -155,8 +215,16 @@ async def inject(s: Settings, what: str, at_s: float, timeout_s: float) -> Fault
             fault.back_s = round(await _view_ready(s, t0, timeout_s), 2)
         else:
             fault.back_s = round(time.monotonic() - t0, 2)
+        if probing is not None:
+            fault.first_stream_s = await probing
+            if fault.first_stream_s is None:
+                fault.error = "the newest job's stream was not served whole after the flush"
+            fault.log_events = await window_offsets(s)
     except (harness.BenchError, stack.StackError) as exc:
         fault.error = str(exc)[:500]
+    finally:
+        if probing is not None and not probing.done():
+            probing.cancel()
     return fault
 
 
@@ -266,6 +334,11 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
         model_latency=cfg.model_latency,
         progress=cfg.progress,
     )
+    seeded = None
+    if cfg.seed_log:
+        out(f"chaos: seeding scan.events with {cfg.seed_log} events of old finished jobs")
+        seeded = await longlog.seed(s, cfg.seed_log, out)
+        out(f"chaos: seeded {seeded['events']:.0f} events in {seeded['seconds']}s")
     load = ChaosLoad(s, load_cfg, out)
     faults: list[Fault] = []
     started = time.time()
@@ -279,10 +352,11 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
             if cfg.rollout:
                 fault = await roll(s, what, at, cfg.back_timeout_s, cfg.drain_timeout_s)
             else:
-                fault = await inject(s, what, at, cfg.back_timeout_s)
+                fault = await inject(s, what, at, cfg.back_timeout_s, stream_probe(s, load))
             out(
                 f"chaos [{time.monotonic() - load.start_m:5.0f}s] {what}: "
                 + (f"drained in {fault.drain_s}s, " if fault.drain_s is not None else "")
+                + (f"first stream served after {fault.first_stream_s}s, " if fault.first_stream_s else "")
                 + f"back after {fault.back_s}s"
                 + (f" ERROR {fault.error}" if fault.error else "")
             )
@@ -353,6 +427,14 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
         "recovery_s": {f.what: f.back_s for f in faults},
         "e2e_s": r["e2e_s"],
     }
+    flushes = [f for f in faults if f.what == "flush"]
+    if flushes:
+        results["flush"] = {
+            "log_offsets_in_window": flushes[-1].log_events,
+            "seeded_events": seeded["events"] if seeded else 0,
+            "first_stream_s": flushes[-1].first_stream_s,
+            "whole_view_s": flushes[-1].back_s,
+        }
     if calls is not None:
         results["drain_s"] = {f.what: f.drain_s for f in faults}
         results["model_calls"] = calls
@@ -389,6 +471,15 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
             not faults_failed and len(faults) == len(cfg.faults),
         ),
     ]
+    for f in flushes:
+        targets.append(
+            _target(
+                f"newest job's stream served whole after the flush ({f.log_events} offsets in the window)",
+                f"<= {cfg.first_stream_goal_s:g}s",
+                f.first_stream_s,
+                f.first_stream_s is not None and f.first_stream_s <= cfg.first_stream_goal_s,
+            )
+        )
     if calls is not None:
         targets += [
             _target(
@@ -419,6 +510,7 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
             + "; ".join(
                 f"{f.at_s:.0f}s {f.what} ({f.action})"
                 + (f" exited in {f.drain_s}s," if f.drain_s is not None else "")
+                + (f" newest stream served in {f.first_stream_s}s," if f.first_stream_s is not None else "")
                 + f" back in {f.back_s}s"
                 for f in faults
             )

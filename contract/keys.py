@@ -32,8 +32,10 @@ def memo(job_id: str, name: str) -> str:
 
 
 # The view marker: Redis is a view of `scan.events`; the router writes this hash with the view
-# (status ready|rebuilding, epoch, Redis run_id) so that anyone can tell the view was lost
-# (FLUSHALL, a restart without persistence, an empty replica): the marker is gone with it.
+# (status ready|rebuilding, epoch, Redis run_id; order=newest-first while a flushed view is
+# replayed backwards, so readers may serve a job whose queued event is back) so that anyone can
+# tell the view was lost (FLUSHALL, a restart without persistence, an empty replica): the marker
+# is gone with it.
 VIEW = "scan:view"
 # Held (with a TTL, renewed) by the one router process rebuilding the view.
 VIEW_REBUILDER = "scan:view:rebuilder"

@@ -63,6 +63,8 @@ SUCCESS_SEQS: tuple[int, ...] = (
     seq_of(DONE, "completed"),
 )
 DONE_SEQ = SUCCESS_SEQS[-1]
+# A job's first seq: a history holding it holds the job from its start (view/marker.py job_whole).
+QUEUED_SEQ = SUCCESS_SEQS[0]
 
 
 def next_stage(stage: str) -> str:

@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     # still holds the view, and how far back a rebuild replays (0 = state_ttl_s).
     view_check_s: float = 1.0
     rebuild_window_s: int = 0
+    # A flushed view is replayed newest first, in chunks of up to this many records per partition
+    # going back from the log's end (view/rebuild.py): a job is served once its chunk is back.
+    rebuild_chunk: int = 5000
     # How often a router records the offsets below which the ready view is whole (the checkpoint
     # a rebuild after a restart starts from); 0 = never (every rebuild replays the window).
     view_checkpoint_s: float = 5.0

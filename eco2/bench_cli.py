@@ -308,6 +308,14 @@ def chaos(
     late_joiners: Annotated[
         int, typer.Option("--late-joiners", help="streams re-read afterwards (0 = all)")
     ] = 0,
+    seed_log: Annotated[
+        int,
+        typer.Option(
+            "--seed-log",
+            help="first produce N events of old finished jobs to scan.events (a day is ~1.1 million): "
+            "the log a flushed view is rebuilt from",
+        ),
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="no live progress line")] = False,
     alerts: Annotated[
         bool,
@@ -338,6 +346,7 @@ def chaos(
         "faults": tuple(x.strip() for x in chosen.split(",") if x.strip()),
         "settle_s": settle,
         "late_joiners": late_joiners,
+        "seed_log": seed_log,
         "name": name,
         "progress": not quiet,
     }

@@ -125,7 +125,9 @@ class Gateway:
         """The view's status (as this gateway last saw the server), the job's owner and its
         history after `after`, in one round trip (`view.StateStore.snapshot`)."""
         snap = await self.store.snapshot(job_id, after, self.run_id)
-        ready = snap.status == "ready" and self.view_ok
+        # Ready: once this gateway's watcher saw it too (it resyncs open streams then). Rebuilding
+        # newest first: this job's history is whole once its queued event is back (view/marker.py).
+        ready = snap.whole and (self.view_ok or snap.status == "rebuilding")
         return Snapshot(ready, snap.owner, history_items(snap.history))
 
     def slot(self, release_sub: Callable[[], None]) -> Callable[[], None]:

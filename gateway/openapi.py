@@ -104,9 +104,10 @@ def events_responses(s: Settings) -> dict[int | str, dict[str, Any]]:
             headers={"Retry-After": refusal.RETRY_AFTER_HEADER, **refusal.OPENAPI_HEADERS},
         ),
         503: _refusal(
-            "the gateway is full, cannot read the job's state, or the event history is being rebuilt "
-            "after Redis lost it (a stream is first held up to ECO2_VIEW_WAIT_S for the rebuild); "
-            "retry after Retry-After seconds",
+            "the gateway is full, cannot read the job's state, or the job's event history is not back "
+            "yet after Redis lost it (a stream is first held up to ECO2_VIEW_WAIT_S; the log is "
+            "replayed newest first and a job is served as soon as its own history is whole, never "
+            "a part of it); retry after Retry-After seconds",
             "too many streams on this gateway; retry shortly",
             headers={"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}},
         ),

@@ -2,7 +2,9 @@
 
 `events` in gateway/app.py runs these in order; each is small enough to test alone:
 - `caller`: the user from X-User-ID, the stream token, or (development only) `?user=`;
-- `settle`: a snapshot of the job once the view is whole and the job known (or the time is up);
+- `settle`: a snapshot of the job once the view vouches for its history (the view is whole, or
+  a newest-first rebuild has brought the job back from its first event) and the job is known
+  (or the time is up);
 - `verdict`: stream it, 204 (finished and fully delivered) or 404 (unknown, or not yours).
 """
 
@@ -25,7 +27,7 @@ from .hub import Item, Subscriber
 class Snapshot:
     """What opening a stream needs to know, read in one round trip (`Gateway.snapshot`)."""
 
-    view_ready: bool
+    view_ready: bool  # the view vouches for this job's history (whole, or the job's part of it)
     owner: view.Owner | None  # None: unknown job
     history: list[Item]
 
@@ -82,8 +84,9 @@ async def settle(
     unknown_job_wait_s: float,
     clock: Callable[[], float] = time.monotonic,
 ) -> Snapshot | None:
-    """The job's snapshot once it can be trusted; None when the view stayed lost or rebuilding
-    for `view_wait_s` (answer 503: never a partial history served as whole).
+    """The job's snapshot once it can be trusted; None when the view could not vouch for the job's
+    history for `view_wait_s` (lost, or rebuilding and the job not back yet: answer 503, never a
+    partial history served as whole).
 
     A job just submitted may reach Redis a moment after its POST: an unknown job is looked up
     again whenever something arrives on `sub` (subscribed before the first read, so nothing

@@ -241,7 +241,10 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
             if state.get("user_id") != user:
                 return error(404, "not_found", "no such scan")
             return JSONResponse(state["result"])
-        whole = await request.app.state.view.ready()
+        # A known job: whole once the view vouches for its history (ready, or a newest-first
+        # rebuild brought it back from its queued event); an unknown one only when ready.
+        reader: view.Reader = request.app.state.view
+        whole = await (reader.job_whole(job_id) if state is not None else reader.ready())
         if state is None or not whole:
             # Expired from the cache, or the view is being rebuilt (its state may be missing or
             # behind): a finished job's result is in Postgres.

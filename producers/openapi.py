@@ -195,8 +195,10 @@ def result_responses() -> dict[int | str, dict[str, Any]]:
             {"not_found": ("not_found", "no such scan")},
         ),
         503: _error(
-            "the job state is being rebuilt from the log after Redis lost it and the job is not "
-            "finished in Postgres, or Redis/Postgres does not answer: retry after Retry-After seconds",
+            "the job state is being rebuilt from the log after Redis lost it, this job's history is "
+            "not back yet (the log is replayed newest first: recent jobs come back within seconds) "
+            "and the job is not finished in Postgres, or Redis/Postgres does not answer: retry after "
+            "Retry-After seconds",
             {
                 "rebuilding": ("rebuilding", "scan state is being rebuilt; retry shortly"),
                 "unavailable": ("unavailable", "state store unavailable: ConnectionError"),

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 
 from contract.events import PIPELINE
 from contract.settings import get_settings
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     s = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     quiet_noisy_loggers()
+    watch_view: Callable[[], Awaitable[None]] | None = None
     if args.role == "worker":
         stages = [x for x in (args.stages or s.stages).split(",") if x]
         unknown = set(stages) - set(PIPELINE)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         from .router import register as register_router
 
         progress = watch_faust(app, s)
-        register_router(app, s, progress)
+        watch_view = register_router(app, s, progress)
     serve(s.metrics_port, progress, s.metrics_host)  # /metrics, /health, /ready
 
     @app.task
@@ -80,7 +82,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from faust.worker import Worker
 
-    Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+    if watch_view is None:
+        Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+        return
+    watch: Callable[[], Awaitable[None]] = watch_view
+
+    class RouterWorker(Worker):
+        async def on_execute(self) -> None:
+            """As soon as the worker runs, before the app waits for its first assignment."""
+            await super().on_execute()
+            self.add_future(watch())
+
+    RouterWorker(app, loglevel="warning", quiet=True).execute_from_commandline()
 
 
 if __name__ == "__main__":

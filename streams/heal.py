@@ -11,7 +11,9 @@ While the view is ready, every `view_checkpoint_s` a router records the group's 
 offsets as the view's checkpoint (everything below them is applied: the commit rule). A restart
 that reloads the AOF brings the checkpoint back only if everything written before it came back
 too (the AOF is a sequential log), so that rebuild starts at the checkpoint: seconds of events,
-not the day of the window. A flushed or emptied Redis has no checkpoint: the whole window.
+not the day of the window. A flushed or emptied Redis has no checkpoint: the whole window, replayed
+newest first (view/rebuild.py `rebuild_newest_first`), and the marker says so, so that readers
+serve each job as soon as its part of the log is back (seconds), not after the whole day.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from prometheus_client import Counter, Gauge
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS
 from view import Claim, StateStore, checkpoint
-from view.rebuild import rebuild
+from view.rebuild import RebuildStats, rebuild, rebuild_newest_first
 
 from .app import trace_logger
 
@@ -41,6 +43,10 @@ REPLAYED = Counter("eco2_view_rebuild_events_total", "events replayed by automat
 REBUILDING = Gauge("eco2_view_rebuilding", "1 while this process rebuilds the Redis view")
 LAST_SECONDS = Gauge("eco2_view_rebuild_last_seconds", "duration of the last finished rebuild")
 LAST_EVENTS = Gauge("eco2_view_rebuild_last_events", "events replayed by the last finished rebuild")
+LAST_FIRST_CHUNK = Gauge(
+    "eco2_view_rebuild_last_first_chunk_seconds",
+    "newest-first rebuilds: until the newest chunk of every partition was back (recent jobs served)",
+)
 # from: checkpoint | window
 STARTS = Counter("eco2_view_rebuild_starts_total", "automatic rebuilds by where they started", ["start"])
 CHECKPOINTS = Counter("eco2_view_checkpoints_total", "view checkpoints written")
@@ -65,6 +71,8 @@ class Healer:
         # Replayed events are not published: streams are held or resynced from history when the
         # view turns ready, so a flood of old events on pub/sub would only cost the gateways CPU.
         self.store = StateStore(store.redis, store.ttl_s, store.finished_ttl_s, publish=False)
+        # ... except the records the router may not have applied yet (newest first, `live_from`).
+        self.live = StateStore(store.redis, store.ttl_s, store.finished_ttl_s, publish=True)
         lease = max(int(s.view_check_s * 10), 5)
         self.claim = Claim(store.redis, f"{socket.gethostname()}-{os.getpid()}", lease)
         self.task: asyncio.Task[None] | None = None
@@ -87,8 +95,8 @@ class Healer:
         except Exception as exc:  # Redis down: the router's apply retries; check again next tick
             log.warning("view check failed: %s", exc)
 
-    async def _checkpoint(self) -> None:
-        """The group's committed offsets (read first), then the checkpoint, if the view is ready."""
+    async def _committed(self) -> dict[int, int]:
+        """The router group's committed offsets of `scan.events` ({partition: offset})."""
         if self._admin is None:
             admin = AIOKafkaAdminClient(
                 bootstrap_servers=self.s.kafka_bootstrap, **self.s.kafka_client_kwargs()
@@ -97,7 +105,11 @@ class Healer:
             self._admin = admin
         tps = [TopicPartition(EVENTS, p) for p in range(BY_NAME[EVENTS].partitions)]
         committed = await self._admin.list_consumer_group_offsets(self.group, partitions=tps)
-        offsets = {tp.partition: m.offset for tp, m in committed.items() if m is not None and m.offset >= 0}
+        return {tp.partition: m.offset for tp, m in committed.items() if m is not None and m.offset >= 0}
+
+    async def _checkpoint(self) -> None:
+        """The group's committed offsets (read first), then the checkpoint, if the view is ready."""
+        offsets = await self._committed()
         # The server run the claim check saw a moment ago (the Lua re-checks the marker against it).
         if offsets and self.claim.run_id and await checkpoint(self.store.redis, self.claim.run_id, offsets):
             CHECKPOINTS.inc()
@@ -121,13 +133,27 @@ class Healer:
                 where = f"since {_utc(since)} ({window_s(self.s)}s window)"
             STARTS.labels("window" if resume is None else "checkpoint").inc()
             log.warning("view rebuild started (epoch %s): replaying scan.events %s", self.claim.epoch, where)
-            stats = await rebuild(
-                self.s,
-                echo=lambda line: log.info("rebuild: %s", line.strip()),
-                since_ms=int(since * 1000),
-                store=self.store,
-                start_offsets=resume[0] if resume is not None else None,
-            )
+            echo = lambda line: log.info("rebuild: %s", line.strip())  # noqa: E731
+            stats: RebuildStats
+            if resume is not None:  # seconds of events: all or nothing, as readers always did
+                stats = await rebuild(
+                    self.s, echo=echo, since_ms=int(since * 1000), store=self.store, start_offsets=resume[0]
+                )
+            else:
+                # Committed first: everything below it was applied before the flush and will not be
+                # applied by the router again (the commit rule), so it needs no publishing.
+                live_from = await self._committed()
+                if not await self.claim.replay_newest_first():
+                    raise RuntimeError("the view was lost again before the replay began")
+                stats = await rebuild_newest_first(
+                    self.s,
+                    self.store,
+                    int(since * 1000),
+                    self.s.rebuild_chunk,
+                    live=self.live,
+                    live_from=live_from,
+                    echo=echo,
+                )
             REPLAYED.labels("new").inc(stats.new)
             REPLAYED.labels("duplicate").inc(stats.events - stats.invalid - stats.new)
             took = time.monotonic() - t0
@@ -135,13 +161,17 @@ class Healer:
                 REBUILDS.labels("done").inc()
                 LAST_SECONDS.set(took)
                 LAST_EVENTS.set(stats.events)
+                if stats.first_chunk_s is not None:
+                    LAST_FIRST_CHUNK.set(stats.first_chunk_s)
                 log.warning(
-                    "view rebuild done (epoch %s): %d events replayed (%d new), %d jobs, %.1fs; view ready",
+                    "view rebuild done (epoch %s): %d events replayed (%d new), %d jobs, %.1fs "
+                    "(newest chunks back after %s); view ready",
                     self.claim.epoch,
                     stats.events,
                     stats.new,
                     len(stats.jobs),
                     took,
+                    "-" if stats.first_chunk_s is None else f"{stats.first_chunk_s:.2f}s",
                 )
             else:
                 REBUILDS.labels("superseded").inc()

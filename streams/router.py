@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
@@ -116,8 +116,13 @@ async def apply_until_done(
         return new
 
 
-def register(app: faust.App, s: Settings, progress: Progress | None = None) -> None:
-    """Define the router agent on `app` (its consumer group is app.conf.id)."""
+def register(
+    app: faust.App, s: Settings, progress: Progress | None = None
+) -> Callable[[], Awaitable[None]]:
+    """Define the router agent on `app` (its consumer group is app.conf.id). Returns the view
+    watch, a loop for the worker to start at once (`watch_view_forever`): a Faust timer would only
+    start after the first partition assignment, which after a router restart waits out the dead
+    member's session (~10 s), and a flush in that time would wait for it."""
     stores: list[StateStore] = []
     healers: list[Healer] = []
 
@@ -131,14 +136,16 @@ def register(app: faust.App, s: Settings, progress: Progress | None = None) -> N
 
     checks: list[asyncio.Task[None]] = []
 
-    @app.timer(s.view_check_s)
-    async def watch_view() -> None:
-        """Notice a lost view (flushed or restarted Redis) and rebuild it from the log. A check
-        runs beside the timer, so one slowed by a Redis outage never makes the ticks overlap."""
-        if not healers:
-            healers.append(Healer(s, store(), group=app.conf.id))
-        if not checks or checks[0].done():
-            checks[:] = [asyncio.create_task(healers[0].check(), name="view-check")]
+    async def watch_view_forever() -> None:
+        """Notice a lost view (flushed or restarted Redis) and rebuild it from the log, every
+        `view_check_s`. A check runs beside the loop, so one slowed by a Redis outage never makes
+        the ticks overlap."""
+        while True:
+            if not healers:
+                healers.append(Healer(s, store(), group=app.conf.id))
+            if not checks or checks[0].done():
+                checks[:] = [asyncio.create_task(healers[0].check(), name="view-check")]
+            await asyncio.sleep(s.view_check_s)
 
     @app.agent(topic(app, EVENTS), name="eco2-router")
     async def route(stream: faust.StreamT[bytes]) -> None:
@@ -157,3 +164,5 @@ def register(app: faust.App, s: Settings, progress: Progress | None = None) -> N
             fresh = sum(new)
             ROUTED.labels("new").inc(fresh)
             ROUTED.labels("duplicate").inc(len(new) - fresh)
+
+    return watch_view_forever

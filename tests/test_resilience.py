@@ -27,8 +27,9 @@ from redis.exceptions import BusyLoadingError
 
 import view
 from contract import keys
+from contract.events import ScanEvent, ScanJob
 from contract.settings import Settings
-from contract.topics import BY_NAME, EVENTS, FIRST_TOPIC
+from contract.topics import BY_NAME, EVENTS, FIRST_TOPIC, partition_for
 from eco2 import install
 from eco2.services import local_quotas
 from gateway.client import follow
@@ -160,9 +161,14 @@ async def test_redis_wiped_mid_job_heals_with_no_client_visible_gap(
         got_resumed, got_late = await asyncio.wait_for(asyncio.gather(resumed, late), 90)
         assert first + seqs(got_resumed) == FULL, router.tail()
         assert seqs(got_late) == FULL, router.tail()
+        # The streams may have been served before the whole window was back (newest first: these
+        # jobs are the newest); the view is whole a little later.
+        deadline = time.monotonic() + 60
+        while await view.current(r) != "ready":
+            assert time.monotonic() < deadline, router.tail()
+            await asyncio.sleep(0.2)
         after = await follow(gw, jobs[2].job_id, uid)  # and after the rebuild
         assert seqs(after) == FULL
-        assert await view.current(r) == "ready"
         log = router.log.read_text()
         assert "view rebuild started" in log and "view rebuild done" in log, router.tail()
     finally:
@@ -526,3 +532,120 @@ async def test_redis_restart_rebuilds_from_the_checkpoint_not_the_window(
         router.kill(signal.SIGTERM)
         await r.aclose()
         shutil.rmtree(settings.local_dir / "faust" / group, ignore_errors=True)
+
+
+async def _produce_many(producer: EventProducer, events: list[ScanEvent]) -> None:
+    """`producer.send` for many events at once (pipelined, then all awaited): a long log quickly."""
+    futures = [
+        await producer.producer.send(
+            EVENTS,
+            ev.model_dump_json().encode(),
+            key=ev.job_id.encode(),
+            partition=partition_for(ev.job_id, BY_NAME[EVENTS].partitions),
+        )
+        for ev in events
+    ]
+    await asyncio.gather(*futures)
+
+
+async def test_a_flushed_view_serves_recent_jobs_first_and_never_a_partial_history(
+    settings: Settings, producer: EventProducer, own_redis: RedisServer, uid: str
+) -> None:
+    """Issue 22: after a FLUSHALL the router replays the log newest first (small chunks here, so
+    that the replay of a few thousand events takes many rounds). The newest job's stream is
+    served whole while the view is still rebuilding; an old job whose queued event is not back
+    gets a 503 (never its partial history); once the rebuild ends it is served whole, and the
+    finished jobs kept only their finished TTL."""
+    group = f"eco2-router-test-{uuid.uuid4().hex[:8]}"
+    await commit_at_end(settings, group)
+    router = router_proc(settings, group, own_redis.url)
+    # A window of 2 minutes: the router's first rebuild (a new Redis) need not replay the log of
+    # earlier runs of this test.
+    router.env.update(ECO2_VIEW_CHECK_S="0.5", ECO2_REBUILD_CHUNK="10", ECO2_REBUILD_WINDOW_S="120")
+    gateway = gateway_proc(settings, ECO2_REDIS_URL=own_redis.url, ECO2_VIEW_WAIT_S="2")
+    r = aioredis.from_url(own_redis.url)
+    old = [job(uid) for _ in range(4)]
+    filler = [job(f"{uid}-f") for _ in range(400)]
+    recent = job(uid)
+    router.start()
+    gateway.start()
+    try:
+        await wait_routed(settings, producer, router, redis_url=own_redis.url)
+        gw = await wait_ready(gateway)
+        # The log, oldest first: the old jobs, 4000 events of others, the recent job.
+        await _produce_many(producer, [ev for j in old for ev in full_events(j)])
+        await _produce_many(producer, [ev for j in filler for ev in full_events(j)])
+        await _produce_many(producer, full_events(recent))
+        deadline = time.monotonic() + 60
+        while await history_len(r, recent.job_id) < len(FULL):
+            assert time.monotonic() < deadline, router.tail()
+            await asyncio.sleep(0.2)
+        assert all([await history_len(r, j.job_id) == len(FULL) for j in old])
+
+        await r.flushall()
+        t0 = time.monotonic()
+        got = await asyncio.wait_for(follow(gw, recent.job_id, uid), 60)
+        served_s = time.monotonic() - t0
+        assert router.popen is not None
+        router.popen.send_signal(signal.SIGSTOP)  # freeze the replay where it is
+        assert seqs(got) == FULL, router.tail()  # whole and gap-free, from the first event
+        assert (await r.hget(keys.VIEW, "status")) == b"rebuilding", "the rebuild ended first"
+        assert (await r.hget(keys.VIEW, "order")) == view.marker.NEWEST_FIRST.encode()
+        held = [j for j in old if not await r.zcount(keys.history(j.job_id), 1, 1)]
+        assert held, "every old job was back already"
+        async with httpx.AsyncClient(timeout=30) as http:
+            answers = await asyncio.gather(
+                *(http.get(f"{gw}/api/v1/scan/{j.job_id}/events", headers={"X-User-ID": uid}) for j in held)
+            )
+        for resp in answers:  # held for ECO2_VIEW_WAIT_S, then refused: never the partial history
+            assert resp.status_code == 503 and resp.headers["Retry-After"], resp.text
+
+        router.popen.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while await view.current(r) != "ready":
+            assert time.monotonic() < deadline, router.tail()
+            await asyncio.sleep(0.2)
+        for j in old:
+            assert seqs(await follow(gw, j.job_id, uid)) == FULL
+        ttls = [await r.ttl(keys.state(j.job_id)) for j in (*old, recent, *filler[:20])]
+        assert all(0 < t <= settings.result_ttl_s for t in ttls), ttls
+        log = router.log.read_text()
+        assert "newest chunk of every partition is back" in log, router.tail()
+        print(f"recent job served {served_s:.2f}s after the flush; {len(held)}/{len(old)} old jobs held")
+    finally:
+        if router.popen is not None and router.popen.poll() is None:
+            router.popen.send_signal(signal.SIGCONT)
+        router.kill(signal.SIGTERM)
+        gateway.kill(signal.SIGTERM)
+        await r.aclose()
+        shutil.rmtree(settings.local_dir / "faust" / group, ignore_errors=True)
+
+
+async def test_result_during_a_newest_first_rebuild_vouches_per_job(
+    settings: Settings, own_redis: RedisServer, uid: str
+) -> None:
+    """Issue 22, the result endpoint: while the view is rebuilt newest first, a running job whose
+    queued event is back is answered from Redis (202, processing); one with only later events
+    back is a 503 `rebuilding` (it is in no Postgres row either), never its partial state; and a
+    rebuild that does not replay newest first (from a checkpoint) vouches for no job."""
+    whole, partial = job(uid), job(uid)
+    async with running_api(settings, own_redis) as (url, r):
+        claim = view.Claim(r, "test", 30)
+        await r.delete(keys.VIEW)  # lost, as after a FLUSHALL
+        assert await claim.take()
+        store = StateStore(r, settings.state_ttl_s, settings.result_ttl_s, publish=False)
+        await store.apply(full_events(whole)[:4])  # queued, vision started/completed, rule started
+        await store.apply(full_events(partial)[2:4])  # its queued event not back yet
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+            async def status(j: ScanJob) -> tuple[int, str]:
+                resp = await http.get(f"/api/v1/scan/{j.job_id}/result", headers={"X-User-ID": uid})
+                return resp.status_code, resp.json().get("error", resp.json().get("status", ""))
+
+            # Claimed, not (yet) declared newest first: nothing is vouched for.
+            assert await status(whole) == (503, "rebuilding")
+            assert await claim.replay_newest_first()
+            assert await status(whole) == (202, "processing")
+            assert await status(partial) == (503, "rebuilding")
+            assert await claim.finish()
+            assert await status(partial) == (202, "processing")  # the view vouches for all now

@@ -8,7 +8,10 @@ the server's run_id and a new run_id means the view cannot vouch for itself.
 
 Status: `ready` (whole), `rebuilding` (a router replays the log into it), `lost` (no valid
 marker; a router will claim it within `view_check_s`). Readers (gateway, API) serve a history as
-complete only when `ready`.
+complete when `ready`, and, while `rebuilding` with `order` = `newest-first` (the rebuild replays
+each partition backwards from the end, view/rebuild.py), a job whose history holds its `queued`
+event: every later event of the job was replayed before it (`job_whole`). Any other rebuild (from
+the checkpoint: seconds of events) vouches for nothing until it ends.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 
 from contract import keys
+from contract.events import QUEUED_SEQ
 
 Status = Literal["ready", "rebuilding", "lost"]
 
@@ -39,6 +43,7 @@ if status and epoch and redis.call('HGET', KEYS[3], 'epoch') == epoch then
 else
   redis.call('DEL', KEYS[3])
 end
+redis.call('HDEL', KEYS[1], 'order')
 redis.call('HSET', KEYS[1], 'status', 'rebuilding', 'epoch', ARGV[1], 'run_id', ARGV[4],
            'since', ARGV[5], 'reason', status or 'missing')
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
@@ -68,9 +73,17 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
 """
 
+# KEYS: view.  ARGV: epoch. This epoch's rebuild replays newest first: readers may vouch per job.
+_NEWEST_FIRST = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'order', 'newest-first')
+return 1
+"""
+
 # KEYS: view, rebuilder.  ARGV: epoch, now. Marks the view whole unless it was lost meanwhile.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'order')
 redis.call('HSET', KEYS[1], 'status', 'ready', 'ready_at', ARGV[2])
 redis.call('DEL', KEYS[2])
 return 1
@@ -83,7 +96,8 @@ async def run_id(redis: aioredis.Redis) -> str:
     return str(info["run_id"])
 
 
-MARKER_FIELDS = ("status", "run_id", "epoch")  # HMGET these of keys.VIEW, then `interpret`
+MARKER_FIELDS = ("status", "run_id", "epoch", "order")  # HMGET these of keys.VIEW, then `interpret`
+NEWEST_FIRST = "newest-first"  # the marker's `order` while a rebuild replays the log backwards
 
 
 async def read(redis: aioredis.Redis, server_run_id: str | None = None) -> tuple[Status, str | None]:
@@ -94,12 +108,23 @@ async def read(redis: aioredis.Redis, server_run_id: str | None = None) -> tuple
 
 def interpret(raw: list[Any], server_run_id: str | None = None) -> tuple[Status, str | None]:
     """`read` on the marker's MARKER_FIELDS values, for callers that fetch them in a pipeline."""
-    st, rid, epoch = (_text(v) for v in raw)
+    st, rid, epoch = (_text(v) for v in raw[:3])
     if st not in ("ready", "rebuilding"):
         return "lost", epoch
     if server_run_id is not None and rid != server_run_id:
         return "lost", epoch
     return st, epoch  # type: ignore[return-value]
+
+
+def job_whole(raw: list[Any], server_run_id: str | None, has_queued: bool) -> bool:
+    """May a job's history be served as whole? `raw` = the marker's MARKER_FIELDS, `has_queued` =
+    the history holds the job's first event (`contract.events.QUEUED_SEQ`), both read at once.
+    Yes when the view is ready; while it is rebuilding newest first, when the job's queued event is
+    back (its chunk was replayed after every later one; later events come from the live router)."""
+    st, _ = interpret(raw, server_run_id)
+    if st == "ready":
+        return True
+    return st == "rebuilding" and _text(raw[3]) == NEWEST_FIRST and has_queued
 
 
 async def status(redis: aioredis.Redis, server_run_id: str | None = None) -> Status:
@@ -160,6 +185,11 @@ class Claim:
         args: list[str | int | float] = [self.epoch, self.owner, self.lease_s]
         return bool(await self.redis.eval(_RENEW, 2, *self._keys(), *args))  # type: ignore[misc]
 
+    async def replay_newest_first(self) -> bool:
+        """Tell readers that this epoch replays the log newest first (`job_whole`); False when the
+        view was lost or re-claimed since the claim."""
+        return bool(await self.redis.eval(_NEWEST_FIRST, 1, keys.VIEW, self.epoch))  # type: ignore[misc]
+
     async def finish(self) -> bool:
         """Mark the view ready; False when it was lost again meanwhile (then rebuild again)."""
         return bool(await self.redis.eval(_FINISH, 2, *self._keys(), self.epoch, time.time()))  # type: ignore[misc]
@@ -194,3 +224,14 @@ class Reader:
             self._run_id = await run_id(self.redis)
             self._at = time.monotonic()
         return await status(self.redis, self._run_id) == "ready"
+
+    async def job_whole(self, job_id: str) -> bool:
+        """`job_whole` for one job: the marker and the job's queued event in one round trip."""
+        if time.monotonic() - self._at > self.refresh_s:
+            self._run_id = await run_id(self.redis)
+            self._at = time.monotonic()
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hmget(keys.VIEW, list(MARKER_FIELDS))
+            p.zcount(keys.history(job_id), QUEUED_SEQ, QUEUED_SEQ)
+            raw, queued = await p.execute()
+        return job_whole(raw, self._run_id, bool(queued))

@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from contract import keys
-from contract.events import ScanEvent
+from contract.events import QUEUED_SEQ, ScanEvent
 from contract.pipeline import is_terminal, is_terminal_lua
 from contract.topics import shard_of
 
@@ -26,9 +26,11 @@ from . import marker
 
 # KEYS: state, history, the owner's in-flight quota set.  ARGV: seq, event json, channel ("" = do
 # not publish), ttl, stage, status, progress, user, result json ("" when none), ttl once finished,
-# job id, the event's schema version (contract/versioning.py). Returns 1 when the event was new.
-# The history entry is the event JSON, `v` included; the state hash keeps the `v` of its event.
-# A finished job's keys keep only the finished TTL, whatever arrives after its terminal event.
+# job id, the event's schema version (contract/versioning.py), "1" when the job is known to have
+# ended (a newest-first rebuild applies its terminal event before its older ones). Returns 1 when
+# the event was new. The history entry is the event JSON, `v` included; the state hash keeps the
+# `v` of its event. A finished job's keys keep only the finished TTL, whatever arrives after its
+# terminal event (or before it, in a newest-first rebuild).
 _APPLY = """
 local seq = tonumber(ARGV[1])
 local new = 0
@@ -44,7 +46,7 @@ if seq > cur then
 end
 local ttl = ARGV[4]
 local st = redis.call('HMGET', KEYS[1], 'stage', 'status')
-if TERMINAL_STATE then ttl = ARGV[10] end
+if ARGV[13] == '1' or TERMINAL_STATE then ttl = ARGV[10] end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 if new == 1 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[2]) end
@@ -73,8 +75,13 @@ class StateStore:
         self.publish = publish  # False: history and state only (the automatic rebuild)
         self._apply = client.register_script(_APPLY)
 
-    async def apply(self, events: Iterable[ScanEvent]) -> list[bool]:
-        """Apply a batch of events in one pipelined round trip; True where the event was new."""
+    async def apply(
+        self, events: Iterable[ScanEvent], ended: Mapping[str, float] | None = None
+    ) -> list[bool]:
+        """Apply a batch of events in one pipelined round trip; True where the event was new.
+        `ended` ({job id: its terminal event's ts}): jobs known to have finished, whose every
+        event gets the finished TTL counted from that ts (a newest-first rebuild, view/rebuild.py)."""
+        ended = ended or {}
         # The context manager resets the pipeline even when Redis fails mid-batch.
         async with self.redis.pipeline(transaction=False) as pipe:
             count = 0
@@ -93,9 +100,10 @@ class StateStore:
                         ev.progress,
                         ev.user_id,
                         json.dumps(ev.result) if ev.result is not None else "",
-                        self._finished_ttl(ev, now),
+                        self._finished_ttl(ended.get(ev.job_id, ev.ts), now),
                         ev.job_id,
                         ev.v,
+                        "1" if ev.job_id in ended else "",
                     ],
                     client=pipe,
                 )
@@ -104,11 +112,12 @@ class StateStore:
                 return []
             return [bool(r) for r in await pipe.execute()]
 
-    def _finished_ttl(self, ev: ScanEvent, now: float) -> int:
-        """A finished job stays `finished_ttl_s` after its event, not after the apply: a rebuild
-        replaying a day of the log (streams/heal.py) would otherwise bring back every job of that
-        day for another hour (~13 KiB each: tens of GiB at 300 VUs). An old event expires in 1 s."""
-        return max(1, int(self.finished_ttl_s - max(0.0, now - ev.ts)))
+    def _finished_ttl(self, ended_ts: float, now: float) -> int:
+        """A finished job stays `finished_ttl_s` after its terminal event, not after the apply: a
+        rebuild replaying a day of the log (streams/heal.py) would otherwise bring back every job
+        of that day for another hour (~13 KiB each: tens of GiB at 300 VUs). An old event expires
+        in 1 s. (`ended_ts` is the applied event's own ts unless the job's end is known.)"""
+        return max(1, int(self.finished_ttl_s - max(0.0, now - ended_ts)))
 
     async def state(self, job_id: str) -> dict[str, Any] | None:
         """The job's latest state (seq, stage, status, progress, user_id, event, result), or None."""
@@ -130,13 +139,15 @@ class StateStore:
             p.hmget(keys.VIEW, list(marker.MARKER_FIELDS))
             p.hmget(keys.state(job_id), list(OWNER_FIELDS))
             p.zrangebyscore(keys.history(job_id), f"({after_seq}", "+inf")
-            raw_marker, raw_owner, history = await p.execute()
+            p.zcount(keys.history(job_id), QUEUED_SEQ, QUEUED_SEQ)
+            raw_marker, raw_owner, history, queued = await p.execute()
         status, _ = marker.interpret(raw_marker, server_run_id)
+        whole = marker.job_whole(raw_marker, server_run_id, bool(queued))
         state = _decode(dict(zip(OWNER_FIELDS, raw_owner, strict=True)))
         owner = None
         if state is not None:
             owner = Owner(state.get("user_id", ""), state["seq"], _finished(state["stage"], state["status"]))
-        return Snapshot(status, owner, history)
+        return Snapshot(status, whole, owner, history)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +164,7 @@ class Snapshot:
     """What opening a stream needs to know, read in one round trip (`StateStore.snapshot`)."""
 
     status: marker.Status
+    whole: bool  # the job's history may be served as whole (`marker.job_whole`)
     owner: Owner | None  # None: the view does not know the job
     history: list[bytes]  # the events after the reader's seq, as stored, in seq order
 
