@@ -215,6 +215,7 @@ async def replay(
     force: bool,
     echo: Any = typer.echo,
     watch_s: float = 0.0,
+    since: float | None = None,
 ) -> int:
     """Re-drive the chosen dead letters (all when refs is None); returns how many could not be
     (and, with `watch_s`, how many re-driven jobs did not complete within it)."""
@@ -223,8 +224,8 @@ async def replay(
 
     letters = await read_letters(s, topic)
     by_ref = {(x.partition, x.offset): x for x in letters}
-    if refs is None:
-        chosen = letters
+    if refs is None:  # --all: every letter (of the outage: written at or after `since`)
+        chosen = [x for x in letters if since is None or (x.letter is not None and x.letter.ts >= since)]
     else:
         missing = [f"{p}:{o}" if p else str(o) for p, o in refs if (p, o) not in by_ref]
         if missing:
@@ -443,6 +444,11 @@ def dlq_replay(
     ] = None,
     edit: Annotated[bool, typer.Option("--edit", help="edit the value in $EDITOR (one --offset)")] = False,
     force: Annotated[bool, typer.Option("--force", help="replay records already replayed once")] = False,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="with --all: only letters written at or after this time (ISO 8601, "
+                     "UTC unless it says, or Unix seconds): the letters of one outage"),
+    ] = None,
     watch_s: Annotated[
         float,
         typer.Option("--watch", help="follow the re-driven jobs until each has ended, at most this many "
@@ -452,6 +458,8 @@ def dlq_replay(
     t = _topic(topic)
     if bool(offsets) == replay_all:
         raise typer.BadParameter("choose records with --offset N (repeatable) or --all")
+    if since is not None and not replay_all:
+        raise typer.BadParameter("--since chooses among --all")
     if set_json is not None and edit:
         raise typer.BadParameter("use either --set-json or --edit")
     refs = [_parse_ref(o) for o in offsets] if offsets else None
@@ -469,12 +477,26 @@ def dlq_replay(
         if text is not None:
             override = _load_object(text, "the edited value")
     try:
-        failures = asyncio.run(replay(s, t, refs, override, force, watch_s=watch_s))
+        failures = asyncio.run(replay(s, t, refs, override, force, watch_s=watch_s, since=_since(since)))
     except ReplayError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from exc
     if failures:
         raise typer.Exit(1)
+
+
+def _since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"--since {value!r}: expected ISO 8601 or Unix seconds") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def _load_object(text: str, where: str) -> dict[str, Any]:
