@@ -213,8 +213,9 @@ class Pipeline:
             events, _ = await self._claim(claims)  # completed (and done): one round trip
             for data in events:
                 await self._send(EVENTS, out.job_id, data, tp)
-            if nxt == DONE and out.attempt == 0:  # a re-drive's age is the outage's, not ours
-                metrics.E2E.observe(max(0.0, time.time() - out.created_at))
+            if nxt == DONE:
+                if out.attempt == 0:  # a re-drive's age is the outage's, not the pipeline's
+                    metrics.E2E.observe(max(0.0, time.time() - out.created_at))
             else:
                 await self._send(STAGE_TOPICS[nxt], out.job_id, out.model_dump_json(), tp)
             metrics.JOBS.labels(stage).inc()

@@ -168,6 +168,10 @@ async def test_bulk_redrive_after_a_model_outage_completes_every_job(
     proc = eco2("dlq", "replay", "--topic", DLQ, "--all", "--since", since)
     assert f"{DLQ}: 0 replayed, {N} skipped, 0 could not be" in proc.stdout, proc.stdout
 
+    # No process crashed on the way (an event emitted before a crash would hide it above).
+    services = json.loads(eco2("stack", "status", "--json").stdout)["services"]
+    assert [name for name, info in services.items() if not info["up"]] == []
+
     # The re-drive passed vision through (no second call); answer: the failed call and the new one.
     calls = outage.get("/admin/stats", params={"by": "job"}).json()["jobs"]
     for job_id in jobs:
