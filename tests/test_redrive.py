@@ -176,3 +176,35 @@ async def test_bulk_redrive_after_a_model_outage_completes_every_job(
     calls = outage.get("/admin/stats", params={"by": "job"}).json()["jobs"]
     for job_id in jobs:
         assert calls[job_id] == {"classification": 1, "answer": 2}, calls[job_id]
+
+
+async def test_a_new_attempt_reopens_a_failed_job_in_the_redis_view(settings: Settings) -> None:
+    """The router's apply (view/state.py Lua) on the real Redis: a failed job's next attempt moves its
+    state on, back to the running TTL and without the failed attempt's result; a late event of the
+    failed attempt changes nothing; the new attempt's end brings the finished TTL and its result."""
+    from .gateway_support import full_events, job
+
+    j = job("redrive-unit")
+    failed = full_events(j, fail_at="vision")
+    again = full_events(j.model_copy(update={"attempt": 1}))
+    r = aioredis.from_url(settings.redis_url)
+    store = StateStore(r, ttl_s=3600, finished_ttl_s=60, publish=False)
+    try:
+        await store.apply(failed)
+        st = await store.state(j.job_id)
+        assert st is not None and (st["status"], st["seq"]) == ("failed", FAILED_SEQ) and "result" in st
+        assert await r.ttl(keys.state(j.job_id)) <= 60
+        assert await store.apply(again[:2]) == [True, True]  # queued + vision started of attempt 1
+        st = await store.state(j.job_id)
+        assert st is not None and (st["stage"], st["status"], st["seq"]) == ("vision", "started", 110)
+        assert "result" not in st and await r.ttl(keys.state(j.job_id)) > 60
+        assert await store.apply(failed[-1:]) == [False]  # a late repeat of the failure: nothing
+        assert (await store.state(j.job_id) or {})["seq"] == 110
+        await store.apply(again[2:])
+        st = await store.state(j.job_id)
+        assert st is not None and (st["stage"], st["seq"]) == ("done", RETRY[-1])
+        assert st["result"]["status"] == "completed" and await r.ttl(keys.state(j.job_id)) <= 60
+        assert [e.seq for e in await store.history(j.job_id)] == [e.seq for e in failed] + RETRY
+    finally:
+        await r.delete(keys.state(j.job_id), keys.history(j.job_id))
+        await r.aclose()
