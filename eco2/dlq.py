@@ -31,7 +31,15 @@ from contract import trace
 from contract.events import DONE, PIPELINE, QUEUED, DeadLetter, ScanJob, make_event
 from contract.pipeline import ATTEMPT_SPAN, is_terminal
 from contract.settings import Settings, get_settings
-from contract.topics import BY_NAME, DLQ, EVENTS, PERSISTENCE_DLQ, STAGE_TOPICS, partition_for
+from contract.topics import (
+    BY_NAME,
+    DLQ,
+    DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX,
+    EVENTS,
+    PERSISTENCE_DLQ,
+    STAGE_TOPICS,
+    partition_for,
+)
 
 DLQ_TOPICS = (DLQ, PERSISTENCE_DLQ)
 
@@ -245,7 +253,7 @@ async def replay(
         acks="all",
         compression_type=s.kafka_compression_type,
         # A re-drive's job and its `queued` event are visible together or not at all.
-        transactional_id=f"eco2-dlq-replay-{uuid.uuid4().hex}",
+        transactional_id=f"{DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX}-{uuid.uuid4().hex}",
         **s.kafka_client_kwargs(),
     )
     await producer.start()
