@@ -242,7 +242,8 @@ async def replay(
     if override is not None and len(chosen) != 1:
         raise ReplayError("--set-json/--edit replace one record's value: choose exactly one --offset")
     if not chosen:
-        echo(f"{topic}: no dead letters, nothing to replay")
+        when = f" since {_when(since)} UTC" if since is not None else ""
+        echo(f"{topic}: no dead letters{when}, nothing to replay")
         return 0
     failures = replayed = skipped = 0
     redriven: dict[str, int] = {}  # job id -> the attempt started

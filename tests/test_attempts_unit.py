@@ -146,3 +146,13 @@ def test_a_later_attempt_replaces_a_failure_never_the_reverse() -> None:
     sql = write_sql()
     assert "DO UPDATE SET" in sql
     assert "WHERE scans.status = 'failed' AND EXCLUDED.attempt > scans.attempt" in sql
+
+
+def test_since_reads_iso_utc_or_unix_seconds() -> None:
+    from datetime import UTC, datetime
+
+    from eco2.dlq import _since
+
+    assert _since(None) is None and _since("1764750000") == 1764750000.0
+    assert _since("2026-12-03T08:00") == datetime(2026, 12, 3, 8, 0, tzinfo=UTC).timestamp()
+    assert _since("2026-12-03T09:00+01:00") == _since("2026-12-03T08:00")
