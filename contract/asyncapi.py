@@ -26,6 +26,7 @@ from contract.events import (
     ScanJob,
     ScanResult,
 )
+from contract.pipeline import ATTEMPT_SPAN
 from contract.topics import DLQ, EVENTS, FIRST_TOPIC, PERSISTENCE_DLQ, STAGE_TOPICS, TopicSpec
 
 KAFKA_BINDING = "0.5.0"
@@ -125,7 +126,11 @@ def _schemas() -> dict[str, Any]:
             "type": "string",
             "pattern": "^[0-9]+$",
             "description": f"the SSE `id:`: the event's seq (queued 1, stage started 10n, completed 10n+1, "
-            f"{DONE} {DONE_SEQ}, {FAILED_EVENT} {FAILED_SEQ}); send it back as Last-Event-ID to resume",
+            f"{DONE} {DONE_SEQ}, {FAILED_EVENT} {FAILED_SEQ}, plus {ATTEMPT_SPAN} per attempt: a failed job "
+            f"re-driven by an operator (`eco2 dlq replay`) comes back as attempt n, `attempt` on each "
+            f"event, seqs {ATTEMPT_SPAN}n+..., its first event `{QUEUED}` {ATTEMPT_SPAN}n+1 right after the "
+            f"failure's); send it back as Last-Event-ID to resume (after a failure: 204 until a "
+            f"re-drive, then the new attempt)",
         },
     }
     for model in (ScanJob, ScanEvent, ScanResult, DeadLetter):
@@ -137,11 +142,14 @@ def _schemas() -> dict[str, Any]:
 
 def _sse_message(name: str) -> dict[str, Any]:
     if name == FAILED_EVENT:
-        what = "the job failed (terminal; carries the failed result and `error`)"
+        what = (
+            "the job failed (terminal for its attempt; carries the failed result and `error`); an "
+            "operator's re-drive may start the next attempt, whose `queued` follows"
+        )
     elif name == DONE:
         what = "the job finished (terminal; carries the whole result)"
     elif name == QUEUED:
-        what = "the job was accepted"
+        what = "the job was accepted (or, with `attempt` > 0, re-driven after a failure: a new attempt)"
     else:
         what = f"the {name} stage started or completed (see `status`)"
     return {

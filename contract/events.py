@@ -79,6 +79,9 @@ class ScanJob(Versioned):  # `v` and unknown fields kept: contract/versioning.py
     # of the previous version (model: str) reads it, and its `job.model or setting` agrees.
     model: str = ""
     created_at: float
+    # Which attempt of the job this is: 0, then +1 per re-drive of its dead letter (`eco2 dlq
+    # replay`); it keys the stage memo and offsets the seqs (contract.pipeline.ATTEMPT_SPAN).
+    attempt: int = 0
     classification: dict[str, Any] | None = None
     rules_key: str | None = None
     rules: dict[str, Any] | None = None
@@ -105,6 +108,7 @@ class ScanResult(Versioned):  # `v` and unknown fields kept: contract/versioning
     timings: dict[str, float] = Field(default_factory=dict)
     created_at: float
     finished_at: float
+    attempt: int = 0  # the attempt that ended so (a later attempt's replaces a failure's)
 
 
 class ScanEvent(Versioned):  # `v` and unknown fields kept: contract/versioning.py
@@ -120,6 +124,7 @@ class ScanEvent(Versioned):  # `v` and unknown fields kept: contract/versioning.
     progress: int
     result: dict[str, Any] | None = None
     error: str | None = None
+    attempt: int = 0  # the job's attempt (seq // ATTEMPT_SPAN): a re-drive starts a new one
 
     @property
     def terminal(self) -> bool:
@@ -139,7 +144,7 @@ def make_event(
     result: ScanResult | None = None,
     error: str | None = None,
 ) -> ScanEvent:
-    seq = seq_of(stage, status)
+    seq = seq_of(stage, status, job.attempt)
     if status == "completed":
         progress = PROGRESS[stage]
     else:
@@ -155,6 +160,7 @@ def make_event(
         progress=progress,
         result=result.model_dump() if result else None,
         error=error,
+        attempt=job.attempt,
     )
 
 

@@ -26,9 +26,10 @@ def shard_channel(shard: int) -> str:
     return f"scan:live:{shard}"
 
 
-def memo(job_id: str, name: str) -> str:
-    """What a stage already produced for a job, so a redelivered stage re-emits identical bytes."""
-    return f"scan:memo:{job_id}:{name}"
+def memo(job_id: str, name: str, attempt: int = 0) -> str:
+    """What a stage already produced for one attempt of a job, so a redelivered stage re-emits
+    identical bytes (attempt 0 keeps the keys it had before attempts existed)."""
+    return f"scan:memo:{job_id}:{name}" if attempt == 0 else f"scan:memo:{job_id}:a{attempt}:{name}"
 
 
 # The view marker: Redis is a view of `scan.events`; the router writes this hash with the view

@@ -50,10 +50,29 @@ PROGRESS: dict[str, int] = {
 }
 
 
-def seq_of(stage: str, status: str) -> int:
+# Attempts (a dead letter re-driven by `eco2 dlq replay` is a new attempt of the same job): the
+# seqs of attempt n are those of attempt 0 plus n * ATTEMPT_SPAN, so each attempt's seqs lie above
+# every seq of the attempts before it (FAILED_SEQ < ATTEMPT_SPAN): the router's state moves on to
+# the new attempt, the history stays in order and one seq never names two events.
+ATTEMPT_SPAN = 100
+assert FAILED_SEQ < ATTEMPT_SPAN
+
+
+def seq_of(stage: str, status: str, attempt: int = 0) -> int:
+    base = attempt * ATTEMPT_SPAN
     if status == FAILED:
-        return FAILED_SEQ
-    return STAGES.index(stage) * 10 + (1 if status == "completed" else 0)
+        return base + FAILED_SEQ
+    return base + STAGES.index(stage) * 10 + (1 if status == "completed" else 0)
+
+
+def attempt_of(seq: int) -> int:
+    """The attempt an event's seq belongs to."""
+    return seq // ATTEMPT_SPAN
+
+
+def first_seq(attempt: int) -> int:
+    """The first event of an attempt: its `queued` (attempt 0: the API's; later ones: the re-drive's)."""
+    return seq_of(QUEUED, "completed", attempt)
 
 
 # Every seq of a successful job, in order: queued, started/completed per stage, done.
@@ -65,6 +84,25 @@ SUCCESS_SEQS: tuple[int, ...] = (
 DONE_SEQ = SUCCESS_SEQS[-1]
 # A job's first seq: a history holding it holds the job from its start (view/marker.py job_whole).
 QUEUED_SEQ = SUCCESS_SEQS[0]
+
+
+def next_seq(seq: int) -> int | None:
+    """The seq that directly follows `seq` in a job's stream, whatever its attempt: the next
+    success seq of its attempt, after a failure the next attempt's `queued`, after `done` none
+    (a completed job is never re-driven); 0 (nothing seen yet) is followed by attempt 0's first."""
+    if seq <= 0:
+        return SUCCESS_SEQS[0]
+    attempt, rel = divmod(seq, ATTEMPT_SPAN)
+    if rel == FAILED_SEQ:
+        return first_seq(attempt + 1)
+    if rel not in SUCCESS_SEQS or rel == DONE_SEQ:
+        return None
+    return attempt * ATTEMPT_SPAN + SUCCESS_SEQS[SUCCESS_SEQS.index(rel) + 1]
+
+
+def is_failure_seq(seq: int) -> bool:
+    """Is `seq` the failure of its attempt (it may follow any event of that attempt)?"""
+    return seq % ATTEMPT_SPAN == FAILED_SEQ
 
 
 def next_stage(stage: str) -> str:

@@ -127,3 +127,6 @@ WRITER_GROUP = "eco2-writer"
 # The scan API's transactional producer ids start with this (one id per API process, e.g.
 # f"{API_TRANSACTIONAL_ID_PREFIX}-{hostname}"); its KafkaUser may use only ids with this prefix.
 API_TRANSACTIONAL_ID_PREFIX = "eco2-api"
+# `eco2 dlq replay`'s (a re-drive's job and its attempt's `queued` event go in one transaction):
+# f"{DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX}-{random}"; its KafkaUser may use only these ids.
+DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX = "eco2-dlq-replay"

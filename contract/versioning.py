@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = "1.1"  # 1.1 added `v` itself (and the pass-through of unknown fields)
+SCHEMA_VERSION = "1.2"  # 1.1 added `v` itself (and the pass-through of unknown fields); 1.2 `attempt`
 LEGACY_VERSION = "1.0"  # what a record without `v` is
 FIELD = "v"
 PATTERN = r"^[0-9]+\.[0-9]+$"

@@ -3,8 +3,11 @@
 Where a replay goes:
 - a writer dead letter (scan.persistence.dlq, source "writer"): its value, the original event,
   back to scan.events, keyed by job id, so the Postgres writer stores it;
-- a pipeline dead letter (scan.dlq, source "pipeline"): its value, the ScanJob, back to the
-  topic of the stage that gave up (contract.topics.STAGE_TOPICS[stage]).
+- a pipeline dead letter (scan.dlq, source "pipeline"): a new attempt of its job (the ScanJob,
+  `attempt` + 1) back to the first stage's topic, with the attempt's `queued` event on
+  scan.events, in one Kafka transaction. The stages the job already completed pass it through
+  (no model call); its seqs lie above the failed attempt's, so its state, stream and Postgres row
+  reopen (contract.pipeline.ATTEMPT_SPAN). `--watch` follows the re-driven jobs to their end.
 Replays are recorded in Postgres (table dlq_replays, one row per topic/partition/offset) in the
 same transaction that waits for Kafka's ack, so a record is re-driven once unless --force.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,9 +28,18 @@ import typer
 from pydantic import ValidationError
 
 from contract import trace
-from contract.events import DeadLetter, ScanJob
+from contract.events import DONE, PIPELINE, QUEUED, DeadLetter, ScanJob, make_event
+from contract.pipeline import ATTEMPT_SPAN, is_terminal
 from contract.settings import Settings, get_settings
-from contract.topics import BY_NAME, DLQ, EVENTS, PERSISTENCE_DLQ, STAGE_TOPICS, partition_for
+from contract.topics import (
+    BY_NAME,
+    DLQ,
+    DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX,
+    EVENTS,
+    PERSISTENCE_DLQ,
+    STAGE_TOPICS,
+    partition_for,
+)
 
 DLQ_TOPICS = (DLQ, PERSISTENCE_DLQ)
 
@@ -170,6 +183,8 @@ class Plan:
     target: str
     key: str
     value: dict[str, Any]
+    event: str | None = None  # a re-drive's `queued` event of the new attempt (scan.events)
+    attempt: int | None = None  # the new attempt of a re-driven job
 
 
 def plan(letter: Letter, override: dict[str, Any] | None = None) -> Plan:
@@ -193,7 +208,11 @@ def plan(letter: Letter, override: dict[str, Any] | None = None) -> Plan:
         job = ScanJob.model_validate(value)
     except ValidationError as exc:
         raise ReplayError(f"value is not a valid ScanJob: {exc.errors()[0]}") from None
-    return Plan(STAGE_TOPICS[dl.stage], job.job_id, value)
+    # A new attempt of the job: its memo and seqs are its own, so the failure is not replayed.
+    attempt = job.attempt + 1
+    value = {**value, "attempt": attempt}
+    queued = make_event(job.model_copy(update={"attempt": attempt}), QUEUED, "completed")
+    return Plan(STAGE_TOPICS[PIPELINE[0]], job.job_id, value, queued.model_dump_json(), attempt)
 
 
 async def replay(
@@ -203,15 +222,18 @@ async def replay(
     override: dict[str, Any] | None,
     force: bool,
     echo: Any = typer.echo,
+    watch_s: float = 0.0,
+    since: float | None = None,
 ) -> int:
-    """Re-drive the chosen dead letters (all when refs is None); returns how many could not be."""
+    """Re-drive the chosen dead letters (all when refs is None); returns how many could not be
+    (and, with `watch_s`, how many re-driven jobs did not complete within it)."""
     import asyncpg
     from aiokafka import AIOKafkaProducer
 
     letters = await read_letters(s, topic)
     by_ref = {(x.partition, x.offset): x for x in letters}
-    if refs is None:
-        chosen = letters
+    if refs is None:  # --all: every letter (of the outage: written at or after `since`)
+        chosen = [x for x in letters if since is None or (x.letter is not None and x.letter.ts >= since)]
     else:
         missing = [f"{p}:{o}" if p else str(o) for p, o in refs if (p, o) not in by_ref]
         if missing:
@@ -220,15 +242,19 @@ async def replay(
     if override is not None and len(chosen) != 1:
         raise ReplayError("--set-json/--edit replace one record's value: choose exactly one --offset")
     if not chosen:
-        echo(f"{topic}: no dead letters, nothing to replay")
+        when = f" since {_when(since)} UTC" if since is not None else ""
+        echo(f"{topic}: no dead letters{when}, nothing to replay")
         return 0
     failures = replayed = skipped = 0
+    redriven: dict[str, int] = {}  # job id -> the attempt started
     conn = await asyncpg.connect(s.postgres_dsn, timeout=10)
     producer = AIOKafkaProducer(
         bootstrap_servers=s.kafka_bootstrap,
         enable_idempotence=True,
         acks="all",
         compression_type=s.kafka_compression_type,
+        # A re-drive's job and its `queued` event are visible together or not at all.
+        transactional_id=f"{DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX}-{uuid.uuid4().hex}",
         **s.kafka_client_kwargs(),
     )
     await producer.start()
@@ -250,21 +276,70 @@ async def replay(
                     echo(f"{topic}@{letter.ref}: already replayed, skipped (--force replays it again)")
                     skipped += 1
                     continue
-                md = await producer.send_and_wait(
-                    p.target,
-                    json.dumps(p.value, ensure_ascii=False, separators=(",", ":")).encode(),
-                    key=p.key.encode(),
-                    partition=partition_for(p.key, BY_NAME[p.target].partitions),
-                    headers=trace.headers(trace.child_of(trace.from_headers(letter.headers))),
-                )
+                tp = trace.headers(trace.child_of(trace.from_headers(letter.headers)))
+                async with producer.transaction():
+                    if p.event is not None:  # the attempt's first event, before its job
+                        await producer.send(
+                            EVENTS, p.event.encode(), key=p.key.encode(),
+                            partition=partition_for(p.key, BY_NAME[EVENTS].partitions), headers=tp,
+                        )
+                    sent = await producer.send(
+                        p.target,
+                        json.dumps(p.value, ensure_ascii=False, separators=(",", ":")).encode(),
+                        key=p.key.encode(),
+                        partition=partition_for(p.key, BY_NAME[p.target].partitions),
+                        headers=tp,
+                    )
+                md = await sent
             edited = " (edited)" if override is not None else ""
-            echo(f"{topic}@{letter.ref}: job {p.key} -> {p.target}[{md.partition}]@{md.offset}{edited}")
+            again = f" attempt {p.attempt}" if p.attempt is not None else ""
+            to = f"{p.target}[{md.partition}]@{md.offset}"
+            echo(f"{topic}@{letter.ref}: job {p.key}{again} -> {to}{edited}")
+            if p.attempt is not None:
+                redriven[p.key] = p.attempt
             replayed += 1
     finally:
         await producer.stop()
         await conn.close()
     echo(f"{topic}: {replayed} replayed, {skipped} skipped, {failures} could not be")
+    if watch_s and redriven:
+        failures += await watch(s, redriven, watch_s, echo)
     return failures
+
+
+async def watch(s: Settings, jobs: dict[str, int], timeout_s: float, echo: Any = typer.echo) -> int:
+    """Follow re-driven jobs (job id -> attempt) in the Redis view until each attempt has ended:
+    a progress line per change, then one line per job; returns how many did not complete."""
+    import view
+
+    client = view.client(s.redis_url, "eco2-dlq-watch")
+    store = view.StateStore(client, s.state_ttl_s)
+    left = dict(jobs)
+    seen: dict[str, tuple[str, str]] = {}
+    failed: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while left and time.monotonic() < deadline:
+            for job_id, attempt in list(left.items()):
+                st = await store.state(job_id)
+                if st is None or st["seq"] // ATTEMPT_SPAN < attempt:
+                    continue  # the attempt has not reached the view yet
+                now_at = (st["stage"], st["status"])
+                if seen.get(job_id) != now_at:
+                    seen[job_id] = now_at
+                    echo(f"job {job_id} attempt {attempt}: {st['stage']} {st['status']} ({st['progress']}%)")
+                if is_terminal(st["stage"], st["status"]):
+                    del left[job_id]
+                    if st["stage"] != DONE:
+                        failed.append(job_id)
+            if left:
+                await asyncio.sleep(0.5)
+    finally:
+        await client.aclose()
+    done = len(jobs) - len(left) - len(failed)
+    echo(f"re-driven: {done} completed, {len(failed)} failed again, "
+         f"{len(left)} still running after {timeout_s:.0f} s")
+    return len(failed) + len(left)
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -352,8 +427,11 @@ def dlq_show(
 
 REPLAY_HELP = (
     "Re-drive dead letters from --topic (default scan.persistence.dlq).\n\n"
-    "A writer dead letter's value (the terminal event) goes back to scan.events; a pipeline dead "
-    "letter's value (the ScanJob) goes back to its stage's topic.\n\n"
+    "A writer dead letter's value (the terminal event) goes back to scan.events. A pipeline dead "
+    "letter (scan.dlq) is re-driven as a new attempt of its job (same job id, result URL and stream): "
+    "the job, `attempt` + 1, goes to the first stage's topic with the attempt's `queued` event; "
+    "the stages it already completed pass it through without calling the model. --watch N follows "
+    "the re-driven jobs until each has ended.\n\n"
     "A value that would fail again (invalid event, result or job) is refused: fix it first, either "
     "`eco2 dlq show 7 > fix.json`, edit fix.json, `eco2 dlq replay --offset 7 --set-json fix.json`, "
     "or `eco2 dlq replay --offset 7 --edit` ($EDITOR).\n\n"
@@ -375,10 +453,22 @@ def dlq_replay(
     ] = None,
     edit: Annotated[bool, typer.Option("--edit", help="edit the value in $EDITOR (one --offset)")] = False,
     force: Annotated[bool, typer.Option("--force", help="replay records already replayed once")] = False,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="with --all: only letters written at or after this time (ISO 8601, "
+                     "UTC unless it says, or Unix seconds): the letters of one outage"),
+    ] = None,
+    watch_s: Annotated[
+        float,
+        typer.Option("--watch", help="follow the re-driven jobs until each has ended, at most this many "
+                     "seconds (0 = do not); exit 1 if one did not complete"),
+    ] = 0.0,
 ) -> None:
     t = _topic(topic)
     if bool(offsets) == replay_all:
         raise typer.BadParameter("choose records with --offset N (repeatable) or --all")
+    if since is not None and not replay_all:
+        raise typer.BadParameter("--since chooses among --all")
     if set_json is not None and edit:
         raise typer.BadParameter("use either --set-json or --edit")
     refs = [_parse_ref(o) for o in offsets] if offsets else None
@@ -396,12 +486,26 @@ def dlq_replay(
         if text is not None:
             override = _load_object(text, "the edited value")
     try:
-        failures = asyncio.run(replay(s, t, refs, override, force))
+        failures = asyncio.run(replay(s, t, refs, override, force, watch_s=watch_s, since=_since(since)))
     except ReplayError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from exc
     if failures:
         raise typer.Exit(1)
+
+
+def _since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"--since {value!r}: expected ISO 8601 or Unix seconds") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def _load_object(text: str, where: str) -> dict[str, Any]:

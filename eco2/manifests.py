@@ -22,6 +22,7 @@ from contract.topics import (
     API_TRANSACTIONAL_ID_PREFIX,
     BY_NAME,
     DLQ,
+    DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX,
     EVENTS,
     FIRST_TOPIC,
     PERSISTENCE_DLQ,
@@ -330,8 +331,9 @@ def users() -> list[tuple[str, dict[str, Any]]]:
         (
             '`eco2 dlq replay` (docs/operations.md, "Re-driving dead letters"): reads the two\n'
             "dead-letter topics without a consumer group (assigned partitions, no commits) and\n"
-            f"re-produces a writer dead letter to {EVENTS} and a pipeline dead letter to its stage's\n"
-            "topic. Nothing else.",
+            f"re-produces a writer dead letter to {EVENTS} and a pipeline dead letter as a new attempt\n"
+            f"(the job to the first stage's topic, its queued event to {EVENTS}, in one transaction:\n"
+            f'transactional ids "{DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX}-<random>"). Nothing else.',
             _user(
                 "eco2-dlq-replay",
                 [
@@ -339,6 +341,9 @@ def users() -> list[tuple[str, dict[str, Any]]]:
                     _acl("topic", PERSISTENCE_DLQ, ["Read"]),
                     _acl("topic", EVENTS, ["Write"]),
                     *(_acl("topic", STAGE_TOPICS[st.name], ["Write"]) for st in SPEC),
+                    _acl(
+                        "transactionalId", DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX, ["Write", "Describe"], "prefix"
+                    ),
                 ],
             ),
         ),

@@ -23,6 +23,7 @@ from contract.events import (
     ScanEvent,
     seq_of,
 )
+from contract.pipeline import ATTEMPT_SPAN, first_seq
 from contract.settings import Settings
 from quota import refusal
 
@@ -66,6 +67,16 @@ result and `error`) end the stream; the server closes it after them.
 
 **Reconnecting.** Send `Last-Event-ID` (EventSource does this by itself): the stream resumes after
 that seq. A finished job with nothing after it answers 204, which stops EventSource.
+
+**Attempts: a failed job may come back.** An operator may re-drive a failed job (`eco2 dlq
+replay`): a new attempt of the same job, same id, stream and result URL. Each event carries
+`attempt` (0 first); attempt n's seqs are attempt 0's plus {ATTEMPT_SPAN}*n (its `{QUEUED}`
+{first_seq(1)} for n=1, its `{DONE}` {ATTEMPT_SPAN + DONE_SEQ}), above every seq of the attempts before, and
+the first event after a `{FAILED_EVENT}` {FAILED_SEQ} is the next attempt's `{QUEUED}`. So a client
+that saw `{FAILED_EVENT}` and opens the stream again with its seq as `Last-Event-ID` gets 204 while
+no re-drive has come, then, once one has, the new attempt's events in order from its `{QUEUED}` on
+(the result URL meanwhile reports the running job again). A stream that reads a failure followed
+by a later attempt (history) goes on with it instead of ending.
 
 **Keepalive.** After {s.keepalive_s:g} s without an event the server writes the comment
 `: keepalive`. A stream is closed after {s.max_stream_s:g} s at the latest; reconnect to go on.

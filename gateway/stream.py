@@ -18,23 +18,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from prometheus_client import Counter
 from sse_starlette import ServerSentEvent
 
-from contract.events import FAILED_SEQ, SUCCESS_SEQS
+from contract.pipeline import attempt_of, is_failure_seq, next_seq
 
 from .hub import Item, Subscriber
 
 SENT = Counter("eco2_gateway_events_sent_total", "events written to SSE clients")
 GAPS = Counter("eco2_gateway_gaps_skipped_total", "seqs given up on after gap_wait_s")
 
-# The seqs of a successful job in order (queued 1, each stage's started/completed, done).
-ORDER: tuple[int, ...] = SUCCESS_SEQS
-NEXT: dict[int, int] = {0: ORDER[0], **dict(zip(ORDER, ORDER[1:], strict=False))}
-
 ReadHistory = Callable[[str, int], Awaitable[list[Item]]]
 
 
 def in_order(seq: int, last: int) -> bool:
-    """May `seq` follow `last` directly? A failure may come after anything."""
-    return seq == FAILED_SEQ or last not in NEXT or NEXT[last] == seq
+    """May `seq` follow `last` directly? The next seq of `last`'s attempt (contract.pipeline:
+    after a failure, the next attempt's `queued`); the failure of `last`'s attempt may come after
+    anything of it. After a seq of no known successor (a newer pipeline's), anything may."""
+    nxt = next_seq(last)
+    if nxt is None:
+        return True
+    return nxt == seq or (is_failure_seq(seq) and attempt_of(seq) == attempt_of(last) and seq > last)
 
 
 class JobStream:
@@ -80,12 +81,13 @@ class JobStream:
                 continue
             if not force and not in_order(seq, self.last):
                 break
-            if force and NEXT.get(self.last, seq) != seq and seq != FAILED_SEQ:
+            if force and not in_order(seq, self.last):
                 GAPS.inc()
             item = self.pending.pop(seq)
             out.append(item)
             self.last = seq
-            if item.terminal:
+            # A terminal event ends the stream, unless a later attempt (a re-drive) follows it.
+            if item.terminal and not any(s > seq for s in self.pending):
                 self.done = True
                 break
         return out

@@ -3,9 +3,10 @@
 The columns of `scans` are derived: the job's identity, then one per field of each stage's output
 model (streams/agents.py), then how it ended; so is the SQL. A batch is one INSERT ... SELECT FROM
 unnest(...) per table, both in a single statement (one round
-trip, atomic without an explicit transaction). Idempotent: a job's row is never changed once
-written (ON CONFLICT DO NOTHING) and an ownership row keeps the earliest granting scan, so replaying
-any events, in any order, leaves the tables as they are.
+trip, atomic without an explicit transaction). Idempotent: a job's row changes only when a later
+attempt of a failed job (a re-drive, `eco2 dlq replay`) ends, never back (`supersedes`), and an
+ownership row keeps the earliest granting scan, so replaying any events, in any order, leaves the
+tables as they are.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ EXTRA = "extra"  # the column of the fields no other column holds
 @dataclass(frozen=True)
 class Column:
     name: str
-    kind: Literal["text", "jsonb", "timestamptz"]
+    kind: Literal["text", "jsonb", "timestamptz", "integer"]
 
     @property
     def array(self) -> str:  # the unnest() argument type of the column
-        return "float8[]" if self.kind == "timestamptz" else "text[]"
+        return {"timestamptz": "float8[]", "integer": "int4[]"}.get(self.kind, "text[]")
 
     @property
     def select(self) -> str:  # the value stored, from the unnest() column
@@ -63,7 +64,9 @@ def columns() -> tuple[Column, ...]:
             Column("created_at", "timestamptz"), Column("finished_at", "timestamptz"),
             # The schema version of the result and the fields of a newer version this writer does
             # not know (contract/versioning.py; migration 0003): kept, not dropped, in a rollout.
-            Column("v", "text"), Column(EXTRA, "jsonb")]
+            Column("v", "text"), Column(EXTRA, "jsonb"),
+            # Which attempt ended so (migration 0004): a later attempt replaces a failure.
+            Column("attempt", "integer")]
     return (*head, *_stage_columns(), *tail)
 
 
@@ -80,13 +83,15 @@ def write_sql() -> str:
     n = len(cols)
     names = ", ".join(c.name for c in cols)
     arrays = ", ".join(f"${i}::{c.array}" for i, c in enumerate(cols, 1))
+    updates = ", ".join(f"{c.name} = EXCLUDED.{c.name}" for c in cols if c.name != "job_id")
     own = ", ".join(f"${n + i}::{t}" for i, t in enumerate(("text[]", "text[]", "text[]", "float8[]"), 1))
     return f"""
 WITH s AS (
   INSERT INTO scans ({names})
   SELECT {", ".join(c.select for c in cols)}
   FROM unnest({arrays}) AS t({names})
-  ON CONFLICT (job_id) DO NOTHING
+  ON CONFLICT (job_id) DO UPDATE SET {updates}
+     WHERE scans.status = 'failed' AND EXCLUDED.attempt > scans.attempt
   RETURNING 1
 ), o AS (
   INSERT INTO character_ownership AS c (user_id, character_code, job_id, acquired_at)
@@ -139,8 +144,10 @@ def batch_args(results: Sequence[ScanResult]) -> list[list[Any]]:
     """The array arguments of `write_sql()` (one per column, then the 4 of ownership); duplicates
     inside the batch are resolved here because one statement may not touch the same ownership row twice."""
     scans: dict[str, ScanResult] = {}
-    for r in results:
-        scans.setdefault(r.job_id, r)  # the first terminal event of a job wins, as in the table
+    for r in results:  # one row per job, chosen as the table would keep it
+        kept = scans.get(r.job_id)
+        if kept is None or supersedes(r, kept):
+            scans[r.job_id] = r
     owned: dict[tuple[str, str], Ownership] = {}
     for r in scans.values():
         o = ownership_of(r)
@@ -158,6 +165,12 @@ def batch_args(results: Sequence[ScanResult]) -> list[list[Any]]:
         [o.job_id for o in own],
         [o.acquired_at for o in own],
     ]
+
+
+def supersedes(new: ScanResult, old: ScanResult) -> bool:
+    """Does `new` replace the stored `old`? Only a later attempt's outcome replaces a failure
+    (the ON CONFLICT rule of `write_sql`); a repeat of the same attempt never changes a row."""
+    return old.status == "failed" and new.attempt > old.attempt
 
 
 async def write_batch(db: asyncpg.Pool | asyncpg.Connection, results: Sequence[ScanResult]) -> Written:

@@ -13,6 +13,10 @@ Fault injection, also from the file name, for tests of the pipeline's error hand
 - `permanent`: every call gets a 400 (a request the model will never accept),
 - `gaps`: the answer reports a gap (so no reward is granted),
 - `slowN`: the answer call takes N seconds more (one job held in the answer stage among others).
+
+And an outage, whatever the file name: `PUT /admin/outage {"schemas": ["answer"]}` makes every
+call of those response schemas a 400 (a model deployment that rejects every request, as in an
+incident) until `{"schemas": []}`; the test of dead-letter re-drives fails jobs with it.
 """
 
 from __future__ import annotations
@@ -184,6 +188,12 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": None}}, status_code=status)
 
 
+class Outage(BaseModel):
+    """Response schemas whose every call fails with a 400 (`PUT /admin/outage`); none by default."""
+
+    schemas: list[str] = []
+
+
 def create_app(s: Settings | None = None) -> FastAPI:
     s = s or get_settings()
 
@@ -210,6 +220,17 @@ def create_app(s: Settings | None = None) -> FastAPI:
     async def set_latency(latency: Latency) -> Latency:
         app.state.latency = latency
         return latency
+
+    app.state.outage = Outage()
+
+    @app.get("/admin/outage")
+    async def get_outage() -> Outage:
+        return app.state.outage  # type: ignore[no-any-return]
+
+    @app.put("/admin/outage")
+    async def set_outage(outage: Outage) -> Outage:
+        app.state.outage = outage
+        return outage
 
     @app.get("/admin/stats")
     async def stats(by: str = "") -> dict[str, Any]:
@@ -241,6 +262,8 @@ def create_app(s: Settings | None = None) -> FastAPI:
         if slow_s is not None and schema_name == "answer":
             await asyncio.sleep(slow_s)
 
+        if schema_name in app.state.outage.schemas:
+            return _error(400, "simulated outage: the model rejects every request", "invalid_request_error")
         if "permanent" in words:
             return _error(
                 400, "simulated permanent error: the image cannot be processed", "invalid_request_error"

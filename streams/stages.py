@@ -3,7 +3,11 @@
 Each agent runs `stage_concurrency` jobs at once (model calls take seconds). Processing is
 at-least-once: Faust commits an offset only after the job's messages are flushed. A redelivered
 job re-emits byte-identical events because each event and each stage's output is memoised in
-Redis under the job id (set-if-absent), so downstream never sees two versions of one seq.
+Redis under the job id and attempt (set-if-absent), so downstream never sees two versions of one
+seq. A failure is memoised too (a redelivery re-sends the same `failed`), but only for its
+attempt: a re-drive (`eco2 dlq replay`) is the next attempt, with its own memo and seqs, and it
+passes through the stages the job already completed (their timing is on the job) without
+calling the model again.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ class Pipeline:
         """(memo key, JSON) of one event; building it is cheap, the memo decides which is sent."""
         name = f"event:{stage}:{status}" if status != "failed" else "event:failed"
         data = make_event(job, stage, status, result=result, error=error).model_dump_json()
-        return keys.memo(job.job_id, name), data
+        return keys.memo(job.job_id, name, job.attempt), data
 
     async def emit(
         self,
@@ -149,8 +153,12 @@ class Pipeline:
         stamped with this worker's schema version (contract/versioning.py)."""
         agent = registry.REGISTRY[stage]
         found = await agent.run(self, job)
+        return self.stamp(job, found.model_dump())
+
+    @staticmethod
+    def stamp(job: ScanJob, found: dict[str, Any] | None = None) -> ScanJob:
         return ScanJob.model_validate(
-            {**job.model_dump(), **found.model_dump(), versioning.FIELD: versioning.SCHEMA_VERSION}
+            {**job.model_dump(), **(found or {}), versioning.FIELD: versioning.SCHEMA_VERSION}
         )
 
     # --- one message ----------------------------------------------------------------------
@@ -169,12 +177,15 @@ class Pipeline:
         try:
             # One round trip claims the `started` event and reads the stage's memoised output
             # (a redelivered job re-sends what was stored, and skips the work when it is done).
-            out_key = keys.memo(job.job_id, f"out:{stage}")
+            out_key = keys.memo(job.job_id, f"out:{stage}", job.attempt)
             (started,), (stored,) = await self._claim([self._event(job, stage, "started")], (out_key,))
             await self._send(EVENTS, job.job_id, started, tp)
 
             async def compute() -> str:
-                # A failure is memoised like a success, so a redelivery cannot turn it around.
+                # A failure is memoised like a success within its attempt (a redelivery re-sends
+                # the same events); only a re-drive, the next attempt, may turn it around.
+                if carried(job, stage):
+                    return self.stamp(job).model_dump_json()
                 t_start = time.monotonic()
                 try:
                     out = await self.run_stage(stage, job)
@@ -203,7 +214,8 @@ class Pipeline:
             for data in events:
                 await self._send(EVENTS, out.job_id, data, tp)
             if nxt == DONE:
-                metrics.E2E.observe(max(0.0, time.time() - out.created_at))
+                if out.attempt == 0:  # a re-drive's age is the outage's, not the pipeline's
+                    metrics.E2E.observe(max(0.0, time.time() - out.created_at))
             else:
                 await self._send(STAGE_TOPICS[nxt], out.job_id, out.model_dump_json(), tp)
             metrics.JOBS.labels(stage).inc()
@@ -246,6 +258,12 @@ class Pipeline:
         )
         await self._send(DLQ, letter.key or "unknown", letter.model_dump_json(), tp)
         metrics.FAILURES.labels(stage, "invalid_message").inc()
+
+
+def carried(job: ScanJob, stage: str) -> bool:
+    """Did an earlier attempt of this re-driven job complete `stage` (its output and timing ride on
+    the job)? Then the new attempt passes it through: same events, no model call."""
+    return job.attempt > 0 and stage in job.timings
 
 
 def result_of(

@@ -42,6 +42,7 @@ from contract.topics import (
     API_TRANSACTIONAL_ID_PREFIX,
     BY_NAME,
     DLQ,
+    DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX,
     EVENTS,
     FIRST_TOPIC,
     PERSISTENCE_DLQ,
@@ -442,6 +443,8 @@ def _expected_acls() -> dict[str, set[Acl]]:
             topic(PERSISTENCE_DLQ, "Read"),
             topic(EVENTS, "Write"),
             *(topic(t, "Write") for t in STAGE_TOPICS.values()),
+            ("transactionalId", DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX, "prefix", "Write"),
+            ("transactionalId", DLQ_REPLAY_TRANSACTIONAL_ID_PREFIX, "prefix", "Describe"),
         },
         "eco2-ops": {
             ("topic", "scan.", "prefix", "Read"),

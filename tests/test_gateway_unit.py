@@ -10,9 +10,10 @@ import httpx
 import pytest
 
 from contract.events import ScanEvent
+from contract.pipeline import SUCCESS_SEQS as ORDER
 from gateway.client import ProgressPrinter, StreamError, follow, render_event, render_result
 from gateway.hub import Hub, Item, Subscriber
-from gateway.stream import ORDER, JobStream
+from gateway.stream import JobStream
 
 from .gateway_support import full_events, job
 

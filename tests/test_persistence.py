@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from contract import keys, trace
-from contract.events import DeadLetter, Reward, ScanEvent, ScanJob, ScanResult, make_event, now
+from contract.events import PIPELINE, DeadLetter, Reward, ScanEvent, ScanJob, ScanResult, make_event, now
 from contract.settings import Settings
 from contract.topics import (
     BY_NAME,
@@ -346,7 +346,9 @@ async def test_poison_records_are_dead_lettered_and_replayed_after_a_fix(setting
         assert listed[nul["offset"]]["replayed"]["edited"] is True
 
 
-async def test_pipeline_dead_letter_replays_to_its_stage_topic(settings: Settings, stack_status, uid):
+async def test_pipeline_dead_letter_replays_as_the_next_attempt(settings: Settings, stack_status, uid):
+    """A pipeline dead letter is re-driven as the job's next attempt (issue 22): the job, attempt + 1,
+    to the first stage's topic (keyed, traced), once; tests/test_redrive.py follows it to the end."""
     job = ScanJob(
         job_id=f"pd-{uid}", user_id=f"user-{uid}", image_url="https://img.example/x.jpg", model="gpt-4o-mini",
         created_at=now(), classification={"major": "recyclable", "middle": "metal"},
@@ -359,21 +361,22 @@ async def test_pipeline_dead_letter_replays_to_its_stage_topic(settings: Setting
     rows = await dead_letters(settings, DLQ, {job.job_id})
     assert len(rows) == 1 and rows[0]["source"] == "pipeline" and rows[0]["reason"] == "rule_error"
     out = eco2("dlq", "replay", "--topic", DLQ, "--offset", str(rows[0]["offset"])).stdout
-    m = re.search(rf"job {job.job_id} -> {STAGE_TOPICS['rule']}\[(\d+)\]@(\d+)", out)
+    first = STAGE_TOPICS[PIPELINE[0]]
+    m = re.search(rf"job {job.job_id} attempt 1 -> {first}\[(\d+)\]@(\d+)", out)
     assert m, out
     partition, offset = int(m.group(1)), int(m.group(2))
-    assert partition == partition_for(job.job_id, BY_NAME[STAGE_TOPICS["rule"]].partitions)
+    assert partition == partition_for(job.job_id, BY_NAME[first].partitions)
     c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
     await c.start()
     try:
-        tp = TopicPartition(STAGE_TOPICS["rule"], partition)
+        tp = TopicPartition(first, partition)
         c.assign([tp])
         c.seek(tp, offset)
         msg = await asyncio.wait_for(c.getone(), 20)
     finally:
         await c.stop()
     assert msg.key == job.job_id.encode()
-    assert ScanJob.model_validate_json(msg.value) == job
+    assert ScanJob.model_validate_json(msg.value) == job.model_copy(update={"attempt": 1})
     assert dict(msg.headers)["traceparent"]
     again = eco2("dlq", "replay", "--topic", DLQ, "--offset", str(rows[0]["offset"])).stdout
     assert "already replayed" in again

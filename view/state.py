@@ -3,7 +3,9 @@
 Redis is a cache derived from `scan.events`; applying an event is idempotent, so the router can
 replay the log (after a crash or `eco2 state rebuild`) without clients seeing anything twice:
 - history keeps the first event of each seq (a replay adds nothing),
-- the state hash moves only forward (a late or repeated event never sends it back),
+- the state hash moves only forward (a late or repeated event never sends it back); a re-driven
+  job's new attempt has higher seqs (contract.pipeline.ATTEMPT_SPAN), so it reopens a failed job:
+  state, running TTL, no stale result,
 - an event is published only when it was new to the history, so live subscribers see it once.
 """
 
@@ -42,7 +44,10 @@ local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
 if seq > cur then
   redis.call('HSET', KEYS[1], 'seq', seq, 'stage', ARGV[5], 'status', ARGV[6],
              'progress', ARGV[7], 'user_id', ARGV[8], 'event', ARGV[2], 'v', ARGV[12])
-  if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[9]) end
+  -- A result comes only with a terminal event; a later seq without one is a new attempt
+  -- (a re-drive): the earlier attempt's result is no longer the job's.
+  if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[9])
+  else redis.call('HDEL', KEYS[1], 'result') end
 end
 local ttl = ARGV[4]
 local st = redis.call('HMGET', KEYS[1], 'stage', 'status')
