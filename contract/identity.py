@@ -11,6 +11,7 @@ so the published OpenAPI schema says exactly what is accepted.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # Letters, digits and . _ - ~ : @ | + = (no blanks, quotes, slashes, control or non-ASCII).
 CHARSET = "A-Za-z0-9._~:@|+="
@@ -30,3 +31,8 @@ def problem(value: str, max_len: int) -> str | None:
     if not _VALID.fullmatch(value):
         return f"may hold only {CHARSET_TEXT}"
     return None
+
+
+def schema(max_len: int) -> dict[str, Any]:
+    """The JSON Schema of a user id, as both services' OpenAPI documents publish it."""
+    return {"type": "string", "minLength": 1, "maxLength": max_len, "pattern": USER_ID_PATTERN}

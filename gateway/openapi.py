@@ -164,7 +164,7 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
                 "name": "user",
                 "in": "query",
                 "required": False,
-                "schema": _user_schema(s),
+                "schema": identity.schema(s.max_user_id_len),
                 "description": "DEVELOPMENT ONLY (ECO2_GATEWAY_ALLOW_USER_QUERY): the caller's user id",
             }
         )
@@ -174,7 +174,8 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
             param["description"] = "the seq of the last event received; not a number counts as 0"
         elif name == "X-User-ID":
             # An empty header counts as none (the token then authenticates).
-            param["schema"] = {**_user_schema(s), "pattern": identity.USER_ID_PATTERN.replace("]+", "]*")}
+            empty_ok = identity.USER_ID_PATTERN.replace("]+", "]*")
+            param["schema"] = {**identity.schema(s.max_user_id_len), "pattern": empty_ok}
             param["schema"].pop("minLength")
         elif name == "job_id":
             param["schema"] = {"type": "string", "minLength": 1, "maxLength": MAX_JOB_ID_LEN}
@@ -188,12 +189,3 @@ def complete(doc: dict[str, Any], s: Settings) -> None:
 
 
 MAX_JOB_ID_LEN = 128
-
-
-def _user_schema(s: Settings) -> dict[str, Any]:
-    return {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": s.max_user_id_len,
-        "pattern": identity.USER_ID_PATTERN,
-    }

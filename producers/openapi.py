@@ -214,10 +214,7 @@ def _gateway(s: Settings) -> str:
 
 def user_header(s: Settings) -> dict[str, Any]:
     return {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": s.max_user_id_len,
-        "pattern": identity.USER_ID_PATTERN,
+        **identity.schema(s.max_user_id_len),
         "description": "the caller's user id, set by the auth proxy after it authenticated the user "
         f"(a missing header is a 401; more than {s.max_user_id_len} characters or any but "
         f"{identity.CHARSET_TEXT} a 400)",

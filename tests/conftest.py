@@ -64,3 +64,16 @@ def zero_latency_model(settings: Settings, stack_status):  # type: ignore[no-unt
 @pytest.fixture
 def uid() -> str:
     return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def own_redis():  # type: ignore[no-untyped-def]
+    """A Redis of the test's own (configured as the stack's), to stop, kill and restart at will."""
+    from .gateway_support import RedisServer
+
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()

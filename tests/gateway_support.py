@@ -334,3 +334,24 @@ async def delete_jobs(s: Settings, job_ids: list[str]) -> None:
 
 def seqs(events: list[ScanEvent]) -> list[int]:
     return [e.seq for e in events]
+
+class RedisServer:
+    """A redis-server of one test (configured as the stack's: AOF), restartable on its port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="eco2-test-heal-"))
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.popen = start_redis(self.port, self.dir)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            self.popen.wait(timeout=20)
+
+    def remove(self) -> None:
+        self.stop(signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -24,24 +24,13 @@ from contract.events import make_event
 from contract.settings import Settings
 from view import StateStore
 
-from .gateway_support import Proc, gateway_proc, job, wait_ready
-from .test_resilience import RedisServer, api_proc
+from .gateway_support import Proc, RedisServer, gateway_proc, job, wait_ready
+from .test_resilience import api_proc
 from .test_web import page, watch_progress  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 
 IMAGE = "https://images.example.com/quota/clear_pet.jpg"
-
-
-@pytest.fixture
-async def redis_server() -> AsyncIterator[RedisServer]:
-    """A Redis of the test's own, to stop and restart at will."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.remove()
 
 
 def with_env(proc: Proc, **env: str) -> Proc:
@@ -78,13 +67,13 @@ def metric(text: str, name: str, label: str) -> float:
 async def test_scan_quota_is_one_limit_across_two_api_processes(
     settings: Settings,
     stack_status: dict[str, object],
-    redis_server: RedisServer,
+    own_redis: RedisServer,
     uid: str,
 ) -> None:
-    r = aioredis.from_url(redis_server.url)
+    r = aioredis.from_url(own_redis.url)
     await view.mark_ready(r)
     quota = {"ECO2_SCAN_BURST": "3", "ECO2_SCAN_RATE_PER_MIN": "0.6", "ECO2_INFLIGHT_MAX": "0"}
-    apis = [with_env(api_proc(settings, redis_server.url), **quota) for _ in range(2)]
+    apis = [with_env(api_proc(settings, own_redis.url), **quota) for _ in range(2)]
     try:
         async with running(*apis) as (a, b), httpx.AsyncClient(timeout=30) as http:
             first = [await post(http, url, uid) for url in (a, b, a)]
@@ -140,16 +129,16 @@ async def test_inflight_slot_is_freed_by_the_pipelines_terminal_event(
 async def test_stream_cap_is_shared_by_two_gateways_and_a_killed_gateway_frees_its_slots(
     settings: Settings,
     stack_status: dict[str, object],
-    redis_server: RedisServer,
+    own_redis: RedisServer,
     uid: str,
 ) -> None:
-    r = aioredis.from_url(redis_server.url)
+    r = aioredis.from_url(own_redis.url)
     await view.mark_ready(r)
     j = job(uid)
     await StateStore(r, settings.state_ttl_s).apply(
         [make_event(j, "queued", "completed")]
     )  # runs: streams stay open
-    quota = {"ECO2_REDIS_URL": redis_server.url, "ECO2_STREAMS_MAX": "2", "ECO2_STREAM_LEASE_S": "2"}
+    quota = {"ECO2_REDIS_URL": own_redis.url, "ECO2_STREAMS_MAX": "2", "ECO2_STREAM_LEASE_S": "2"}
     gws = [gateway_proc(settings, **quota) for _ in range(2)]
     path = f"/api/v1/scan/{j.job_id}/events"
     hdrs = {"X-User-ID": uid, "Accept": "text/event-stream"}
@@ -184,26 +173,26 @@ async def test_stream_cap_is_shared_by_two_gateways_and_a_killed_gateway_frees_i
 async def test_quota_fails_open_when_redis_is_down(
     settings: Settings,
     stack_status: dict[str, object],
-    redis_server: RedisServer,
+    own_redis: RedisServer,
     uid: str,
 ) -> None:
     """Quotas guard the model budget from one user; a Redis outage must not become an outage of
     every user: the POST goes to Kafka unchecked (202), counted as a skipped check."""
-    r = aioredis.from_url(redis_server.url)
+    r = aioredis.from_url(own_redis.url)
     await view.mark_ready(r)
     await r.aclose()
     quota = {"ECO2_SCAN_BURST": "1", "ECO2_SCAN_RATE_PER_MIN": "0.6", "ECO2_INFLIGHT_MAX": "1"}
-    async with running(with_env(api_proc(settings, redis_server.url), **quota)) as (a,):
+    async with running(with_env(api_proc(settings, own_redis.url), **quota)) as (a,):
         async with httpx.AsyncClient(timeout=30) as http:
             assert (await post(http, a, uid)).status_code == 202
             assert (await post(http, a, uid)).status_code == 429  # the quota is on while Redis is up
-            await asyncio.to_thread(redis_server.stop, signal.SIGKILL)
+            await asyncio.to_thread(own_redis.stop, signal.SIGKILL)
             down = [await post(http, a, f"{uid}-{i}") for i in range(3)] + [await post(http, a, uid)]
             assert [x.status_code for x in down] == [202] * 4, [x.text for x in down]
             assert "RateLimit" not in down[-1].headers  # nothing was checked, nothing is claimed
             text = (await http.get(f"{a}/metrics")).text
             assert metric(text, "eco2_quota_skipped_total", 'limit="scans"') >= 4
-            await asyncio.to_thread(redis_server.start)
+            await asyncio.to_thread(own_redis.start)
 
 
 async def test_page_waits_out_a_429_and_posts_again(

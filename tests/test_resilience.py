@@ -11,9 +11,7 @@ import contextlib
 import json
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -40,6 +38,7 @@ from .conftest import eco2
 from .gateway_support import (
     EventProducer,
     Proc,
+    RedisServer,
     commit_at_end,
     free_port,
     full_events,
@@ -48,7 +47,6 @@ from .gateway_support import (
     log_path,
     router_proc,
     seqs,
-    start_redis,
     wait_ready,
     wait_routed,
 )
@@ -58,36 +56,6 @@ pytestmark = pytest.mark.integration
 FULL = [1, 10, 11, 20, 21, 30, 31, 40, 41, 51]
 
 
-class RedisServer:
-    """A redis-server of one test (configured as the stack's: AOF), restartable on its port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="eco2-test-heal-"))
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.popen = start_redis(self.port, self.dir)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            self.popen.wait(timeout=20)
-
-    def remove(self) -> None:
-        self.stop(signal.SIGKILL)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture
