@@ -41,6 +41,15 @@ class RebuildStats:
     seconds: float = 0.0
     first_chunk_s: float | None = None  # newest first: until the newest chunk of every partition was back
     expired: int = 0  # newest first: events of jobs whose finished TTL has run out (skipped)
+    _echoed_at: float = field(default_factory=time.monotonic, repr=False)  # the last progress line
+
+    def progress(self, total: int, t0: float, echo: Callable[[str], object], every_s: float) -> None:
+        """Bring `seconds` up to date and echo a progress line at most every `every_s`."""
+        now = time.monotonic()
+        self.seconds = now - t0
+        if now - self._echoed_at >= every_s:
+            echo("  " + self.line(total))
+            self._echoed_at = now
 
     def line(self, total: int) -> str:
         # `total` counts offsets, which include transaction markers: the percentage ends near 100.
@@ -100,7 +109,6 @@ async def rebuild(
         total = sum(end[tp] - begin[tp] for tp in tps)
         remaining = {tp for tp in tps if end[tp] > begin[tp]}
         echo(f"rebuilding from {EVENTS}: {total} offsets in {len(tps)} partitions")
-        last_echo = time.monotonic()
         while remaining:
             records = await consumer.getmany(*remaining, timeout_ms=1000, max_records=batch)
             events: list[ScanEvent] = []
@@ -121,10 +129,7 @@ async def rebuild(
             for tp in list(remaining):
                 if await consumer.position(tp) >= end[tp]:
                     remaining.discard(tp)
-            stats.seconds = time.monotonic() - t0
-            if time.monotonic() - last_echo >= progress_every_s:
-                echo("  " + stats.line(total))
-                last_echo = time.monotonic()
+            stats.progress(total, t0, echo, progress_every_s)
         stats.seconds = time.monotonic() - t0
         echo("done: " + stats.line(total))
         return stats
@@ -219,7 +224,6 @@ async def rebuild_newest_first(
         plans = {tp: chunk_plan(begin[tp], end[tp], chunk, FIRST_CHUNK) for tp in tps}
         echo(f"rebuilding newest first from {EVENTS}: {total} offsets, {len(tps)} partitions, chunk {chunk}")
         ended: dict[str, float] = {}
-        last_echo = time.monotonic()
         while plans:
             ranges = {}
             for tp in list(plans):
@@ -256,10 +260,7 @@ async def rebuild_newest_first(
             if stats.first_chunk_s is None:
                 stats.first_chunk_s = time.monotonic() - t0
                 echo(f"the newest chunk of every partition is back ({stats.first_chunk_s:.2f}s)")
-            stats.seconds = time.monotonic() - t0
-            if time.monotonic() - last_echo >= progress_every_s:
-                echo("  " + stats.line(total))
-                last_echo = time.monotonic()
+            stats.progress(total, t0, echo, progress_every_s)
         stats.seconds = time.monotonic() - t0
         echo("done: " + stats.line(total))
         return stats
