@@ -86,6 +86,7 @@ class Progress:
         self.assigned: frozenset[Any] = frozenset()
         self.pending: dict[Any, int] = {}
         self.oldest: dict[Any, float] = {}  # age of the oldest in-flight message, where known
+        self.internals: dict[str, Any] = {}  # the client library's own state, shown in /health
 
     def beat(self) -> None:
         self.last_beat = self.clock()
@@ -148,6 +149,7 @@ class Progress:
             "pending": pending,
             "since_progress_s": round(idle, 1),
             "since_beat_s": round(blocked, 1),
+            **({"consumer": self.internals} if self.internals else {}),
             "partitions": {  # the ones with work pending: which partition is stuck
                 "{}[{}]".format(*_tp_labels(tp)): {
                     "pending": n,

@@ -11,6 +11,36 @@ from runtime.health import Policy, Progress, unread, watch
 from . import commits
 
 
+def internals(app: Any) -> dict[str, Any]:
+    """Faust's and aiokafka's own view of the consumer, for /health: which layer is stuck.
+
+    Read from the event loop while the consumer thread may change it: a snapshot, not a
+    consistent state. Every lookup is guarded, so a renamed attribute shows up as missing."""
+
+    def get(obj: Any, *path: str) -> Any:
+        for name in path:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                return None
+        return obj
+
+    consumer = app.consumer
+    fetcher = getattr(app, "_fetcher", None)
+    kafka = get(consumer, "_thread", "_consumer")
+    coordinator = get(kafka, "_coordinator")
+    idle = get(kafka, "_subscription", "fetcher_idle_time")
+    return {
+        "flow_active": get(consumer, "flow_active"),
+        "fetcher": get(fetcher, "state"),
+        "fetcher_tasks": len(get(fetcher, "_futures") or ()),
+        "generation": get(app, "consumer_generation_id"),
+        "coordinator_generation": get(coordinator, "generation"),
+        "coordinator_id": get(coordinator, "coordinator_id"),
+        "rebalancing": get(app, "rebalancing"),
+        "fetch_idle_s": round(idle, 1) if isinstance(idle, float) else None,
+    }
+
+
 def watch_faust(app: Any, s: Any) -> Progress:
     """Start watching a Faust app's consumer (stage workers, router) once its worker runs.
 
@@ -21,6 +51,7 @@ def watch_faust(app: Any, s: Any) -> Progress:
 
     async def sample() -> tuple[Mapping[Any, int], Mapping[Any, float]]:
         consumer = app.consumer
+        progress.internals = internals(app)
         flight: commits.InFlight = consumer.in_flight
         tps = frozenset(consumer.assignment())
         if tps != progress.assigned:
