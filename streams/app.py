@@ -11,7 +11,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from contract.settings import Settings
 from contract.topics import BY_NAME
 
-from . import commits
+from . import commits, rejoin
 from .groups import OVERLAP_OK_CLIENT_ID
 
 
@@ -86,6 +86,7 @@ def create_app(app_id: str, s: Settings, fetch: tuple[int, int] | None = None) -
     _read_committed_consumers()
     _idempotent_producers()
     commits.install()
+    rejoin.install()  # rejoin after a rebalance longer than max_poll_interval (a Kafka outage)
     datadir = s.local_dir / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
