@@ -44,6 +44,7 @@ from eco2 import services, stack
 
 from . import harness, longlog, wire
 from .load import EXPECTED_SEQS, LoadConfig, LoadRun, check_seqs
+from .resume import consumers_resumed
 from .stats import machine
 
 COMPONENTS = ("api", "workers", "router", "gateway", "writer")  # killed with SIGKILL, restarted
@@ -72,6 +73,7 @@ class ChaosConfig:
     drain_timeout_s: float = 60.0  # rollout: a process still up this long after SIGTERM is killed
     seed_log: int = 0  # events of old finished jobs produced to scan.events before the load
     first_stream_goal_s: float = 5.0  # a flush: the newest job's stream served again within this
+    kafka_down_s: float = 0.0  # how long Kafka stays stopped (minutes: the outage consumers must survive)
 
     @classmethod
     def for_rollout(cls, **kw: Any) -> ChaosConfig:
@@ -94,6 +96,7 @@ class Fault:
     drain_s: float | None = None  # rollout: from SIGTERM until the process had exited
     first_stream_s: float | None = None  # flush: until the newest job's whole stream was served
     log_events: int | None = None  # flush: offsets of scan.events in the rebuild's window
+    resumed_s: float | None = None  # kafka: after it was back, until every consumer consumed again
 
 
 class ChaosLoad(LoadRun):
@@ -179,8 +182,11 @@ def stream_probe(s: Settings, load: LoadRun) -> Probe:
     return probe
 
 
-async def inject(s: Settings, what: str, at_s: float, timeout_s: float, probe: Probe | None = None) -> Fault:
-    """One fault and the recovery from it (the restart always runs, even when cancelled)."""
+async def inject(
+    s: Settings, what: str, at_s: float, timeout_s: float, probe: Probe | None = None, down_s: float = 0.0
+) -> Fault:
+    """One fault and the recovery from it (the restart always runs, even when cancelled).
+    Kafka stays stopped `down_s`; once it is back, every consumer must resume by itself."""
     t0 = time.monotonic()
     flushed = time.time()
     probing: asyncio.Task[float | None] | None = None
@@ -195,6 +201,13 @@ async def inject(s: Settings, what: str, at_s: float, timeout_s: float, probe: P
     elif what in RESTARTED:
         action = "stop, start"
         await asyncio.to_thread(stack.stop, s, svc)
+        if what == "kafka" and down_s:
+            action = f"stop, {down_s:g}s down, start"
+            try:
+                await asyncio.sleep(down_s)
+            except asyncio.CancelledError:
+                await asyncio.shield(_back(s, svc.name, t0, timeout_s))
+                raise
     elif what == "flush":
         action = "FLUSHALL"
         r = aioredis.from_url(s.redis_url)
@@ -215,6 +228,12 @@ async def inject(s: Settings, what: str, at_s: float, timeout_s: float, probe: P
             fault.back_s = round(await _view_ready(s, t0, timeout_s), 2)
         else:
             fault.back_s = round(time.monotonic() - t0, 2)
+        if what == "kafka":
+            fault.resumed_s, stuck = await consumers_resumed(s, timeout_s)
+            if fault.resumed_s is None:
+                fault.error = "consumers did not resume after Kafka was back: " + "; ".join(
+                    f"{pod}: {why}" for pod, why in stuck.items()
+                )
         if probing is not None:
             fault.first_stream_s = await probing
             if fault.first_stream_s is None:
@@ -352,12 +371,15 @@ async def run_chaos(s: Settings, cfg: ChaosConfig, out: Callable[[str], None] = 
             if cfg.rollout:
                 fault = await roll(s, what, at, cfg.back_timeout_s, cfg.drain_timeout_s)
             else:
-                fault = await inject(s, what, at, cfg.back_timeout_s, stream_probe(s, load))
+                fault = await inject(
+                    s, what, at, cfg.back_timeout_s, stream_probe(s, load), down_s=cfg.kafka_down_s
+                )
             out(
                 f"chaos [{time.monotonic() - load.start_m:5.0f}s] {what}: "
                 + (f"drained in {fault.drain_s}s, " if fault.drain_s is not None else "")
                 + (f"first stream served after {fault.first_stream_s}s, " if fault.first_stream_s else "")
                 + f"back after {fault.back_s}s"
+                + (f", every consumer resumed {fault.resumed_s}s later" if fault.resumed_s else "")
                 + (f" ERROR {fault.error}" if fault.error else "")
             )
             faults.append(fault)

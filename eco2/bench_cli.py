@@ -316,6 +316,14 @@ def chaos(
             "the log a flushed view is rebuilt from",
         ),
     ] = 0,
+    kafka_down: Annotated[
+        float,
+        typer.Option(
+            "--kafka-down",
+            help="seconds Kafka stays stopped in the kafka fault (e.g. 150: an outage of minutes); "
+            "after it every consumer must resume by itself",
+        ),
+    ] = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="no live progress line")] = False,
     alerts: Annotated[
         bool,
@@ -347,6 +355,7 @@ def chaos(
         "settle_s": settle,
         "late_joiners": late_joiners,
         "seed_log": seed_log,
+        "kafka_down_s": kafka_down,
         "name": name,
         "progress": not quiet,
     }

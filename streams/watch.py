@@ -37,7 +37,7 @@ def internals(app: Any) -> dict[str, Any]:
         "coordinator_generation": get(coordinator, "generation"),
         "coordinator_id": get(coordinator, "coordinator_id"),
         "rebalancing": get(app, "rebalancing"),
-        "fetch_idle_s": round(idle, 1) if isinstance(idle, float) else None,
+        "fetch_idle_s": round(idle, 1) if isinstance(idle, (int, float)) else None,
     }
 
 
