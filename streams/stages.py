@@ -55,6 +55,27 @@ class StageFailure(Exception):
         self.attempts = attempts
 
 
+# Claims memos in one command (EVALSHA) instead of a redis-py pipeline (issue 19: the pipeline
+# machinery cost about what the round trips it saved did). KEYS: the keys to claim, then the keys
+# to read; ARGV: TTL, "1" when the first claim guards the rest, then one value per claimed key.
+# SET NX GET keeps the first value ever stored under a key (what a redelivery re-sends) and
+# returns it, nil when ours was stored. With the guard, a lost first claim (another delivery's
+# output is stored) stops the script before the claims that were built from ours: the caller
+# builds them again from the stored output.
+_CLAIM = """
+local ttl = ARGV[1]
+local n = #ARGV - 2
+local out = {}
+for i = 1, n do
+  local prev = redis.call('SET', KEYS[i], ARGV[i + 2], 'NX', 'GET', 'EX', ttl)
+  if i == 1 and prev and ARGV[2] == '1' then return {prev} end
+  out[i] = prev
+end
+for i = n + 1, #KEYS do out[i] = redis.call('GET', KEYS[i]) end
+return out
+"""
+
+
 class Pipeline:
     """What every stage needs: topics, Redis (memo), the model client, settings."""
 
@@ -62,6 +83,7 @@ class Pipeline:
         self.s = s
         self.topics = {name: topic(app, name) for name in [*STAGE_TOPICS.values(), EVENTS, DLQ]}
         self.redis = pooled_client(s.redis_url, 64, f"eco2-stages-{os.getpid()}")
+        self._claim_script = self.redis.register_script(_CLAIM)
         self.models = model.Clients(s)
         self.memo_ttl_s = s.memo_ttl_s
 
@@ -76,20 +98,17 @@ class Pipeline:
         )
 
     async def _claim(
-        self, claims: list[tuple[str, str]], read: tuple[str, ...] = ()
+        self, claims: list[tuple[str, str]], read: tuple[str, ...] = (), guarded: bool = False
     ) -> tuple[list[str], list[bytes | None]]:
         """In one round trip: SET NX GET every (key, value) of `claims` (the first value ever
-        stored under each key wins: what a redelivery re-sends) and GET every key of `read`."""
+        stored under each key wins: what a redelivery re-sends) and GET every key of `read`.
 
-        async def run() -> list[Any]:
-            pipe = self.redis.pipeline(transaction=False)
-            for key, value in claims:
-                pipe.set(key, value, nx=True, get=True, ex=self.memo_ttl_s)
-            for key in read:
-                pipe.get(key)
-            return await pipe.execute()  # type: ignore[no-any-return]
-
-        out = await _redis_retry(run)
+        `guarded`: the claims after the first were built from the first's value; when another
+        value is stored under the first key already, only that value comes back (a list of one)
+        and nothing else is claimed."""
+        names = [k for k, _ in claims] + list(read)
+        args = [self.memo_ttl_s, "1" if guarded else "0", *(value for _, value in claims)]
+        out = await _redis_retry(lambda: self._claim_script(keys=names, args=args))
         won = [
             prev.decode() if prev is not None else value
             for (_, value), prev in zip(claims, out, strict=False)
@@ -197,20 +216,28 @@ class Pipeline:
                 out.timings[stage] = round(time.monotonic() - t_start, 3)
                 return out.model_dump_json()
 
+            nxt = next_stage(stage)
+            events: list[str] | None = None
             if stored is not None:
                 raw_out = stored.decode()
             else:
-                (raw_out,), _ = await self._claim([(out_key, await compute())])
+                # One round trip claims the output and the events built from it (completed, and
+                # done after the last stage), unless another delivery's output is stored already.
+                raw_out = await compute()
+                done = json.loads(raw_out)
+                ours = [] if "failure" in done else self._completion(ScanJob.model_validate(done), stage)
+                claims = [(out_key, raw_out), *ours]
+                won, _ = await self._claim(claims, guarded=True)
+                if ours and len(won) == len(claims):  # the guard passed: ours, and their events
+                    events = won[1:]
+                raw_out = won[0]
             done = json.loads(raw_out)
             if "failure" in done:
                 await self.fail(job, stage, StageFailure(*done["failure"]), tp)
                 return
             out = ScanJob.model_validate(done)
-            nxt = next_stage(stage)
-            claims = [self._event(out, stage, "completed")]
-            if nxt == DONE:
-                claims.append(self._event(out, DONE, "completed", result=result_of(out, "completed")))
-            events, _ = await self._claim(claims)  # completed (and done): one round trip
+            if events is None:  # a redelivery, or a lost race: the events of the stored output
+                events, _ = await self._claim(self._completion(out, stage))
             for data in events:
                 await self._send(EVENTS, out.job_id, data, tp)
             if nxt == DONE:
@@ -222,6 +249,14 @@ class Pipeline:
         finally:
             metrics.IN_FLIGHT.labels(stage).dec()
             metrics.STAGE_LATENCY.labels(stage).observe(time.monotonic() - t0)
+
+    def _completion(self, out: ScanJob, stage: str) -> list[tuple[str, str]]:
+        """(memo key, JSON) of the stage's `completed` event, and of `done` after the last stage."""
+        nxt = next_stage(stage)
+        claims = [self._event(out, stage, "completed")]
+        if nxt == DONE:
+            claims.append(self._event(out, DONE, "completed", result=result_of(out, "completed")))
+        return claims
 
     async def fail(self, job: ScanJob, stage: str, exc: StageFailure, tp: str) -> None:
         log.warning("stage=%s job=%s failed reason=%s error=%s", stage, job.job_id, exc.reason, exc.error)

@@ -39,8 +39,10 @@ async def test_model_clients_split_the_connections_and_keep_them_alive() -> None
     taken = [clients.take() for _ in range(16)]
     assert taken[:8] == clients.clients and taken[8:] == clients.clients  # in turn
     for c in clients.clients:
-        pool = c._client._transport._pool  # type: ignore[attr-defined]  # SDK client -> transport -> pool
-        assert (pool._max_connections, pool._max_keepalive_connections) == (125, 125)
+        transport = c._client._transport  # type: ignore[attr-defined]  # SDK client -> transport
+        assert type(transport).__name__ == "AiohttpTransport"  # the SDK's aiohttp transport (issue 19)
+        limits = transport.limits  # what its aiohttp connector is built with on the first call
+        assert (limits.max_connections, limits.max_keepalive_connections) == (125, 125)
         assert c.max_retries == 0
     for c in clients.clients:
         await c.close()
