@@ -200,42 +200,48 @@ class Pipeline:
             (started,), (stored,) = await self._claim([self._event(job, stage, "started")], (out_key,))
             await self._send(EVENTS, job.job_id, started, tp)
 
-            async def compute() -> str:
+            async def compute() -> tuple[str, ScanJob | None]:
                 # A failure is memoised like a success within its attempt (a redelivery re-sends
                 # the same events); only a re-drive, the next attempt, may turn it around.
                 if carried(job, stage):
-                    return self.stamp(job).model_dump_json()
+                    out = self.stamp(job)
+                    return out.model_dump_json(), out
                 t_start = time.monotonic()
                 try:
                     out = await self.run_stage(stage, job)
                 except StageFailure as exc:
-                    return json.dumps({"failure": [exc.reason, exc.error, exc.attempts]})
+                    return json.dumps({"failure": [exc.reason, exc.error, exc.attempts]}), None
                 except Exception as exc:  # a bug or bad data must still end the job visibly
                     log.exception("stage=%s job=%s crashed", stage, job.job_id)
-                    return json.dumps({"failure": ["internal_error", f"{type(exc).__name__}: {exc}", 1]})
+                    error = f"{type(exc).__name__}: {exc}"
+                    return json.dumps({"failure": ["internal_error", error, 1]}), None
                 out.timings[stage] = round(time.monotonic() - t_start, 3)
-                return out.model_dump_json()
+                return out.model_dump_json(), out
 
             nxt = next_stage(stage)
             events: list[str] | None = None
+            made: ScanJob | None = None  # the output as this delivery computed it, while it is the stored one
             if stored is not None:
                 raw_out = stored.decode()
             else:
                 # One round trip claims the output and the events built from it (completed, and
                 # done after the last stage), unless another delivery's output is stored already.
-                raw_out = await compute()
-                done = json.loads(raw_out)
-                ours = [] if "failure" in done else self._completion(ScanJob.model_validate(done), stage)
+                raw_out, made = await compute()
+                ours = self._completion(made, stage) if made is not None else []
                 claims = [(out_key, raw_out), *ours]
                 won, _ = await self._claim(claims, guarded=True)
                 if ours and len(won) == len(claims):  # the guard passed: ours, and their events
                     events = won[1:]
-                raw_out = won[0]
-            done = json.loads(raw_out)
-            if "failure" in done:
-                await self.fail(job, stage, StageFailure(*done["failure"]), tp)
-                return
-            out = ScanJob.model_validate(done)
+                else:
+                    raw_out, made = won[0], None
+            if made is not None:
+                out = made
+            else:
+                done = json.loads(raw_out)
+                if "failure" in done:
+                    await self.fail(job, stage, StageFailure(*done["failure"]), tp)
+                    return
+                out = ScanJob.model_validate(done)
             if events is None:  # a redelivery, or a lost race: the events of the stored output
                 events, _ = await self._claim(self._completion(out, stage))
             for data in events:
@@ -244,7 +250,7 @@ class Pipeline:
                 if out.attempt == 0:  # a re-drive's age is the outage's, not the pipeline's
                     metrics.E2E.observe(max(0.0, time.time() - out.created_at))
             else:
-                await self._send(STAGE_TOPICS[nxt], out.job_id, out.model_dump_json(), tp)
+                await self._send(STAGE_TOPICS[nxt], out.job_id, raw_out, tp)  # the memo's bytes
             metrics.JOBS.labels(stage).inc()
         finally:
             metrics.IN_FLIGHT.labels(stage).dec()

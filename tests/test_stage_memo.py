@@ -67,7 +67,7 @@ def fake_work(p: Pipeline, delay: float = 0.0, fail: bool = False) -> list[int]:
     return calls
 
 
-async def test_the_claim_script_keeps_the_first_value_and_its_guard_claims_nothing_more(pipeline: Pipeline) -> None:
+async def test_the_claim_script_keeps_the_first_value_and_its_guard_stops_it(pipeline: Pipeline) -> None:
     a, b, c, d = (f"scan:memo:t-{uuid.uuid4().hex}:{n}" for n in "abcd")
     won, read = await pipeline._claim([(a, "1"), (b, "2")], (c,))
     assert (won, read) == (["1", "2"], [None])
@@ -82,7 +82,7 @@ async def test_the_claim_script_keeps_the_first_value_and_its_guard_claims_nothi
     await pipeline.redis.delete(a, b, c, d)
 
 
-async def test_a_redelivered_stage_resends_identical_bytes_without_a_second_model_call(pipeline: Pipeline) -> None:
+async def test_a_redelivered_stage_resends_identical_bytes_and_calls_no_model(pipeline: Pipeline) -> None:
     calls = fake_work(pipeline)
     job = scan_job()
     await pipeline.handle(PIPELINE[0], job.model_dump_json().encode(), {})
@@ -115,7 +115,8 @@ async def test_concurrent_deliveries_of_one_job_send_the_output_stored_first(pip
     calls_seen = {json.loads(v).get("classification", {}).get("call") for _, _, v in forward}
     assert len(calls_seen) == 1
     stored = await pipeline.redis.get(keys.memo(job.job_id, f"out:{PIPELINE[0]}"))
-    assert json.loads(stored)["classification"]["call"] in calls_seen
+    assert stored is not None and json.loads(stored)["classification"]["call"] in calls_seen
+    assert forward[0][2] == stored.decode()  # the next stage gets the stored output's bytes
 
 
 async def test_the_last_stage_claims_completed_and_done_once(pipeline: Pipeline) -> None:
