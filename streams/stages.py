@@ -57,19 +57,20 @@ class StageFailure(Exception):
 
 # Claims memos in one command (EVALSHA) instead of a redis-py pipeline (issue 19: the pipeline
 # machinery cost about what the round trips it saved did). KEYS: the keys to claim, then the keys
-# to read; ARGV: TTL, "1" when the first claim guards the rest, then one value per claimed key.
-# SET NX GET keeps the first value ever stored under a key (what a redelivery re-sends) and
-# returns it, nil when ours was stored. With the guard, a lost first claim (another delivery's
-# output is stored) stops the script before the claims that were built from ours: the caller
-# builds them again from the stored output.
+# to read; ARGV: TTL, the guard (the position of the claim that guards those after it, 0 for
+# none), then one value per claimed key. SET NX GET keeps the first value ever stored under a key
+# (what a redelivery re-sends) and returns it, nil when ours was stored. A lost guard (another
+# delivery's output is stored) stops the script before the claims that were built from ours: the
+# caller builds them again from the stored output.
 _CLAIM = """
 local ttl = ARGV[1]
+local guard = tonumber(ARGV[2])
 local n = #ARGV - 2
 local out = {}
 for i = 1, n do
   local prev = redis.call('SET', KEYS[i], ARGV[i + 2], 'NX', 'GET', 'EX', ttl)
-  if i == 1 and prev and ARGV[2] == '1' then return {prev} end
   out[i] = prev
+  if i == guard and prev then return out end
 end
 for i = n + 1, #KEYS do out[i] = redis.call('GET', KEYS[i]) end
 return out
@@ -98,16 +99,16 @@ class Pipeline:
         )
 
     async def _claim(
-        self, claims: list[tuple[str, str]], read: tuple[str, ...] = (), guarded: bool = False
+        self, claims: list[tuple[str, str]], read: tuple[str, ...] = (), guard: int = 0
     ) -> tuple[list[str], list[bytes | None]]:
         """In one round trip: SET NX GET every (key, value) of `claims` (the first value ever
         stored under each key wins: what a redelivery re-sends) and GET every key of `read`.
 
-        `guarded`: the claims after the first were built from the first's value; when another
-        value is stored under the first key already, only that value comes back (a list of one)
-        and nothing else is claimed."""
+        `guard` (1-based): the claims after that one were built from its value; when another
+        value is stored under its key already, the answers stop there (a shorter list) and
+        nothing after it is claimed."""
         names = [k for k, _ in claims] + list(read)
-        args = [self.memo_ttl_s, "1" if guarded else "0", *(value for _, value in claims)]
+        args: list[str | int] = [self.memo_ttl_s, guard, *(value for _, value in claims)]
         out = await _redis_retry(lambda: self._claim_script(keys=names, args=args))
         won = [
             prev.decode() if prev is not None else value
@@ -194,12 +195,6 @@ class Pipeline:
         metrics.IN_FLIGHT.labels(stage).inc()
         t0 = time.monotonic()
         try:
-            # One round trip claims the `started` event and reads the stage's memoised output
-            # (a redelivered job re-sends what was stored, and skips the work when it is done).
-            out_key = keys.memo(job.job_id, f"out:{stage}", job.attempt)
-            (started,), (stored,) = await self._claim([self._event(job, stage, "started")], (out_key,))
-            await self._send(EVENTS, job.job_id, started, tp)
-
             async def compute() -> tuple[str, ScanJob | None]:
                 # A failure is memoised like a success within its attempt (a redelivery re-sends
                 # the same events); only a re-drive, the next attempt, may turn it around.
@@ -218,22 +213,34 @@ class Pipeline:
                 out.timings[stage] = round(time.monotonic() - t_start, 3)
                 return out.model_dump_json(), out
 
-            nxt = next_stage(stage)
+            out_key = keys.memo(job.job_id, f"out:{stage}", job.attempt)
+            started_claim = self._event(job, stage, "started")
             events: list[str] | None = None
-            made: ScanJob | None = None  # the output as this delivery computed it, while it is the stored one
-            if stored is not None:
-                raw_out = stored.decode()
-            else:
-                # One round trip claims the output and the events built from it (completed, and
-                # done after the last stage), unless another delivery's output is stored already.
+            made: ScanJob | None = None  # the output this delivery computed, while it is the stored one
+            if registry.REGISTRY[stage].model_free:
+                # Cheap and free of side effects: computed first, so that one round trip claims
+                # `started`, the output and its events (unless another delivery's output is stored).
                 raw_out, made = await compute()
-                ours = self._completion(made, stage) if made is not None else []
-                claims = [(out_key, raw_out), *ours]
-                won, _ = await self._claim(claims, guarded=True)
-                if ours and len(won) == len(claims):  # the guard passed: ours, and their events
-                    events = won[1:]
+                claims = [started_claim, (out_key, raw_out), *self._completion(made, stage)]
+                won, _ = await self._claim(claims, guard=2)
+                await self._send(EVENTS, job.job_id, won[0], tp)
+                events, made = self._settle(won, claims, 1, made)
+                raw_out = won[1]
+            else:
+                # One round trip claims the `started` event and reads the stage's memoised output
+                # (a redelivered job re-sends what was stored, and skips the work when it is done).
+                (started,), (stored,) = await self._claim([started_claim], (out_key,))
+                await self._send(EVENTS, job.job_id, started, tp)
+                if stored is not None:
+                    raw_out = stored.decode()
                 else:
-                    raw_out, made = won[0], None
+                    # One round trip claims the output and the events built from it (completed,
+                    # and done after the last stage), unless another delivery's output is stored.
+                    raw_out, made = await compute()
+                    claims = [(out_key, raw_out), *self._completion(made, stage)]
+                    won, _ = await self._claim(claims, guard=1)
+                    events, made = self._settle(won, claims, 0, made)
+                    raw_out = won[0]
             if made is not None:
                 out = made
             else:
@@ -244,6 +251,7 @@ class Pipeline:
                 out = ScanJob.model_validate(done)
             if events is None:  # a redelivery, or a lost race: the events of the stored output
                 events, _ = await self._claim(self._completion(out, stage))
+            nxt = next_stage(stage)
             for data in events:
                 await self._send(EVENTS, out.job_id, data, tp)
             if nxt == DONE:
@@ -256,8 +264,22 @@ class Pipeline:
             metrics.IN_FLIGHT.labels(stage).dec()
             metrics.STAGE_LATENCY.labels(stage).observe(time.monotonic() - t0)
 
-    def _completion(self, out: ScanJob, stage: str) -> list[tuple[str, str]]:
-        """(memo key, JSON) of the stage's `completed` event, and of `done` after the last stage."""
+    @staticmethod
+    def _settle(
+        won: list[str], claims: list[tuple[str, str]], at: int, made: ScanJob | None
+    ) -> tuple[list[str] | None, ScanJob | None]:
+        """After a guarded claim of the output (at `at`) and its events: (the events, the output)
+        when ours was stored and its events claimed; (None, None) when another delivery's output
+        (or our failure) was: the caller then reads the stored output and claims its events."""
+        if made is not None and len(won) == len(claims) and won[at] == claims[at][1]:
+            return won[at + 1 :], made
+        return None, None
+
+    def _completion(self, out: ScanJob | None, stage: str) -> list[tuple[str, str]]:
+        """(memo key, JSON) of the stage's `completed` event, and of `done` after the last stage;
+        none for a failure (no output)."""
+        if out is None:
+            return []
         nxt = next_stage(stage)
         claims = [self._event(out, stage, "completed")]
         if nxt == DONE:

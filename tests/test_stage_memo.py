@@ -73,10 +73,10 @@ async def test_the_claim_script_keeps_the_first_value_and_its_guard_stops_it(pip
     assert (won, read) == (["1", "2"], [None])
     won, read = await pipeline._claim([(a, "x"), (c, "3")], (b,))
     assert (won, read) == (["1", "3"], [b"2"])  # unguarded: the later claims go on
-    won, _ = await pipeline._claim([(a, "y"), (d, "4")], guarded=True)
+    won, _ = await pipeline._claim([(a, "y"), (d, "4")], guard=1)
     assert won == ["1"]  # the first key holds another value: the rest was not claimed
     assert await pipeline.redis.get(d) is None
-    won, _ = await pipeline._claim([(d, "5"), (c, "6")], guarded=True)
+    won, _ = await pipeline._claim([(d, "5"), (c, "6")], guard=1)
     assert won == ["5", "3"]  # the guard passed: every claim answered
     assert 0 < await pipeline.redis.ttl(a) <= pipeline.memo_ttl_s
     await pipeline.redis.delete(a, b, c, d)
@@ -116,7 +116,7 @@ async def test_concurrent_deliveries_of_one_job_send_the_output_stored_first(pip
     assert len(calls_seen) == 1
     stored = await pipeline.redis.get(keys.memo(job.job_id, f"out:{PIPELINE[0]}"))
     assert stored is not None and json.loads(stored)["classification"]["call"] in calls_seen
-    assert forward[0][2] == stored.decode()  # the next stage gets the stored output's bytes
+    assert forward[0][2].encode() == stored  # the next stage gets the stored output's bytes
 
 
 async def test_the_last_stage_claims_completed_and_done_once(pipeline: Pipeline) -> None:
@@ -141,3 +141,43 @@ async def test_a_failure_is_memoised_within_its_attempt(pipeline: Pipeline) -> N
     assert [n for n, _, _ in first] == [n for n, _, _ in second] == [EVENTS, EVENTS, DLQ]
     assert json.loads(first[1][2])["status"] == "failed"
     assert "refused #0" in json.loads(first[2][2])["error"]
+
+
+async def test_a_model_free_stage_claims_its_whole_step_once_whoever_computes_it(pipeline: Pipeline) -> None:
+    """A model-free stage runs before its claims (one round trip): deliveries that compute
+    different outputs at once, and a later redelivery, all send the bytes stored first."""
+    free = next(name for name in PIPELINE if registry.REGISTRY[name].model_free)
+    calls = fake_work(pipeline, delay=0.05)
+    job = scan_job()
+    raw = job.model_dump_json().encode()
+    await asyncio.gather(pipeline.handle(free, raw, {}), pipeline.handle(free, raw, {}))
+    await pipeline.handle(free, raw, {})
+    assert len(calls) == 3  # cheap work is done again; what is sent is not
+    sent = pipeline.sent  # type: ignore[attr-defined]
+    assert len(sent) == 9 and len(set(sent)) == 3
+    stored = await pipeline.redis.get(keys.memo(job.job_id, f"out:{free}"))
+    assert stored is not None and {v.encode() for n, _, v in sent if n != EVENTS} == {stored}
+    statuses = [(json.loads(v)["stage"], json.loads(v)["status"]) for n, _, v in sent[:3] if n == EVENTS]
+    assert statuses == [(free, "started"), (free, "completed")]
+
+
+async def test_model_free_agents_ask_for_no_model() -> None:
+    """`model_free=True` lets the engine run an agent again on every redelivery: only an agent
+    that never takes a model client (nor makes any other outside call) may say so."""
+
+    class NoModel:
+        s = Settings()
+
+        def model(self) -> Any:
+            raise AssertionError("a model_free agent asked for a model")
+
+        async def retried(self, stage: str, call: Any) -> Any:
+            raise AssertionError("a model_free agent made a retried call")
+
+    job = scan_job(classification={"major_category": "plastic"}, answer={"disposal_steps": [], "gaps": []})
+    free = [a for a in registry.load().values() if a.model_free]
+    assert free and len(free) < len(PIPELINE)
+    for agent in free:
+        await agent.run(NoModel(), job)
+    with pytest.raises(AssertionError):  # the check can fail: the first stage calls the model
+        await registry.REGISTRY[PIPELINE[0]].run(NoModel(), job)
