@@ -41,7 +41,7 @@ async def test_model_clients_split_the_connections_and_keep_them_alive() -> None
     for c in clients.clients:
         transport = c._client._transport  # type: ignore[attr-defined]  # SDK client -> transport
         assert type(transport).__name__ == "AiohttpTransport"  # the SDK's aiohttp transport (issue 19)
-        limits = transport.limits  # what its aiohttp connector is built with on the first call
+        limits = transport.limits  # type: ignore[attr-defined]  # its aiohttp connector is built with them
         assert (limits.max_connections, limits.max_keepalive_connections) == (125, 125)
         assert c.max_retries == 0
     for c in clients.clients:
