@@ -3,7 +3,9 @@
 A new stage's agent is appended here (with its output model): the fields of the output model are
 what the stage adds to the job on its way and to the stored result (persistence/store.py adds a
 column per field: text for a `str`, JSONB otherwise). The agent gets the job as the previous stages
-left it; model calls go through `ctx.retried(...)` for the stage timeout and retries.
+left it; model calls go through `ctx.retried(...)` for the stage timeout and retries. An agent that
+calls no model (nor anything else outside the process) says so with `model_free=True`: it saves its
+stage a Redis round trip per job.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class RuleOutput(BaseModel):
     rules: dict[str, Any] | None = None
 
 
-@stage("rule", RuleOutput)
+@stage("rule", RuleOutput, model_free=True)
 async def rule(ctx: Context, job: ScanJob) -> RuleOutput:
     """Look the classification up in the rule base (no model call)."""
     match = rules.lookup(job.classification or {})
@@ -60,7 +62,7 @@ class RewardOutput(BaseModel):
     reward: dict[str, Any] | None = None
 
 
-@stage("reward", RewardOutput)
+@stage("reward", RewardOutput, model_free=True)
 async def reward(ctx: Context, job: ScanJob) -> RewardOutput:
     """Grant a character when the scan earned one."""
     decided = rewards.decide(job.classification, job.rules is not None, job.answer)

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx2
 import openai
-from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+from openai import AsyncOpenAI, DefaultAioHttpClient
 from openai._constants import DEFAULT_CONNECTION_LIMITS
 
 from catalog import rules
@@ -36,17 +36,25 @@ class PermanentModelError(Exception):
 
 
 def client(s: Settings, max_connections: int | None = None) -> AsyncOpenAI:
-    """One reused client. Its pool keeps every connection alive (the SDK's default keeps 100 of
-    1,000, so at a few hundred calls in flight it would reconnect for most calls)."""
+    """One reused client on the SDK's aiohttp transport (`DefaultAioHttpClient`, the SDK's
+    documented option; aiohttp is already installed for Faust). The SDK's default transport
+    (httpx2 -> httpcore2 -> h11 on anyio) parsed and wrote each request in pure Python: ~10% of a
+    stage worker's CPU at 300 VUs; aiohttp's C parser and plain asyncio streams do it for a
+    fraction (issue 19). Its pool keeps every connection alive (the SDK's default limits keep 100
+    of 1,000, so at a few hundred calls in flight it would reconnect for most calls)."""
     n = max_connections or s.model_max_connections
     return AsyncOpenAI(
         base_url=s.model_base_url,
         api_key=s.model_api_key,
         max_retries=0,  # retries are ours (per stage, with backoff and metrics), not the library's
         timeout=s.stage_timeout_s,
-        http_client=DefaultAsyncHttpxClient(
+        http_client=DefaultAioHttpClient(
             # the Limits class of whichever httpx the SDK is built on
-            limits=type(DEFAULT_CONNECTION_LIMITS)(max_connections=n, max_keepalive_connections=n),
+            limits=type(DEFAULT_CONNECTION_LIMITS)(
+                max_connections=n,
+                max_keepalive_connections=n,
+                keepalive_expiry=DEFAULT_CONNECTION_LIMITS.keepalive_expiry,
+            ),
             timeout=s.stage_timeout_s,
         ),
     )
@@ -55,10 +63,9 @@ def client(s: Settings, max_connections: int | None = None) -> AsyncOpenAI:
 class Clients:
     """A few clients taken in turn, each with its share of the connections.
 
-    The HTTP pool under the SDK walks all of its connections (probing idle sockets) whenever a
-    request starts or ends, so with hundreds of model calls in one pool that walk took ~10% of the
-    stage worker's CPU at 300 VUs (docs/benchmarks.md); `model_client_pools` smaller pools cost
-    the same calls a fraction of it."""
+    With the SDK's default (httpcore) transport, the pool walked all of its connections whenever
+    a request started or ended, so several smaller pools cost hundreds of calls in flight less;
+    aiohttp's pool does not walk, and `model_client_pools` is kept only to spread the sockets."""
 
     def __init__(self, s: Settings) -> None:
         pools = max(1, s.model_client_pools)

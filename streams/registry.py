@@ -2,8 +2,11 @@
 
 `@stage(name, Output)` registers an agent: an async function (context, job) -> Output, where
 `Output` is a pydantic model whose fields are what the stage adds to the job (and to the stored
-result: persistence/store.py derives its columns from these models). The agents themselves live in
-`streams/agents.py`; `check()` (run when a worker starts) names every stage of
+result: persistence/store.py derives its columns from these models). `@stage(..., model_free=True)`
+marks an agent that calls no model and nothing else outside the process (a lookup, a rule): the
+engine may run it before it knows whether a redelivery's output is stored already, and claim its
+`started` event, output and `completed` in one Redis round trip (streams/stages.py). The agents
+themselves live in `streams/agents.py`; `check()` (run when a worker starts) names every stage of
 `contract.pipeline.PIPELINE` without an agent and every agent without a stage.
 """
 
@@ -42,6 +45,7 @@ class StageAgent:
     name: str
     output: type[BaseModel]
     run: Callable[[Context, ScanJob], Awaitable[BaseModel]]
+    model_free: bool = False  # no model call, no side effect: cheap to run again on a redelivery
 
 
 REGISTRY: dict[str, StageAgent] = {}
@@ -55,7 +59,7 @@ class RegistryMismatch(RuntimeError):
     """The agents and contract.pipeline.PIPELINE do not describe the same stages."""
 
 
-def stage(name: str, output: type[Out]) -> Callable[[Agent[Out]], Agent[Out]]:
+def stage(name: str, output: type[Out], model_free: bool = False) -> Callable[[Agent[Out]], Agent[Out]]:
     """Register the decorated function as the agent of stage `name`, adding `output`'s fields."""
 
     def register(fn: Agent[Out]) -> Agent[Out]:
@@ -66,7 +70,7 @@ def stage(name: str, output: type[Out]) -> Callable[[Agent[Out]], Agent[Out]]:
         if clash:
             raise RegistryMismatch(f"stage {name!r} outputs {sorted(clash)}, already fields of the job "
                                    "or of another stage's output")
-        REGISTRY[name] = StageAgent(name, output, fn)  # type: ignore[arg-type]
+        REGISTRY[name] = StageAgent(name, output, fn, model_free)  # type: ignore[arg-type]
         return fn
 
     return register

@@ -55,41 +55,69 @@ class StageFailure(Exception):
         self.attempts = attempts
 
 
+# Claims memos in one command (EVALSHA) instead of a redis-py pipeline (issue 19: the pipeline
+# machinery cost about what the round trips it saved did). KEYS: the keys to claim, then the keys
+# to read; ARGV: TTL, the guard (the position of the claim that guards those after it, 0 for
+# none), then one value per claimed key. SET NX GET keeps the first value ever stored under a key
+# (what a redelivery re-sends) and returns it, nil when ours was stored. A lost guard (another
+# delivery's output is stored) stops the script before the claims that were built from ours: the
+# caller builds them again from the stored output.
+_CLAIM = """
+local ttl = ARGV[1]
+local guard = tonumber(ARGV[2])
+local n = #ARGV - 2
+local out = {}
+for i = 1, n do
+  local prev = redis.call('SET', KEYS[i], ARGV[i + 2], 'NX', 'GET', 'EX', ttl)
+  out[i] = prev
+  if i == guard and prev then return out end
+end
+for i = n + 1, #KEYS do out[i] = redis.call('GET', KEYS[i]) end
+return out
+"""
+
+
 class Pipeline:
     """What every stage needs: topics, Redis (memo), the model client, settings."""
 
     def __init__(self, app: faust.App, s: Settings) -> None:
         self.s = s
+        self.app = app
         self.topics = {name: topic(app, name) for name in [*STAGE_TOPICS.values(), EVENTS, DLQ]}
         self.redis = pooled_client(s.redis_url, 64, f"eco2-stages-{os.getpid()}")
+        self._claim_script = self.redis.register_script(_CLAIM)
         self.models = model.Clients(s)
         self.memo_ttl_s = s.memo_ttl_s
 
     # --- output ------------------------------------------------------------------------------
 
     async def _send(self, name: str, job_id: str, value: str, traceparent: str) -> None:
-        await self.topics[name].send(
-            key=job_id.encode(),
-            value=value.encode(),
-            partition=partition_for(job_id, BY_NAME[name].partitions),
-            headers={trace.HEADER: traceparent.encode()},
+        """Hand one record to Faust's producer. Not through `Topic.send`: its per-message layer
+        (a FutureMessage, serializers for bytes we already have, sensors nobody reads) cost about
+        as much as the produce call itself (issue 19). The record is in the same producer, so
+        Faust's commit still flushes it before the offset that led to it (streams/commits.py)."""
+        sent = await self.app.producer.send(
+            name,
+            job_id.encode(),
+            value.encode(),
+            partition_for(job_id, BY_NAME[name].partitions),
+            None,
+            {trace.HEADER: traceparent.encode()},
         )
+        sent.add_done_callback(_warn_unsent)  # type: ignore[attr-defined]
 
     async def _claim(
-        self, claims: list[tuple[str, str]], read: tuple[str, ...] = ()
+        self, claims: list[tuple[str, str]], read: tuple[str, ...] = (), guard: int = 0
     ) -> tuple[list[str], list[bytes | None]]:
         """In one round trip: SET NX GET every (key, value) of `claims` (the first value ever
-        stored under each key wins: what a redelivery re-sends) and GET every key of `read`."""
+        stored under each key wins: what a redelivery re-sends) and GET every key of `read`.
 
-        async def run() -> list[Any]:
-            pipe = self.redis.pipeline(transaction=False)
-            for key, value in claims:
-                pipe.set(key, value, nx=True, get=True, ex=self.memo_ttl_s)
-            for key in read:
-                pipe.get(key)
-            return await pipe.execute()  # type: ignore[no-any-return]
-
-        out = await _redis_retry(run)
+        `guard` (1-based): the claims after that one were built from its value; when another
+        value is stored under its key already, the answers stop there (a shorter list) and
+        nothing after it is claimed."""
+        names = [k for k, _ in claims] + list(read)
+        args: list[str | int] = [self.memo_ttl_s, guard, *(value for _, value in claims)]
+        out = await _redis_retry(lambda: self._claim_script(keys=names, args=args))
         won = [
             prev.decode() if prev is not None else value
             for (_, value), prev in zip(claims, out, strict=False)
@@ -175,53 +203,96 @@ class Pipeline:
         metrics.IN_FLIGHT.labels(stage).inc()
         t0 = time.monotonic()
         try:
-            # One round trip claims the `started` event and reads the stage's memoised output
-            # (a redelivered job re-sends what was stored, and skips the work when it is done).
-            out_key = keys.memo(job.job_id, f"out:{stage}", job.attempt)
-            (started,), (stored,) = await self._claim([self._event(job, stage, "started")], (out_key,))
-            await self._send(EVENTS, job.job_id, started, tp)
-
-            async def compute() -> str:
+            async def compute() -> tuple[str, ScanJob | None]:
                 # A failure is memoised like a success within its attempt (a redelivery re-sends
                 # the same events); only a re-drive, the next attempt, may turn it around.
                 if carried(job, stage):
-                    return self.stamp(job).model_dump_json()
+                    out = self.stamp(job)
+                    return out.model_dump_json(), out
                 t_start = time.monotonic()
                 try:
                     out = await self.run_stage(stage, job)
                 except StageFailure as exc:
-                    return json.dumps({"failure": [exc.reason, exc.error, exc.attempts]})
+                    return json.dumps({"failure": [exc.reason, exc.error, exc.attempts]}), None
                 except Exception as exc:  # a bug or bad data must still end the job visibly
                     log.exception("stage=%s job=%s crashed", stage, job.job_id)
-                    return json.dumps({"failure": ["internal_error", f"{type(exc).__name__}: {exc}", 1]})
+                    error = f"{type(exc).__name__}: {exc}"
+                    return json.dumps({"failure": ["internal_error", error, 1]}), None
                 out.timings[stage] = round(time.monotonic() - t_start, 3)
-                return out.model_dump_json()
+                return out.model_dump_json(), out
 
-            if stored is not None:
-                raw_out = stored.decode()
+            out_key = keys.memo(job.job_id, f"out:{stage}", job.attempt)
+            started_claim = self._event(job, stage, "started")
+            events: list[str] | None = None
+            made: ScanJob | None = None  # the output this delivery computed, while it is the stored one
+            if registry.REGISTRY[stage].model_free:
+                # Cheap and free of side effects: computed first, so that one round trip claims
+                # `started`, the output and its events (unless another delivery's output is stored).
+                raw_out, made = await compute()
+                claims = [started_claim, (out_key, raw_out), *self._completion(made, stage)]
+                won, _ = await self._claim(claims, guard=2)
+                await self._send(EVENTS, job.job_id, won[0], tp)
+                events, made = self._settle(won, claims, 1, made)
+                raw_out = won[1]
             else:
-                (raw_out,), _ = await self._claim([(out_key, await compute())])
-            done = json.loads(raw_out)
-            if "failure" in done:
-                await self.fail(job, stage, StageFailure(*done["failure"]), tp)
-                return
-            out = ScanJob.model_validate(done)
+                # One round trip claims the `started` event and reads the stage's memoised output
+                # (a redelivered job re-sends what was stored, and skips the work when it is done).
+                (started,), (stored,) = await self._claim([started_claim], (out_key,))
+                await self._send(EVENTS, job.job_id, started, tp)
+                if stored is not None:
+                    raw_out = stored.decode()
+                else:
+                    # One round trip claims the output and the events built from it (completed,
+                    # and done after the last stage), unless another delivery's output is stored.
+                    raw_out, made = await compute()
+                    claims = [(out_key, raw_out), *self._completion(made, stage)]
+                    won, _ = await self._claim(claims, guard=1)
+                    events, made = self._settle(won, claims, 0, made)
+                    raw_out = won[0]
+            if made is not None:
+                out = made
+            else:
+                done = json.loads(raw_out)
+                if "failure" in done:
+                    await self.fail(job, stage, StageFailure(*done["failure"]), tp)
+                    return
+                out = ScanJob.model_validate(done)
+            if events is None:  # a redelivery, or a lost race: the events of the stored output
+                events, _ = await self._claim(self._completion(out, stage))
             nxt = next_stage(stage)
-            claims = [self._event(out, stage, "completed")]
-            if nxt == DONE:
-                claims.append(self._event(out, DONE, "completed", result=result_of(out, "completed")))
-            events, _ = await self._claim(claims)  # completed (and done): one round trip
             for data in events:
                 await self._send(EVENTS, out.job_id, data, tp)
             if nxt == DONE:
                 if out.attempt == 0:  # a re-drive's age is the outage's, not the pipeline's
                     metrics.E2E.observe(max(0.0, time.time() - out.created_at))
             else:
-                await self._send(STAGE_TOPICS[nxt], out.job_id, out.model_dump_json(), tp)
+                await self._send(STAGE_TOPICS[nxt], out.job_id, raw_out, tp)  # the memo's bytes
             metrics.JOBS.labels(stage).inc()
         finally:
             metrics.IN_FLIGHT.labels(stage).dec()
             metrics.STAGE_LATENCY.labels(stage).observe(time.monotonic() - t0)
+
+    @staticmethod
+    def _settle(
+        won: list[str], claims: list[tuple[str, str]], at: int, made: ScanJob | None
+    ) -> tuple[list[str] | None, ScanJob | None]:
+        """After a guarded claim of the output (at `at`) and its events: (the events, the output)
+        when ours was stored and its events claimed; (None, None) when another delivery's output
+        (or our failure) was: the caller then reads the stored output and claims its events."""
+        if made is not None and len(won) == len(claims) and won[at] == claims[at][1]:
+            return won[at + 1 :], made
+        return None, None
+
+    def _completion(self, out: ScanJob | None, stage: str) -> list[tuple[str, str]]:
+        """(memo key, JSON) of the stage's `completed` event, and of `done` after the last stage;
+        none for a failure (no output)."""
+        if out is None:
+            return []
+        nxt = next_stage(stage)
+        claims = [self._event(out, stage, "completed")]
+        if nxt == DONE:
+            claims.append(self._event(out, DONE, "completed", result=result_of(out, "completed")))
+        return claims
 
     async def fail(self, job: ScanJob, stage: str, exc: StageFailure, tp: str) -> None:
         log.warning("stage=%s job=%s failed reason=%s error=%s", stage, job.job_id, exc.reason, exc.error)
@@ -281,6 +352,12 @@ def result_of(
             versioning.FIELD: versioning.SCHEMA_VERSION,  # a new record: the writer's stamp
         }
     )
+
+
+def _warn_unsent(sent: asyncio.Future[Any]) -> None:
+    """What Faust's Topic.send did with a record the producer gave up on: say so."""
+    if not sent.cancelled() and sent.exception() is not None:
+        log.warning("a record was not delivered: %s", sent.exception())
 
 
 async def _redis_retry(call: Callable[[], Awaitable[Any]]) -> Any:

@@ -39,8 +39,10 @@ async def test_model_clients_split_the_connections_and_keep_them_alive() -> None
     taken = [clients.take() for _ in range(16)]
     assert taken[:8] == clients.clients and taken[8:] == clients.clients  # in turn
     for c in clients.clients:
-        pool = c._client._transport._pool  # type: ignore[attr-defined]  # SDK client -> transport -> pool
-        assert (pool._max_connections, pool._max_keepalive_connections) == (125, 125)
+        transport = c._client._transport  # type: ignore[attr-defined]  # SDK client -> transport
+        assert type(transport).__name__ == "AiohttpTransport"  # the SDK's aiohttp transport (issue 19)
+        limits = transport.limits  # type: ignore[attr-defined]  # its aiohttp connector is built with them
+        assert (limits.max_connections, limits.max_keepalive_connections) == (125, 125)
         assert c.max_retries == 0
     for c in clients.clients:
         await c.close()
@@ -55,3 +57,30 @@ def test_redis_clients_parse_replies_in_c() -> None:
     client = aioredis.from_url("redis://127.0.0.1:1")  # never connects: the parser is chosen here
     assert client.connection_pool.connection_kwargs.get("parser_class", None) in (None, _AsyncHiredisParser)
     assert client.connection_pool.make_connection()._parser.__class__ is _AsyncHiredisParser
+
+
+def test_the_faust_worker_leaves_the_root_logger_at_warning(tmp_path: Path) -> None:
+    """Faust's terminal spinner set the root logger to DEBUG, so every debug call of every library
+    built a record for nothing (issue 19); `no_spinner` keeps the level the worker asked for."""
+    import logging
+
+    from faust.worker import Worker
+
+    from streams.__main__ import no_spinner
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    app = create_app("unit-no-spinner", Settings(local_dir=tmp_path))
+    try:
+        levels = {}
+        for fixed in (False, True):
+            worker = Worker(app, loglevel="warning", quiet=True)
+            if fixed:
+                no_spinner(worker)
+            worker._setup_logging()
+            levels[fixed] = root.level
+        assert levels == {False: logging.DEBUG, True: logging.WARNING}
+        assert not logging.getLogger("httpcore2.http11").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
