@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     max_idempotency_key_len: int = 200
     max_user_id_len: int = 128  # X-User-ID (and the gateway's dev ?user=); contract/identity.py
     api_txn_producers: int = 4  # transactional producers committing job batches in parallel
+    # Group-commit window: a transaction waits this long after its first job for more (0 = only
+    # what is already queued). Fewer transactions (~4 broker requests each) for up to this much
+    # more POST latency; issue 19 measured it (docs/benchmarks.md).
+    api_txn_window_ms: int = 0
     api_submit_timeout_s: float = 10.0  # a POST that Kafka cannot take this fast answers 503
 
     # Per-user quotas (quota/), kept in Redis and shared by every API and gateway replica. Sized
