@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     max_idempotency_key_len: int = 200
     max_user_id_len: int = 128  # X-User-ID (and the gateway's dev ?user=); contract/identity.py
     api_txn_producers: int = 4  # transactional producers committing job batches in parallel
+    # Group-commit window: a transaction waits this long after its first job for more (0 = only
+    # what is already queued). Fewer transactions (~4 broker requests each) for up to this much
+    # more POST latency; issue 19 measured it (docs/benchmarks.md).
+    api_txn_window_ms: int = 0
     api_submit_timeout_s: float = 10.0  # a POST that Kafka cannot take this fast answers 503
 
     # Per-user quotas (quota/), kept in Redis and shared by every API and gateway replica. Sized
@@ -176,7 +180,9 @@ class Settings(BaseSettings):
     # Event router (scan.events -> Redis).
     router_group: str = "eco2-router"  # = contract.topics.ROUTER_GROUP; tests run their own group
     router_batch_max: int = 500  # events per Redis round trip
-    router_batch_within_s: float = 0.02  # longest wait to fill a batch (adds at most this latency)
+    # A batch is cut this long after its first event (streams/take.py): adds at most this latency,
+    # as Faust's 20 ms clock did at most 20 ms (10 ms on average) while waking 50 times a second.
+    router_batch_within_s: float = 0.01
     # The router takes ~10 events per scan: a fetch waits up to 50 ms for 64 KiB, so one fetch,
     # one wake-up and one Redis round trip carry several events (halved its CPU per scan; adds
     # at most 50 ms to SSE delivery).

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
-from fastapi import FastAPI, Header, Request, Response
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -33,6 +33,7 @@ from runtime.metrics import add_metrics_route, track_event_loop
 from view import StateStore, pooled_client
 
 from . import idempotency, openapi
+from .body_limit import BodyLimit
 from .jobs import JobWriter
 from .validation import InvalidInput, check_request
 
@@ -112,16 +113,13 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         expose_headers=["Location", "Retry-After", "RateLimit", "RateLimit-Policy"],
     )
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
-            return error(413, "body_too_large", f"request body is larger than {s.max_body_bytes} bytes")
-        if request.method == "POST" and length is None:
-            body = await request.body()  # chunked: read (bounded by the server) and measure
-            if len(body) > s.max_body_bytes:
-                return error(413, "body_too_large", f"request body is larger than {s.max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=s.max_body_bytes,
+        too_large=lambda: error(
+            413, "body_too_large", f"request body is larger than {s.max_body_bytes} bytes"
+        ),
+    )
 
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> JSONResponse:

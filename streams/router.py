@@ -1,10 +1,11 @@
 """The event router: `scan.events` -> Redis state, history and live pub/sub, in batches.
 
-At-least-once: Faust's `take_events` acks a batch only when the agent asks for the next one, so
-the batch is applied to Redis first. A Redis outage is retried with backoff for as long as it
-lasts (the agent simply stops asking for events); nothing is dropped, and replays are harmless
-because `StateStore.apply` is idempotent. Stopped while a batch still waits for Redis, the
-process exits at once without committing (Faust would otherwise wait on the unacked batch).
+At-least-once: `take_after_first` (streams/take.py, Faust's `take_events` without its idle clock)
+acks a batch only when the agent asks for the next one, so the batch is applied to Redis first.
+A Redis outage is retried with backoff for as long as it lasts (the agent simply stops asking
+for events); nothing is dropped, and replays are harmless because
+`StateStore.apply` is idempotent. Stopped while a batch still waits for Redis, the process exits
+at once without committing (Faust would otherwise wait on the unacked batch).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from view import StateStore, client
 
 from .app import topic, trace_logger
 from .heal import Healer
+from .take import take_after_first
 
 log = trace_logger("eco2.router")
 
@@ -54,8 +56,8 @@ EXIT_UNAPPLIED = 75
 def parse(events: Sequence[Any]) -> list[ScanEvent]:
     """The valid ScanEvents of a Faust batch, each logged with its trace id."""
     out: list[ScanEvent] = []
+    debug = log.isEnabledFor(logging.DEBUG)
     for event in events:
-        tp = from_headers(event.headers)
         try:
             ev = ScanEvent.model_validate_json(event.value)
         except (ValidationError, ValueError) as exc:
@@ -66,19 +68,21 @@ def parse(events: Sequence[Any]) -> list[ScanEvent]:
                 msg.topic,
                 msg.partition,
                 msg.offset,
-                trace_id(tp),
+                trace_id(from_headers(event.headers)),
                 exc,
             )
             continue
-        # Per event at DEBUG: at 10k events/s an INFO line each would cost the router a core.
-        log.debug(
-            "route job=%s seq=%s stage=%s status=%s trace=%s",
-            ev.job_id,
-            ev.seq,
-            ev.stage,
-            ev.status,
-            trace_id(tp),
-        )
+        # Per event at DEBUG: at 10k events/s an INFO line each would cost the router a core
+        # (and its arguments are worked out only when DEBUG is on).
+        if debug:
+            log.debug(
+                "route job=%s seq=%s stage=%s status=%s trace=%s",
+                ev.job_id,
+                ev.seq,
+                ev.stage,
+                ev.status,
+                trace_id(from_headers(event.headers)),
+            )
         out.append(ev)
     return out
 
@@ -149,8 +153,7 @@ def register(
 
     @app.agent(topic(app, EVENTS), name="eco2-router")
     async def route(stream: faust.StreamT[bytes]) -> None:
-        batches = stream.take_events(s.router_batch_max, within=s.router_batch_within_s)  # type: ignore[attr-defined]
-        async for batch in batches:
+        async for batch in take_after_first(stream, s.router_batch_max, s.router_batch_within_s):
             events = parse(batch)
             if not events:
                 continue

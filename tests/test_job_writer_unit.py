@@ -15,6 +15,7 @@ from aiokafka.errors import OutOfOrderSequenceNumber
 
 from contract.events import ScanJob, make_event, now
 from contract.settings import Settings
+from producers import jobs as jobs_module
 from producers.jobs import JobWriter, _Pending
 
 
@@ -79,6 +80,70 @@ async def test_a_failed_delivery_answers_the_request_with_an_error() -> None:
         with pytest.raises(OutOfOrderSequenceNumber):
             await w.submit(p.job, p.event, "")
         assert replaced.is_set()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class CountingProducer(FakeProducer):
+    """Records the jobs of each committed transaction."""
+
+    def __init__(self) -> None:
+        super().__init__(fail_delivery=False)
+        self.transactions: list[int] = []
+        self._sends = 0
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        self._sends = 0
+        async with super().transaction():
+            yield
+        self.transactions.append(self._sends // 2)  # two records per job
+
+    async def send(self, *args: Any, **kw: Any) -> asyncio.Future[None]:
+        self._sends += 1
+        return await super().send(*args, **kw)
+
+
+async def spaced_submits(window_ms: int, n: int = 3) -> list[int]:
+    """n POSTs 20 ms apart through one producer: the jobs of each transaction."""
+    w = JobWriter(Settings(api_txn_producers=1, api_txn_window_ms=window_ms, api_submit_timeout_s=30))
+    producer = CountingProducer()
+    w.producers = [producer]  # type: ignore[list-item]
+    task = asyncio.create_task(w._run(0))
+    try:
+        submits = []
+        for _ in range(n):
+            p = pending()
+            submits.append(asyncio.create_task(w.submit(p.job, p.event, "")))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*submits)  # every one answered (202)
+        return producer.transactions
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_without_a_window_each_lone_post_is_its_own_transaction() -> None:
+    assert await spaced_submits(0) == [1, 1, 1]
+
+
+async def test_a_window_gathers_the_posts_that_arrive_within_it() -> None:
+    """The window (1 s, far longer than the 40 ms the three POSTs take) closes one transaction
+    around them; every POST is still answered only once it is committed."""
+    assert await spaced_submits(1000) == [3]
+
+
+async def test_a_full_batch_does_not_wait_out_the_window() -> None:
+    w = JobWriter(Settings(api_txn_producers=1, api_txn_window_ms=60_000, api_submit_timeout_s=30))
+    producer = CountingProducer()
+    w.producers = [producer]  # type: ignore[list-item]
+    task = asyncio.create_task(w._run(0))
+    try:
+        batch = [pending() for _ in range(jobs_module.MAX_BATCH)]
+        async with asyncio.timeout(30):  # far less than the 60 s window
+            await asyncio.gather(*(w.submit(p.job, p.event, "") for p in batch))
+        assert producer.transactions == [jobs_module.MAX_BATCH]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from contract import keys
 from contract.events import QUEUED_SEQ, ScanEvent
@@ -63,8 +64,16 @@ return new
 )
 
 
+APPLY_KEYS = 3  # state, history, the owner's in-flight quota set
+
+
 class StateStore:
     """Applies events to Redis (one round trip per batch) and reads job state back.
+
+    The batch is pipelined as plain EVALSHA calls: redis-py's registered scripts would ask
+    `SCRIPT EXISTS` before every pipeline, a second round trip per batch (per POST in the API).
+    Redis answers NOSCRIPT only when its script cache is empty (a restart), and then the script
+    is loaded and the calls from the first refused one on are sent again (the apply is idempotent).
 
     Keys live `ttl_s` while the job runs and `finished_ttl_s` (default: the same) once it has
     ended: the router keeps a finished job an hour (`result_ttl_s`; its result then comes from
@@ -78,7 +87,7 @@ class StateStore:
         self.ttl_s = ttl_s
         self.finished_ttl_s = finished_ttl_s or ttl_s
         self.publish = publish  # False: history and state only (the automatic rebuild)
-        self._apply = client.register_script(_APPLY)
+        self._apply = client.register_script(_APPLY)  # for its sha (and SCRIPT LOAD)
 
     async def apply(
         self, events: Iterable[ScanEvent], ended: Mapping[str, float] | None = None
@@ -87,35 +96,48 @@ class StateStore:
         `ended` ({job id: its terminal event's ts}): jobs known to have finished, whose every
         event gets the finished TTL counted from that ts (a newest-first rebuild, view/rebuild.py)."""
         ended = ended or {}
+        now = time.time()
+        calls: list[list[Any]] = []
+        for ev in events:
+            calls.append(
+                [
+                    keys.state(ev.job_id),
+                    keys.history(ev.job_id),
+                    keys.quota_inflight(ev.user_id),
+                    ev.seq,
+                    ev.model_dump_json(),
+                    keys.shard_channel(shard_of(ev.job_id)) if self.publish else "",
+                    self.ttl_s,
+                    ev.stage,
+                    ev.status,
+                    ev.progress,
+                    ev.user_id,
+                    json.dumps(ev.result) if ev.result is not None else "",
+                    self._finished_ttl(ended.get(ev.job_id, ev.ts), now),
+                    ev.job_id,
+                    ev.v,
+                    "1" if ev.job_id in ended else "",
+                ]
+            )
+        if not calls:
+            return []
+        results = await self._evalsha(calls)
+        refused = next((i for i, r in enumerate(results) if isinstance(r, NoScriptError)), None)
+        if refused is not None:  # Redis lost its script cache (restarted): load and send again
+            await self.redis.script_load(_APPLY)
+            results[refused:] = await self._evalsha(calls[refused:])
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return [bool(r) for r in results]
+
+    async def _evalsha(self, calls: list[list[Any]]) -> list[Any]:
+        """One pipelined round trip of the apply script; errors in place of their results."""
         # The context manager resets the pipeline even when Redis fails mid-batch.
         async with self.redis.pipeline(transaction=False) as pipe:
-            count = 0
-            now = time.time()
-            for ev in events:
-                data = ev.model_dump_json()
-                await self._apply(
-                    keys=[keys.state(ev.job_id), keys.history(ev.job_id), keys.quota_inflight(ev.user_id)],
-                    args=[
-                        ev.seq,
-                        data,
-                        keys.shard_channel(shard_of(ev.job_id)) if self.publish else "",
-                        self.ttl_s,
-                        ev.stage,
-                        ev.status,
-                        ev.progress,
-                        ev.user_id,
-                        json.dumps(ev.result) if ev.result is not None else "",
-                        self._finished_ttl(ended.get(ev.job_id, ev.ts), now),
-                        ev.job_id,
-                        ev.v,
-                        "1" if ev.job_id in ended else "",
-                    ],
-                    client=pipe,
-                )
-                count += 1
-            if not count:
-                return []
-            return [bool(r) for r in await pipe.execute()]
+            for call in calls:
+                pipe.evalsha(self._apply.sha, APPLY_KEYS, *call)
+            return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
     def _finished_ttl(self, ended_ts: float, now: float) -> int:
         """A finished job stays `finished_ttl_s` after its terminal event, not after the apply: a

@@ -1,0 +1,81 @@
+"""Issue 19: `StateStore.apply` is one round trip per batch, and survives Redis losing its scripts.
+
+redis-py's registered scripts ask `SCRIPT EXISTS` before every pipeline that runs them: a second
+round trip for each router batch and each POST. The batch is now sent as plain EVALSHA calls,
+and a NOSCRIPT answer (a restarted Redis) loads the script and sends the refused calls again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from contract import keys
+from contract.settings import Settings
+from contract.topics import shard_of
+from view import StateStore
+
+from .gateway_support import full_events, isolated_redis_url, job
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def rdb(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.from_url(isolated_redis_url(settings))  # a private redis-server of the tests
+    yield r
+    await r.aclose()
+
+
+async def calls(r: aioredis.Redis, command: str) -> int:
+    stats = await r.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_a_batch_is_evalsha_only(rdb: aioredis.Redis, uid: str) -> None:
+    store = StateStore(rdb, 600)
+    events = full_events(job(uid))
+    await store.apply(events[:1])  # the script is in Redis' cache from here on
+    exists, evalsha = await calls(rdb, "script|exists"), await calls(rdb, "evalsha")
+    assert await store.apply(events) == [False] + [True] * (len(events) - 1)
+    assert await calls(rdb, "script|exists") == exists  # no extra round trip
+    assert await calls(rdb, "evalsha") == evalsha + len(events)
+
+
+async def test_apply_after_redis_lost_its_scripts(rdb: aioredis.Redis, uid: str) -> None:
+    j = job(uid)
+    events = full_events(j)
+    store = StateStore(rdb, 600)
+    channel = keys.shard_channel(shard_of(j.job_id))
+    pubsub = rdb.pubsub()
+    await pubsub.subscribe(channel)
+    try:
+        await store.apply(events[:2])
+        await rdb.script_flush()  # as after a restart of Redis
+        assert await store.apply(events) == [False, False] + [True] * (len(events) - 2)
+        assert await store.apply(events) == [False] * len(events)  # idempotent
+        history = await store.history(j.job_id)
+        assert [e.seq for e in history] == [e.seq for e in events]
+        state = await store.state(j.job_id)
+        assert state is not None and state["seq"] == events[-1].seq
+        published: list[bytes] = []
+        async with asyncio.timeout(5):
+            while len(published) < len(events):
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is not None:
+                    published.append(msg["data"])
+        await asyncio.sleep(0.2)
+        assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2) is None  # once each
+        assert published == [e.model_dump_json().encode() for e in events]
+    finally:
+        await pubsub.aclose()
+
+
+async def test_other_errors_still_raise(rdb: aioredis.Redis, uid: str) -> None:
+    j = job(uid)
+    await rdb.set(keys.history(j.job_id), "not a sorted set")
+    with pytest.raises(aioredis.ResponseError):
+        await StateStore(rdb, 600).apply(full_events(j)[:1])
