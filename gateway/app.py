@@ -79,6 +79,7 @@ class Gateway:
         self.s = s
         self.redis = redis
         self.store = view.StateStore(redis, s.state_ttl_s)  # reads only: the router applies
+        self.snapshots = view.SnapshotReader(redis)
         self.hub = hub
         self.active = 0
         self.run_id: str | None = None  # the Redis server's, as last seen by the view watcher
@@ -127,8 +128,9 @@ class Gateway:
 
     async def snapshot(self, job_id: str, after: int) -> Snapshot:
         """The view's status (as this gateway last saw the server), the job's owner and its
-        history after `after`, in one round trip (`view.StateStore.snapshot`)."""
-        snap = await self.store.snapshot(job_id, after, self.run_id)
+        history after `after`, in one round trip (`view.SnapshotReader`: `StateStore.snapshot`
+        as one Lua call)."""
+        snap = await self.snapshots.read(job_id, after, self.run_id)
         # Ready: once this gateway's watcher saw it too (it resyncs open streams then). Rebuilding
         # newest first: this job's history is whole once its queued event is back (view/marker.py).
         ready = snap.whole and (self.view_ok or snap.status == "rebuilding")
