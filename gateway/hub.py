@@ -129,16 +129,18 @@ class Subscriber:
         return items
 
     async def wait(self, seconds: float) -> bool:
-        """Wait until an item or a resync arrives; False on timeout."""
+        """Wait until an item or a resync arrives; False on timeout. The timeout is a timer that
+        sets the wake event, not an `asyncio.timeout` (a cancel scope and a rescheduled timer
+        per wait were a tenth of the gateway's samples per event, issue 23)."""
         if self.items or self.resync:
             return True
         self._wake.clear()
+        timer = asyncio.get_running_loop().call_later(max(seconds, 0.0), self._wake.set)
         try:
-            async with asyncio.timeout(max(seconds, 0.0)):
-                await self._wake.wait()
-        except TimeoutError:
-            return False
-        return True
+            await self._wake.wait()
+        finally:
+            timer.cancel()
+        return bool(self.items or self.resync)
 
 
 class Hub:

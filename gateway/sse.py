@@ -9,12 +9,14 @@ the cost of a stream. `LeanEventSourceResponse` keeps what the gateway uses of i
 - the response start, the body chunks (`sse_starlette.event.ensure_bytes`, so the wire format is
   sse-starlette's) and the final empty chunk; the background task after the stream;
 - the disconnect listener: the one extra task, it ends the stream as soon as the client is gone;
-- the per-send timeout (`send_timeout`): a client that stops reading ends its stream;
+- the per-send timeout (`send_timeout`): a client that stops reading ends its stream (within
+  `SWEEP_S` after the timeout: one watcher per process looks at every stream's current send,
+  instead of a timer set and cancelled around every send);
 - the end of every stream when the server exits (sse-starlette's `AppStatus.should_exit`, which
-  sse-starlette sets from uvicorn's exit handler): one watcher per process, not one per stream.
+  sse-starlette sets from uvicorn's exit handler), by the same one watcher.
 
-All of these are one `asyncio.timeout` per stream: the disconnect listener, the per-send deadline
-and the exit watcher only reschedule it. No ping task (the gateway's stream writes its own
+All of these end the stream through one `asyncio.timeout` per stream, which the disconnect
+listener and the watcher reschedule to now. No ping task (the gateway's stream writes its own
 keepalive comment, `gateway/stream.py`). A body item may be a list of events: they go out as one
 body chunk (one write for everything that was ready at once).
 
@@ -37,7 +39,7 @@ from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("eco2.gateway.sse")
 
-EXIT_POLL_S = 0.5  # as upstream's shared watcher polls
+SWEEP_S = 0.5  # how often the one watcher looks at sends and the server's exit (as upstream polls)
 SHUTDOWN_SEND_S = 1.0  # the final chunk of a stream ended by the server's exit
 
 Ending = Literal["disconnect", "send-timeout", "shutdown"]
@@ -49,6 +51,7 @@ class LeanEventSourceResponse(EventSourceResponse):
 
     _ending: Ending | None = None
     _deadline: asyncio.Timeout | None = None
+    _sending_since: float | None = None  # loop time the current body send began
 
     def _end(self, why: Ending) -> None:
         """End the stream now (from the disconnect listener or the exit watcher)."""
@@ -81,7 +84,6 @@ class LeanEventSourceResponse(EventSourceResponse):
             await super().__call__(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
-        send_timeout = self.send_timeout
         body = self.body_iterator
         deadline = asyncio.timeout(None)
         completed = False
@@ -95,13 +97,9 @@ class LeanEventSourceResponse(EventSourceResponse):
                     await send({**start, "headers": self.raw_headers})
                     async for data in body:
                         message = {"type": "http.response.body", "body": self._chunk(data), "more_body": True}
-                        if send_timeout is None:
-                            await send(message)
-                            continue
-                        deadline.reschedule(loop.time() + send_timeout)
+                        self._sending_since = loop.time()  # the sweeper ends a send stuck for too long
                         await send(message)
-                        if self._ending is None:
-                            deadline.reschedule(None)
+                        self._sending_since = None
                     self.active = False
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     completed = True
@@ -148,9 +146,17 @@ def _open(response: LeanEventSourceResponse) -> None:
 
 
 async def _watch_exit() -> None:
-    # Polled as upstream's own watcher does: AppStatus.should_exit is a flag, not an event.
-    while not AppStatus.should_exit:  # noqa: ASYNC110
-        await asyncio.sleep(EXIT_POLL_S)
+    """Every SWEEP_S: a send stuck longer than its response's `send_timeout` ends that stream;
+    the server's exit (polled as upstream's own watcher does: AppStatus.should_exit is a flag,
+    not an event) ends them all."""
+    loop = asyncio.get_running_loop()
+    while not AppStatus.should_exit:
+        await asyncio.sleep(SWEEP_S)
+        now = loop.time()
+        for response in list(_OPEN):
+            since, limit = response._sending_since, response.send_timeout
+            if since is not None and limit is not None and now - since > limit:
+                response._end("send-timeout")
     log.info("server exiting: ending %d open streams", len(_OPEN))
     for response in list(_OPEN):
         response._end("shutdown")

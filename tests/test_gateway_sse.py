@@ -124,7 +124,10 @@ async def test_one_extra_task_per_stream_and_a_disconnect_ends_it_at_once() -> N
     assert sum(1 for t in asyncio.all_tasks() if t.get_name() != "sse-exit-watch") == before
 
 
-async def test_a_client_that_stops_reading_ends_its_stream_after_send_timeout() -> None:
+async def test_a_client_that_stops_reading_ends_its_stream_after_send_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sse, "SWEEP_S", 0.01)
     probe = Probe([[ev(1)]])
     client = Client(block_body=True)
     with pytest.raises(SendTimeoutError):
@@ -135,7 +138,7 @@ async def test_a_client_that_stops_reading_ends_its_stream_after_send_timeout() 
 async def test_the_servers_exit_ends_every_stream_with_a_complete_response(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sse, "EXIT_POLL_S", 0.01)
+    monkeypatch.setattr(sse, "SWEEP_S", 0.01)
     probe = Probe([[ev(1)]])
     client = Client()
     task = asyncio.create_task(response(probe, [])(SCOPE, client.receive, client.send))
