@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request, Security
@@ -22,8 +24,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyQuery
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 import view
 from contract import stream_token
@@ -38,6 +41,7 @@ from runtime.metrics import add_metrics_route, track_event_loop
 from . import openapi, opening
 from .hub import Hub, Item, history_items
 from .opening import Snapshot
+from .sse import LeanEventSourceResponse
 from .stream import JobStream
 
 log = logging.getLogger("eco2.gateway")
@@ -75,6 +79,7 @@ class Gateway:
         self.s = s
         self.redis = redis
         self.store = view.StateStore(redis, s.state_ttl_s)  # reads only: the router applies
+        self.snapshots = view.SnapshotReader(redis)
         self.hub = hub
         self.active = 0
         self.run_id: str | None = None  # the Redis server's, as last seen by the view watcher
@@ -123,8 +128,9 @@ class Gateway:
 
     async def snapshot(self, job_id: str, after: int) -> Snapshot:
         """The view's status (as this gateway last saw the server), the job's owner and its
-        history after `after`, in one round trip (`view.StateStore.snapshot`)."""
-        snap = await self.store.snapshot(job_id, after, self.run_id)
+        history after `after`, in one round trip (`view.SnapshotReader`: `StateStore.snapshot`
+        as one Lua call)."""
+        snap = await self.snapshots.read(job_id, after, self.run_id)
         # Ready: once this gateway's watcher saw it too (it resyncs open streams then). Rebuilding
         # newest first: this job's history is whole once its queued event is back (view/marker.py).
         ready = snap.whole and (self.view_ok or snap.status == "rebuilding")
@@ -153,8 +159,8 @@ def _error(code: int, detail: str, headers: dict[str, str] | None = None) -> JSO
 
 
 async def _guarded(
-    events: AsyncIterator[ServerSentEvent], release: Callable[[], None]
-) -> AsyncIterator[ServerSentEvent]:
+    events: AsyncIterator[list[ServerSentEvent]], release: Callable[[], None]
+) -> AsyncIterator[list[ServerSentEvent]]:
     """Release the stream's slot however it ends; a Redis failure just ends the stream (the
     client resumes with Last-Event-ID)."""
     try:
@@ -164,6 +170,139 @@ async def _guarded(
         log.warning("stream ended by a Redis error: %s", exc)
     finally:
         release()
+
+
+async def open_stream(
+    gw: Gateway,
+    job_id: str,
+    x_user_id: str | None,
+    last_event_id: str | None,
+    token: str | None,
+    query_user: str | None,
+) -> Response:
+    """`GET /api/v1/scan/{job_id}/events`: the caller, the stream limit, the user's stream lease,
+    the job's snapshot, then the stream (or the refusal). Shared by the documented FastAPI route
+    and the events fast path (`EventsFastPath`)."""
+    s = gw.s
+    uid = opening.caller(s, job_id, x_user_id, token, query_user)
+    if isinstance(uid, opening.Refusal):
+        return _error(uid.status, uid.detail)
+    if gw.active >= s.max_connections:
+        return _error(503, "too many streams on this gateway; retry shortly", {"Retry-After": "1"})
+    decision, lease = await gw.leases.acquire(uid)
+    if not decision.allowed:
+        assert decision.refused is not None
+        REJECTED.labels("429").inc()
+        return JSONResponse(
+            {
+                "detail": refusal.message(decision.refused, s),
+                "limit": decision.refused,
+                "retry_after_s": max(decision.retry_after_s, 1),
+            },
+            status_code=429,
+            headers=refusal.headers(decision, s, refusal.stream_policy(s)),
+        )
+    sub = gw.hub.subscribe(job_id)  # before any read: nothing published from now on is missed
+
+    def unsubscribe() -> None:
+        gw.hub.unsubscribe(sub)
+        gw.leases.release(lease)
+
+    release = gw.slot(unsubscribe)
+    streaming = False
+    try:
+        last = opening.last_seq(last_event_id)
+        try:
+            snap = await opening.settle(gw, sub, job_id, last, s.view_wait_s, s.unknown_job_wait_s)
+        except RedisError as exc:
+            log.warning("state lookup of %s failed: %s", job_id, exc)
+            return _error(503, "job state unavailable; retry shortly", {"Retry-After": "1"})
+        if snap is None:  # the view stayed lost or rebuilding: never a partial history as whole
+            return _error(
+                503,
+                "event history is being rebuilt (or Redis is down); retry shortly",
+                {"Retry-After": "2"},
+            )
+        answer = opening.verdict(snap, uid, last)
+        if answer == "unknown":
+            return _error(404, "job not found")  # the same answer for someone else's job
+        if answer == "finished":
+            return Response(status_code=204)  # finished and fully delivered: EventSource stops
+        stream = JobStream(
+            job_id,
+            last,
+            sub,
+            gw.read_history,
+            history=snap.history,
+            keepalive_s=s.keepalive_s,
+            max_stream_s=s.max_stream_s,
+            gap_wait_s=s.gap_wait_s,
+            view_ready=gw.view_ready,
+        )
+        streaming = True
+        return LeanEventSourceResponse(
+            _guarded(stream.batches(), release),
+            ping=0,  # the stream sends its own keepalive after keepalive_s of silence
+            send_timeout=max(s.keepalive_s * 2, 5.0),
+            background=BackgroundTask(_on_loop, release),
+        )
+    finally:
+        if not streaming:
+            release()
+
+
+EVENTS_PATH = "/api/v1/scan/{job_id}/events"
+
+
+async def _events_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    """The events route as a plain ASGI handler: what FastAPI's route does (`open_stream` with the
+    path's job id, the X-User-ID and Last-Event-ID headers, the `token` and `user` query
+    parameters, read as Starlette reads them: the first header, the last query value), counted as
+    `RequestMetrics` counts it, without FastAPI's parameter solving and the middleware chain
+    around every event sent (issue 23's profile)."""
+    job_id = scope["path"].split("/")[4]
+    user = last = None
+    for name, value in scope["headers"]:
+        if name == b"x-user-id":
+            user = value.decode("latin-1") if user is None else user
+        elif name == b"last-event-id":
+            last = value.decode("latin-1") if last is None else last
+    query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+    try:
+        response = await open_stream(
+            scope["app"].state.gw, job_id, user, last, query.get(stream_token.QUERY_PARAM), query.get("user")
+        )
+    except Exception:
+        REQUESTS.labels(EVENTS_PATH, "500").inc()
+        raise
+    REQUESTS.labels(EVENTS_PATH, str(response.status_code)).inc()
+    await response(scope, receive, send)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI with a fast path for `GET /api/v1/scan/{job_id}/events`: the route stays FastAPI's
+    (documented in the OpenAPI document, and serving HEAD), but a GET goes straight to
+    `_events_asgi` behind the same CORS policy."""
+
+    events_app: Any = None  # set by create_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.events_app is not None
+            and scope["type"] == "http"
+            and scope["method"] == "GET"
+            and _EVENTS.fullmatch(scope["path"])
+        ):
+            scope["app"] = self
+            if any(name == b"origin" for name, _ in scope["headers"]):
+                await self.events_app(scope, receive, send)  # cross-origin: the CORS policy
+            else:  # Starlette's CORS middleware would wrap every send even without an Origin
+                await _events_asgi(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+_EVENTS = re.compile(r"/api/v1/scan/[^/]+/events")
 
 
 def create_app(s: Settings | None = None) -> FastAPI:
@@ -188,20 +327,21 @@ def create_app(s: Settings | None = None) -> FastAPI:
             await hub.stop()
             await redis.aclose()  # the client owns its pool: this hangs up every connection
 
-    app = FastAPI(
+    app = GatewayApp(
         title="eco2 SSE gateway",
         version="1",
         lifespan=lifespan,
         description="Live progress of scan jobs as Server-Sent Events (see streamScanEvents).",
     )
     install_openapi(app, lambda doc: openapi.complete(doc, s))
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=s.cors_origins,
-        allow_methods=["GET"],
-        allow_headers=["X-User-ID", "Last-Event-ID", "Cache-Control"],
-        expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy"],
-    )
+    cors: dict[str, Any] = {
+        "allow_origins": s.cors_origins,
+        "allow_methods": ["GET"],
+        "allow_headers": ["X-User-ID", "Last-Event-ID", "Cache-Control"],
+        "expose_headers": ["Retry-After", "RateLimit", "RateLimit-Policy"],
+    }
+    app.add_middleware(CORSMiddleware, **cors)
+    app.events_app = CORSMiddleware(_events_asgi, **cors)
     add_metrics_route(app)
 
     @app.get("/health")
@@ -238,7 +378,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
         )
 
     @app.get(
-        "/api/v1/scan/{job_id}/events",
+        EVENTS_PATH,
         response_model=None,
         responses=openapi.events_responses(s),
         operation_id=openapi.EVENTS_OPERATION,
@@ -253,72 +393,9 @@ def create_app(s: Settings | None = None) -> FastAPI:
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
         token: Annotated[str | None, Security(STREAM_TOKEN)] = None,
     ) -> Response:
-        gw: Gateway = request.app.state.gw
-        uid = opening.caller(s, job_id, x_user_id, token, request.query_params.get("user"))
-        if isinstance(uid, opening.Refusal):
-            return _error(uid.status, uid.detail)
-        if gw.active >= s.max_connections:
-            return _error(503, "too many streams on this gateway; retry shortly", {"Retry-After": "1"})
-        decision, lease = await gw.leases.acquire(uid)
-        if not decision.allowed:
-            assert decision.refused is not None
-            REJECTED.labels("429").inc()
-            return JSONResponse(
-                {
-                    "detail": refusal.message(decision.refused, s),
-                    "limit": decision.refused,
-                    "retry_after_s": max(decision.retry_after_s, 1),
-                },
-                status_code=429,
-                headers=refusal.headers(decision, s, refusal.stream_policy(s)),
-            )
-        sub = gw.hub.subscribe(job_id)  # before any read: nothing published from now on is missed
-
-        def unsubscribe() -> None:
-            gw.hub.unsubscribe(sub)
-            gw.leases.release(lease)
-
-        release = gw.slot(unsubscribe)
-        streaming = False
-        try:
-            last = opening.last_seq(last_event_id)
-            try:
-                snap = await opening.settle(gw, sub, job_id, last, s.view_wait_s, s.unknown_job_wait_s)
-            except RedisError as exc:
-                log.warning("state lookup of %s failed: %s", job_id, exc)
-                return _error(503, "job state unavailable; retry shortly", {"Retry-After": "1"})
-            if snap is None:  # the view stayed lost or rebuilding: never a partial history as whole
-                return _error(
-                    503,
-                    "event history is being rebuilt (or Redis is down); retry shortly",
-                    {"Retry-After": "2"},
-                )
-            answer = opening.verdict(snap, uid, last)
-            if answer == "unknown":
-                return _error(404, "job not found")  # the same answer for someone else's job
-            if answer == "finished":
-                return Response(status_code=204)  # finished and fully delivered: EventSource stops
-            stream = JobStream(
-                job_id,
-                last,
-                sub,
-                gw.read_history,
-                history=snap.history,
-                keepalive_s=s.keepalive_s,
-                max_stream_s=s.max_stream_s,
-                gap_wait_s=s.gap_wait_s,
-                view_ready=gw.view_ready,
-            )
-            streaming = True
-            return EventSourceResponse(
-                _guarded(stream.events(), release),
-                ping=0,  # the stream sends its own keepalive after keepalive_s of silence
-                send_timeout=max(s.keepalive_s * 2, 5.0),
-                background=BackgroundTask(_on_loop, release),
-            )
-        finally:
-            if not streaming:
-                release()
+        return await open_stream(
+            request.app.state.gw, job_id, x_user_id, last_event_id, token, request.query_params.get("user")
+        )
 
     # Last, so outermost: it counts what every handler and middleware above answers.
     app.add_middleware(RequestMetrics, requests=REQUESTS)

@@ -38,6 +38,14 @@ def in_order(seq: int, last: int) -> bool:
     return nxt == seq or (is_failure_seq(seq) and attempt_of(seq) == attempt_of(last) and seq > last)
 
 
+KEEPALIVE = ServerSentEvent(comment="keepalive")
+
+
+def _sse(items: list[Item]) -> list[ServerSentEvent]:
+    SENT.inc(len(items))
+    return [ServerSentEvent(data=item.data, event=item.event, id=str(item.seq)) for item in items]
+
+
 class JobStream:
     def __init__(
         self,
@@ -96,6 +104,14 @@ class JobStream:
         return bool(self.pending) and not in_order(min(self.pending), self.last)
 
     async def events(self) -> AsyncIterator[ServerSentEvent]:
+        """The stream's events one by one (`batches`, flattened)."""
+        async for ready in self.batches():
+            for ev in ready:
+                yield ev
+
+    async def batches(self) -> AsyncIterator[list[ServerSentEvent]]:
+        """The stream as lists of events: everything deliverable at one moment together, so a
+        response writes it in one body chunk (`gateway/sse.py`)."""
         clock = time.monotonic
         deadline = clock() + self.max_stream_s
         last_write = clock()
@@ -108,9 +124,8 @@ class JobStream:
                 self._add(item)
             self.history = None
         while True:
-            for item in self._ready():
-                SENT.inc()
-                yield ServerSentEvent(data=item.data, event=item.event, id=str(item.seq))
+            if ready := self._ready():
+                yield _sse(ready)
                 last_write = clock()
             if self.done:
                 return
@@ -125,16 +140,15 @@ class JobStream:
                 gap_deadline = now + self.gap_wait_s  # the rebuild brings it back: keep waiting
             elif gap_deadline is not None and now >= gap_deadline:
                 await self._fill()
-                for item in self._ready(force=True):
-                    SENT.inc()
-                    yield ServerSentEvent(data=item.data, event=item.event, id=str(item.seq))
+                if ready := self._ready(force=True):
+                    yield _sse(ready)
                     last_write = clock()
                 if self.done:
                     return
                 gap_deadline = None
                 continue
             if now - last_write >= self.keepalive_s:
-                yield ServerSentEvent(comment="keepalive")
+                yield [KEEPALIVE]
                 last_write = now
                 continue
             wake = min(deadline, gap_deadline or math.inf, last_write + self.keepalive_s)

@@ -12,7 +12,7 @@ import pytest
 from contract.events import ScanEvent
 from contract.pipeline import SUCCESS_SEQS as ORDER
 from gateway.client import ProgressPrinter, StreamError, follow, render_event, render_result
-from gateway.hub import Hub, Item, Subscriber
+from gateway.hub import Hub, Item, Subscriber, peek_job_id
 from gateway.stream import JobStream
 
 from .gateway_support import full_events, job
@@ -204,6 +204,38 @@ def test_hub_dispatch_is_per_job_and_never_blocks() -> None:
     assert hub.subs == {}
 
 
+def test_peek_job_id_is_sure_or_says_so() -> None:
+    """Issue 23: the hub skips parsing an event whose top-level job_id it can read off the bytes;
+    whenever that is not certain it parses (None)."""
+    raw = item(10).data.encode()
+    assert peek_job_id(raw) == json.loads(raw)["job_id"]
+    assert peek_job_id(b'{"v":"1.2","job_id":"j-1","result":{"job_id":"x"}}') == "j-1"
+    assert peek_job_id(b'{"v":"1.9","extra":{"job_id":"nested"},"job_id":"j-1"}') is None
+    assert peek_job_id(b'{"v":"1.2","job_id":"a\\"b"}') is None  # an escape: parse it
+    assert peek_job_id(b'{"v":"1.2","job_id":1}') is None
+    assert peek_job_id(b"not json") is None
+
+
+def test_hub_parses_only_events_of_jobs_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = Hub("redis://unused", queue_size=10)
+    sub = hub.subscribe("job-1")
+    mine, later = item(1).data, item(10).data
+    parsed: list[bytes | str] = []
+    real = Item.parse.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Item], raw: bytes | str) -> Item:
+        parsed.append(raw)
+        return real(cls, raw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Item, "parse", classmethod(counting))
+    hub._dispatch(mine.encode())
+    other = mine.replace('"job-1"', '"job-2"')
+    hub._dispatch(other.encode())
+    nested_first = '{"v":"1.2","x":{"job_id":"job-9"},' + later[1:]
+    hub._dispatch(nested_first.encode())  # not sure without parsing: parsed, and delivered
+    assert len(parsed) == 2 and [i.seq for i in sub.drain()] == [1, 10]
+
+
 # --- client ----------------------------------------------------------------------------------
 
 
@@ -222,7 +254,7 @@ async def test_client_reconnects_with_last_event_id_and_dedupes() -> None:
         after = int(last or 0)
         # Each connection sends 4 events, repeating the last one already delivered, then drops.
         start = max(order.index(after), 0) if after else 0
-        chunk = order[start:start + 4]
+        chunk = order[start : start + 4]
         body = ": keepalive\r\n\r\n" + "".join(sse(EVENTS[s]) for s in chunk)
         return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
 

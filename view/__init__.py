@@ -17,6 +17,7 @@ from .marker import (
     status,
 )
 from .state import Owner, Snapshot, StateStore
+from .stream_snapshot import SnapshotReader
 
 __all__ = [
     "MARKER_FIELDS",
@@ -24,6 +25,7 @@ __all__ = [
     "Owner",
     "Reader",
     "Snapshot",
+    "SnapshotReader",
     "StateStore",
     "Status",
     "checkpoint",

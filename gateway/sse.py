@@ -1,0 +1,162 @@
+"""sse-starlette's `EventSourceResponse`, driven lean: one task per stream instead of four.
+
+Upstream runs every stream in an anyio task group of three to four tasks (the stream, a ping
+task, a server-exit watcher, a disconnect listener, each under `cancel_on_finish`) and wraps
+every send in its own anyio cancel scope (`move_on_after(send_timeout)`). In the gateway's churn
+profile (issue 23) that machinery, with anyio's `current_task` lookups, was the largest share of
+the cost of a stream. `LeanEventSourceResponse` keeps what the gateway uses of it, the same way:
+
+- the response start, the body chunks (`sse_starlette.event.ensure_bytes`, so the wire format is
+  sse-starlette's) and the final empty chunk; the background task after the stream;
+- the disconnect listener: the one extra task, it ends the stream as soon as the client is gone;
+- the per-send timeout (`send_timeout`): a client that stops reading ends its stream (within
+  `SWEEP_S` after the timeout: one watcher per process looks at every stream's current send,
+  instead of a timer set and cancelled around every send);
+- the end of every stream when the server exits (sse-starlette's `AppStatus.should_exit`, which
+  sse-starlette sets from uvicorn's exit handler), by the same one watcher.
+
+All of these end the stream through one `asyncio.timeout` per stream, which the disconnect
+listener and the watcher reschedule to now. No ping task (the gateway's stream writes its own
+keepalive comment, `gateway/stream.py`). A body item may be a list of events: they go out as one
+body chunk (one write for everything that was ready at once).
+
+Anything this does not cover (a ping interval, a `data_sender_callable`, HEAD, a websocket scope)
+falls back to upstream's `__call__`. What it reads of upstream's internals is checked by
+`tests/test_gateway_sse.py`, which fails when an sse-starlette upgrade moves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Literal
+
+from sse_starlette import EventSourceResponse
+from sse_starlette.event import ensure_bytes
+from sse_starlette.sse import AppStatus, SendTimeoutError
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger("eco2.gateway.sse")
+
+SWEEP_S = 0.5  # how often the one watcher looks at sends and the server's exit (as upstream polls)
+SHUTDOWN_SEND_S = 1.0  # the final chunk of a stream ended by the server's exit
+
+Ending = Literal["disconnect", "send-timeout", "shutdown"]
+
+
+class LeanEventSourceResponse(EventSourceResponse):
+    """`EventSourceResponse` in one task per stream (module docstring). Construct it as upstream's,
+    with `ping=0`."""
+
+    _ending: Ending | None = None
+    _deadline: asyncio.Timeout | None = None
+    _sending_since: float | None = None  # loop time the current body send began
+
+    def _end(self, why: Ending) -> None:
+        """End the stream now (from the disconnect listener or the exit watcher)."""
+        if self._deadline is not None and self._ending is None:
+            self._ending = why
+            self._deadline.reschedule(-1)  # in the past: the stream's task is cancelled at once
+
+    def _chunk(self, data: Any) -> bytes:
+        if isinstance(data, list):
+            return b"".join(ensure_bytes(ev, self.sep) for ev in data)
+        return ensure_bytes(data, self.sep)
+
+    async def _listen(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.active = False
+                if self.client_close_handler_callable is not None:
+                    await self.client_close_handler_callable(message)
+                self._end("disconnect")
+                return
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"].upper() == "HEAD"
+            or self.ping_interval > 0
+            or self.data_sender_callable is not None
+        ):
+            await super().__call__(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        body = self.body_iterator
+        deadline = asyncio.timeout(None)
+        completed = False
+        try:
+            async with deadline:
+                self._deadline = deadline
+                _open(self)
+                listener = loop.create_task(self._listen(receive))
+                try:
+                    start = {"type": "http.response.start", "status": self.status_code}
+                    await send({**start, "headers": self.raw_headers})
+                    async for data in body:
+                        message = {"type": "http.response.body", "body": self._chunk(data), "more_body": True}
+                        self._sending_since = loop.time()  # the sweeper ends a send stuck for too long
+                        await send(message)
+                        self._sending_since = None
+                    self.active = False
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    completed = True
+                finally:
+                    listener.cancel()  # never runs again: it cannot reschedule a closed deadline
+                    self._deadline = None
+                    _OPEN.discard(self)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the stream's own TimeoutError, not this response's deadline
+            if self._ending is None:
+                self._ending = "send-timeout"
+        finally:
+            self.active = False
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:  # ended while suspended at a yield (a send): run its cleanup
+                with contextlib.suppress(Exception):
+                    await aclose()
+        if self._ending == "send-timeout":
+            raise SendTimeoutError()
+        if self._ending == "shutdown" and not completed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(SHUTDOWN_SEND_S):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.background is not None:
+            await self.background()
+
+
+# --- the server's exit ends every open stream (one watcher per process) ---
+
+_OPEN: set[LeanEventSourceResponse] = set()
+_watcher: asyncio.Task[None] | None = None
+
+
+def _open(response: LeanEventSourceResponse) -> None:
+    global _watcher
+    _OPEN.add(response)
+    loop = asyncio.get_running_loop()
+    if _watcher is None or _watcher.done() or _watcher.get_loop() is not loop:
+        if AppStatus.should_exit:
+            response._end("shutdown")
+            return
+        _watcher = loop.create_task(_watch_exit(), name="sse-exit-watch")
+
+
+async def _watch_exit() -> None:
+    """Every SWEEP_S: a send stuck longer than its response's `send_timeout` ends that stream;
+    the server's exit (polled as upstream's own watcher does: AppStatus.should_exit is a flag,
+    not an event) ends them all."""
+    loop = asyncio.get_running_loop()
+    while not AppStatus.should_exit:
+        await asyncio.sleep(SWEEP_S)
+        now = loop.time()
+        for response in list(_OPEN):
+            since, limit = response._sending_since, response.send_timeout
+            if since is not None and limit is not None and now - since > limit:
+                response._end("send-timeout")
+    log.info("server exiting: ending %d open streams", len(_OPEN))
+    for response in list(_OPEN):
+        response._end("shutdown")
