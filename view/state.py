@@ -168,13 +168,7 @@ class StateStore:
             p.zrangebyscore(keys.history(job_id), f"({after_seq}", "+inf")
             p.zcount(keys.history(job_id), QUEUED_SEQ, QUEUED_SEQ)
             raw_marker, raw_owner, history, queued = await p.execute()
-        status, _ = marker.interpret(raw_marker, server_run_id)
-        whole = marker.job_whole(raw_marker, server_run_id, bool(queued))
-        state = _decode(dict(zip(OWNER_FIELDS, raw_owner, strict=True)))
-        owner = None
-        if state is not None:
-            owner = Owner(state.get("user_id", ""), state["seq"], _finished(state["stage"], state["status"]))
-        return Snapshot(status, whole, owner, history)
+        return snapshot_of(raw_marker, raw_owner, history, queued, server_run_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,3 +213,17 @@ def _finished(stage: str, status: str) -> bool:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def snapshot_of(
+    raw_marker: list[Any], raw_owner: list[Any], history: list[Any], queued: Any, server_run_id: str | None
+) -> Snapshot:
+    """A `Snapshot` from the four raw reads (the MULTI/EXEC here, the gateway's one Lua call in
+    view/stream_snapshot.py): one interpretation for both."""
+    status, _ = marker.interpret(raw_marker, server_run_id)
+    whole = marker.job_whole(raw_marker, server_run_id, bool(queued))
+    state = _decode(dict(zip(OWNER_FIELDS, raw_owner, strict=True)))
+    owner = None
+    if state is not None:
+        owner = Owner(state.get("user_id", ""), state["seq"], _finished(state["stage"], state["status"]))
+    return Snapshot(status, whole, owner, list(history))

@@ -18,7 +18,7 @@ from contract import keys
 from contract.events import QUEUED_SEQ
 
 from . import marker
-from .state import OWNER_FIELDS, Owner, Snapshot, _decode, _finished
+from .state import OWNER_FIELDS, Snapshot, snapshot_of
 
 
 def _script() -> str:
@@ -48,10 +48,4 @@ class SnapshotReader:
             args=[f"({after_seq}", QUEUED_SEQ],
         )
         raw_marker, raw_owner, history, queued = raw
-        status, _ = marker.interpret(raw_marker, server_run_id)
-        whole = marker.job_whole(raw_marker, server_run_id, bool(queued))
-        state = _decode(dict(zip(OWNER_FIELDS, raw_owner, strict=True)))
-        owner = None
-        if state is not None:
-            owner = Owner(state.get("user_id", ""), state["seq"], _finished(state["stage"], state["status"]))
-        return Snapshot(status, whole, owner, list(history))
+        return snapshot_of(raw_marker, raw_owner, history, queued, server_run_id)
