@@ -156,22 +156,10 @@ class JobWriter:
             for p in batch:
                 key = p.job.job_id.encode()
                 hdrs = trace.headers(p.traceparent)
-                deliveries.append(
-                    await producer.send(
-                        FIRST_TOPIC,
-                        p.job.model_dump_json().encode(),
-                        key=key,
-                        partition=partition_for(p.job.job_id, BY_NAME[FIRST_TOPIC].partitions),
-                        headers=hdrs,
+                for topic, record in ((FIRST_TOPIC, p.job), (EVENTS, p.event)):
+                    value = record.model_dump_json().encode()
+                    partition = partition_for(p.job.job_id, BY_NAME[topic].partitions)
+                    deliveries.append(
+                        await producer.send(topic, value, key=key, partition=partition, headers=hdrs)
                     )
-                )
-                deliveries.append(
-                    await producer.send(
-                        EVENTS,
-                        p.event.model_dump_json().encode(),
-                        key=key,
-                        partition=partition_for(p.job.job_id, BY_NAME[EVENTS].partitions),
-                        headers=hdrs,
-                    )
-                )
             await asyncio.gather(*deliveries)

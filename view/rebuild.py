@@ -60,6 +60,21 @@ class RebuildStats:
         )
 
 
+
+def _replay_consumer(s: Settings, **extra: int) -> AIOKafkaConsumer:
+    """A group-less consumer reading `scan.events` from where it is told, committed records only
+    (the API writes jobs + queued events in transactions); both rebuilds use it."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=s.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        **extra,
+        **s.kafka_client_kwargs(),
+    )
+
 async def rebuild(
     s: Settings,
     echo: Callable[[str], None] = print,
@@ -74,15 +89,7 @@ async def rebuild(
     offset}) where given; through `store` when given."""
     stats = RebuildStats()
     t0 = time.monotonic()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",  # the API writes jobs + queued events in transactions
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-        **s.kafka_client_kwargs(),
-    )
+    consumer = _replay_consumer(s)
     client = None
     if store is None:
         client = aioredis.from_url(s.redis_url)
@@ -197,17 +204,8 @@ async def rebuild_newest_first(
     applies it first). Below it the router never applies again: nothing to publish."""
     stats = RebuildStats()
     t0 = time.monotonic()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-        # Each round seeks back: a fetch long-polling at a partition's end would hold it up.
-        fetch_max_wait_ms=20,
-        **s.kafka_client_kwargs(),
-    )
+    # Each round seeks back: a fetch long-polling at a partition's end would hold it up.
+    consumer = _replay_consumer(s, fetch_max_wait_ms=20)
     live_from = dict(live_from or {})
     await consumer.start()
     try:
