@@ -83,7 +83,8 @@ class Pipeline:
     def __init__(self, app: faust.App, s: Settings) -> None:
         self.s = s
         self.app = app
-        self.topics = {name: topic(app, name) for name in [*STAGE_TOPICS.values(), EVENTS, DLQ]}
+        # The agents' topics. Events and dead letters are sent straight to the producer (`_send`).
+        self.topics = {name: topic(app, name) for name in STAGE_TOPICS.values()}
         self.redis = pooled_client(s.redis_url, 64, f"eco2-stages-{os.getpid()}")
         self._claim_script = self.redis.register_script(_CLAIM)
         self.models = model.Clients(s)
