@@ -53,7 +53,7 @@ def count_pydantic() -> None:
         setattr(BaseModel, name, classmethod(cm))
 
 
-async def run(jobs: int, concurrency: int, count: bool) -> dict[str, Any]:
+async def run(jobs: int, concurrency: int, count: bool, freeze: bool = False) -> dict[str, Any]:
     s = get_settings()
     registry.load()
     p = Pipeline(create_app(f"micro-stages-{uuid.uuid4().hex[:6]}", s.model_copy(
@@ -88,14 +88,29 @@ async def run(jobs: int, concurrency: int, count: bool) -> dict[str, Any]:
     COUNTS.clear()
     sends.clear()
     gc.collect()
+    if freeze:
+        gc.freeze()
+    in_gc = {"s": 0.0, "t": 0.0, "n": 0}
+
+    def timed(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            in_gc["t"] = time.process_time()
+        else:
+            in_gc["s"] += time.process_time() - in_gc["t"]
+            in_gc["n"] += 1
+
+    gc.callbacks.append(timed)
     c0, t0 = time.process_time(), time.monotonic()
     await asyncio.gather(*(bounded() for _ in range(jobs)))
     cpu, wall = time.process_time() - c0, time.monotonic() - t0
+    gc.callbacks.remove(timed)
     await p.redis.aclose()
     return {
         "jobs": jobs,
         "cpu_ms_per_job": round(1000 * cpu / jobs, 3),
         "wall_s": round(wall, 2),
+        "gc_ms_per_job": round(1000 * in_gc["s"] / jobs, 3),
+        "gc_collections": in_gc["n"],
         "sends_per_job": {k: v / jobs for k, v in sends.items()},
         "pydantic_per_job": {k: v / jobs for k, v in COUNTS.items()},
     }
@@ -106,13 +121,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=20)
     ap.add_argument("--count", action="store_true", help="count pydantic calls (slower)")
+    ap.add_argument("--freeze", action="store_true", help="gc.freeze() after the warm-up")
     args = ap.parse_args()
     s = get_settings()
     base = f"http://{s.model_host}:{s.model_port}"
     before = httpx.get(f"{base}/admin/latency").json()
     httpx.put(f"{base}/admin/latency", json={"min_s": 0, "max_s": 0}).raise_for_status()
     try:
-        print(json.dumps(asyncio.run(run(args.jobs, args.concurrency, args.count)), indent=1))
+        print(json.dumps(asyncio.run(run(args.jobs, args.concurrency, args.count, args.freeze)), indent=1))
     finally:
         httpx.put(f"{base}/admin/latency", json=before).raise_for_status()
 

@@ -149,7 +149,8 @@ def make_event(
         progress = PROGRESS[stage]
     else:
         progress = PROGRESS[STAGES[max(STAGES.index(stage) - 1, 0)]]
-    return ScanEvent(
+    # Built from a validated job and our own values: constructed, not validated again (issue 19).
+    return ScanEvent.model_construct(
         event_id=f"{job.job_id}:{seq}",
         job_id=job.job_id,
         user_id=job.user_id,

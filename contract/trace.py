@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from collections.abc import Iterable, Mapping
 
@@ -14,8 +14,14 @@ HEADER = "traceparent"
 JOB_HEADER = "X-Eco2-Job-Id"
 
 
+def _span_id() -> str:
+    """A random, non-zero span id. From `random`, as OpenTelemetry's own id generator does: ids
+    need to be unique, not secret, and `os.urandom` is a system call per id (issue 19)."""
+    return f"{random.getrandbits(64) or 1:016x}"
+
+
 def new_traceparent() -> str:
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+    return f"00-{random.getrandbits(128) or 1:032x}-{_span_id()}-01"
 
 
 def child_of(parent: str | None) -> str:
@@ -23,7 +29,7 @@ def child_of(parent: str | None) -> str:
     m = _TRACEPARENT.match(parent or "")
     if not m:
         return new_traceparent()
-    return f"00-{m.group(1)}-{os.urandom(8).hex()}-{m.group(3)}"
+    return f"00-{m.group(1)}-{_span_id()}-{m.group(3)}"
 
 
 def trace_id(traceparent: str | None) -> str:

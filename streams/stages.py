@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from contract import keys, trace, versioning
 from contract.events import (
@@ -86,9 +86,10 @@ class Pipeline:
         # The agents' topics. Events and dead letters are sent straight to the producer (`_send`).
         self.topics = {name: topic(app, name) for name in STAGE_TOPICS.values()}
         self.redis = pooled_client(s.redis_url, 64, f"eco2-stages-{os.getpid()}")
-        self._claim_script = self.redis.register_script(_CLAIM)
+        self._claim_sha = self.redis.register_script(_CLAIM).sha
         self.models = model.Clients(s)
         self.memo_ttl_s = s.memo_ttl_s
+        self.trace_log = s.stage_trace_log
 
     # --- output ------------------------------------------------------------------------------
 
@@ -118,12 +119,21 @@ class Pipeline:
         nothing after it is claimed."""
         names = [k for k, _ in claims] + list(read)
         args: list[str | int] = [self.memo_ttl_s, guard, *(value for _, value in claims)]
-        out = await _redis_retry(lambda: self._claim_script(keys=names, args=args))
+        out = await _redis_retry(lambda: self._evalsha(names, args))
         won = [
             prev.decode() if prev is not None else value
             for (_, value), prev in zip(claims, out, strict=False)
         ]
         return won, out[len(claims) :]
+
+    async def _evalsha(self, names: list[str], args: list[str | int]) -> Any:
+        """The claim script by plain EVALSHA (redis-py's registered-script call imported and
+        type-checked per call, issue 19); loaded again when Redis lost its script cache."""
+        try:
+            return await self.redis.evalsha(self._claim_sha, len(names), *names, *args)
+        except NoScriptError:
+            await self.redis.script_load(_CLAIM)
+            return await self.redis.evalsha(self._claim_sha, len(names), *names, *args)
 
     def _event(
         self,
@@ -186,9 +196,13 @@ class Pipeline:
 
     @staticmethod
     def stamp(job: ScanJob, found: dict[str, Any] | None = None) -> ScanJob:
-        return ScanJob.model_validate(
-            {**job.model_dump(), **(found or {}), versioning.FIELD: versioning.SCHEMA_VERSION}
-        )
+        """The job with `found` added (an unknown field rides along as an extra) and this
+        worker's schema version. A copy, not a dump and a re-validation of the whole job: both
+        the job and the agent's output model are validated already (issue 19). Its own
+        `timings`, as the engine adds this stage's to it."""
+        update = {**(found or {}), "timings": dict(job.timings)}
+        update[versioning.FIELD] = versioning.SCHEMA_VERSION
+        return job.model_copy(update=update)
 
     # --- one message ----------------------------------------------------------------------
 
@@ -200,7 +214,8 @@ class Pipeline:
         except ValueError as exc:
             await self._dead_letter_raw(stage, raw, str(exc), tp)
             return
-        log.info("stage=%s job=%s trace=%s", stage, job.job_id, trace.trace_id(tp))
+        if self.trace_log:  # ECO2_STAGE_TRACE_LOG: a line per stage and job (~3% of the CPU)
+            log.info("stage=%s job=%s trace=%s", stage, job.job_id, trace.trace_id(tp))
         metrics.IN_FLIGHT.labels(stage).inc()
         t0 = time.monotonic()
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,31 @@ async def test_model_free_agents_ask_for_no_model() -> None:
         await agent.run(NoModel(), job)
     with pytest.raises(AssertionError):  # the check can fail: the first stage calls the model
         await registry.REGISTRY[PIPELINE[0]].run(NoModel(), job)
+
+
+async def test_the_per_stage_trace_line_is_written_only_when_asked_for(pipeline: Pipeline) -> None:
+    """ECO2_STAGE_TRACE_LOG (off by default, issue 19): one INFO line per stage and job."""
+    import logging
+
+    from streams.stages import log
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    fake_work(pipeline)
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        assert pipeline.trace_log is False  # the default
+        await pipeline.handle(PIPELINE[0], scan_job().model_dump_json().encode(), {})
+        assert not [x for x in lines if x.startswith("stage=")]
+        pipeline.trace_log = True
+        job = scan_job()
+        await pipeline.handle(PIPELINE[0], job.model_dump_json().encode(), {})
+        (line,) = [x for x in lines if x.startswith("stage=")]
+        assert re.fullmatch(f"stage={PIPELINE[0]} job={job.job_id} trace=[0-9a-f]{{32}}", line)
+    finally:
+        log.removeHandler(handler)
