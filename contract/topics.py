@@ -6,6 +6,7 @@ The local stack creates topics from this list and `deploy/strimzi/topics.yaml` i
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -107,7 +108,14 @@ def partition_for(key: str, partitions: int) -> int:
     Every producer passes this explicitly so that the scan API (aiokafka), the Faust agents and
     any Java client agree on where a job's messages live.
     """
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    return _key_hash(key) % partitions
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_hash(key: str) -> int:
+    """murmur2 in pure Python, once per key while it is recent: a stage worker sends a job's
+    events, its next-stage record and its dead letters with the same key (issue 19)."""
+    return murmur2(key.encode()) & 0x7FFFFFFF
 
 
 def shard_of(job_id: str) -> int:

@@ -90,6 +90,7 @@ class Pipeline:
         self.models = model.Clients(s)
         self.memo_ttl_s = s.memo_ttl_s
         self.trace_log = s.stage_trace_log
+        self._meters: dict[str, tuple[Any, Any, Any]] = {}
 
     # --- output ------------------------------------------------------------------------------
 
@@ -216,7 +217,8 @@ class Pipeline:
             return
         if self.trace_log:  # ECO2_STAGE_TRACE_LOG: a line per stage and job (~3% of the CPU)
             log.info("stage=%s job=%s trace=%s", stage, job.job_id, trace.trace_id(tp))
-        metrics.IN_FLIGHT.labels(stage).inc()
+        in_flight, latency, jobs = self._meters.get(stage) or self._meter(stage)
+        in_flight.inc()
         t0 = time.monotonic()
         try:
             async def compute() -> tuple[str, ScanJob | None]:
@@ -283,10 +285,20 @@ class Pipeline:
                     metrics.E2E.observe(max(0.0, time.time() - out.created_at))
             else:
                 await self._send(STAGE_TOPICS[nxt], out.job_id, raw_out, tp)  # the memo's bytes
-            metrics.JOBS.labels(stage).inc()
+            jobs.inc()
         finally:
-            metrics.IN_FLIGHT.labels(stage).dec()
-            metrics.STAGE_LATENCY.labels(stage).observe(time.monotonic() - t0)
+            in_flight.dec()
+            latency.observe(time.monotonic() - t0)
+
+    def _meter(self, stage: str) -> tuple[Any, Any, Any]:
+        """The stage's labelled metrics, looked up once (`labels()` takes a lock and builds a key)."""
+        meters = (
+            metrics.IN_FLIGHT.labels(stage),
+            metrics.STAGE_LATENCY.labels(stage),
+            metrics.JOBS.labels(stage),
+        )
+        self._meters[stage] = meters
+        return meters
 
     @staticmethod
     def _settle(

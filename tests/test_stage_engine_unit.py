@@ -99,3 +99,15 @@ def test_the_health_watcher_reads_every_position_in_one_hop() -> None:
 
     assert asyncio.run(_positions(Consumer(), frozenset({"a", "b"}))) == {"a": 1, "b": 2}
     assert thread.hops == 1
+
+
+def test_partitions_stay_kafkas_murmur2_with_the_cache() -> None:
+    from aiokafka.partitioner import murmur2
+
+    from contract.topics import partition_for
+
+    keys = [f"job-{n}" for n in range(300)] + ["", "é-ünïcode"]
+    for _ in range(2):  # misses, then hits
+        for key in keys:
+            for n in (4, 12):
+                assert partition_for(key, n) == (murmur2(key.encode()) & 0x7FFFFFFF) % n
