@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     @app.task
     async def export_task_count() -> None:  # runs once the worker's event loop is up
         track_event_loop()
+        freeze_startup_heap()
 
     from faust.worker import Worker
 
@@ -95,6 +97,16 @@ def main(argv: list[str] | None = None) -> None:
             self.add_future(watch())
 
     no_spinner(RouterWorker(app, loglevel="warning", quiet=True)).execute_from_commandline()
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then put everything alive after start-up (modules, Faust's services, the
+    pydantic schemas, the clients) out of the collector's reach with `gc.freeze()`: those objects
+    live as long as the process, yet every full (generation 2) collection walked all of them
+    again, a stall of the whole event loop (0.68 s wall for one on a loaded box, issue 19).
+    Objects made later are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def no_spinner(worker: Any) -> Any:

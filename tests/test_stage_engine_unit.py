@@ -111,3 +111,16 @@ def test_partitions_stay_kafkas_murmur2_with_the_cache() -> None:
         for key in keys:
             for n in (4, 12):
                 assert partition_for(key, n) == (murmur2(key.encode()) & 0x7FFFFFFF) % n
+
+
+def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
+    import gc
+
+    from streams.__main__ import freeze_startup_heap
+
+    gc.unfreeze()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 1000  # the modules, models and clients loaded so far
+    finally:
+        gc.unfreeze()
