@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import view
 from catalog import rules
 from contract import identity, keys, stream_token, trace
-from contract.events import QUEUED, ScanJob, ScanRequest, make_event, now
+from contract.events import QUEUED, ScanEvent, ScanJob, ScanRequest, make_event, now
 from contract.openapi import install_openapi
 from contract.settings import Settings, get_settings
 from quota import refusal
@@ -226,21 +227,22 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         queued = make_event(job, QUEUED, "completed")
         tp = trace.child_of(request.headers.get("traceparent"))
         t = _lap(PHASE_BUILD, t)
+        # The router derives the same state from scan.events; the API caches it too, so a result
+        # poll or a stream opened right after the 202 already finds the job and its owner. It is
+        # written while the transaction commits (a Redis round trip off the POST's path): no one
+        # can ask for the job before the 202 names it, and a failed transaction takes it back.
+        store: StateStore = request.app.state.store
+        cached = asyncio.ensure_future(_cache_queued(store, queued))
         try:
             await request.app.state.writer.submit(job, queued, tp)
         except Exception as exc:  # Kafka down or too slow (api_submit_timeout_s): not accepted
+            await _uncache_queued(store, cached, job_id)
             if idem_key:
                 await idempotency.forget(redis, idem_key)  # let the client retry with the same key
             await quota.release(user, job_id)
             return unavailable(f"could not queue the scan: {type(exc).__name__}")
         t = _lap(PHASE_TXN, t)
-        # The router derives the same state from scan.events; writing it here too means a
-        # result poll right after this response already finds the job and its owner. The job
-        # is in Kafka now: a Redis failure here must not turn the 202 into an error.
-        try:
-            await request.app.state.store.apply([queued])
-        except RedisError as exc:
-            log.warning("job %s accepted; its queued state not cached (%s)", job_id, exc)
+        await cached  # the job is in Kafka now: a Redis failure here does not undo the 202
         t = _lap(PHASE_CACHE, t)
         limits = refusal.headers(decision, s, refusal.scan_policy(s))
         response = _accepted(s, job_id, user, {"traceparent": tp, **limits})
@@ -330,6 +332,24 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     # Last, so outermost: it counts what every handler and middleware above answers.
     app.add_middleware(RequestMetrics, requests=REQUESTS, latency=LATENCY)
     return app
+
+
+async def _cache_queued(store: StateStore, queued: ScanEvent) -> None:
+    """Apply the job's queued event to Redis; a Redis failure is logged, never raised."""
+    try:
+        await store.apply([queued])
+    except RedisError as exc:
+        log.warning("job %s: its queued state not cached (%s)", queued.job_id, exc)
+
+
+async def _uncache_queued(store: StateStore, cached: asyncio.Future[None], job_id: str) -> None:
+    """The transaction failed: once the cache write is done, remove what it wrote (best effort;
+    `forget_queued` keeps a job whose later events the router has applied)."""
+    await cached
+    try:
+        await store.forget_queued(job_id)
+    except RedisError as exc:
+        log.warning("job %s not accepted; its queued state stays cached until it expires (%s)", job_id, exc)
 
 
 def _bad_user(user: str, s: Settings) -> JSONResponse | None:
