@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
@@ -52,6 +53,7 @@ class _Pending:
     traceparent: str
     done: asyncio.Future[None]
     queued_at: float = field(default_factory=time.perf_counter)
+    on_sent: Callable[[], object] | None = None
 
 
 class JobWriter:
@@ -87,12 +89,15 @@ class JobWriter:
             task.cancel()
         await asyncio.gather(*(p.stop() for p in self.producers), return_exceptions=True)
 
-    async def submit(self, job: ScanJob, event: ScanEvent, traceparent: str) -> None:
+    async def submit(
+        self, job: ScanJob, event: ScanEvent, traceparent: str, on_sent: Callable[[], object] | None = None
+    ) -> None:
         """Returns once the job and its queued event are committed to Kafka; TimeoutError after
         `api_submit_timeout_s` (then the job was not written, unless its transaction was
-        already committing)."""
+        already committing). `on_sent` is called once the job's records are handed to the
+        producer (their requests go out first): work for the time the transaction takes."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(job, event, traceparent, fut))
+        await self.queue.put(_Pending(job, event, traceparent, fut, on_sent=on_sent))
         try:
             async with asyncio.timeout(self.s.api_submit_timeout_s):
                 await asyncio.shield(fut)
@@ -183,6 +188,9 @@ class JobWriter:
                     deliveries.append(
                         await producer.send(topic, value, key=key, partition=partition, headers=hdrs)
                     )
+            for p in batch:
+                if p.on_sent is not None and not p.done.done():  # its request is still waiting
+                    p.on_sent()
             t0 = time.perf_counter()
             await asyncio.gather(*deliveries)
             t1 = time.perf_counter()
