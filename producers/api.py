@@ -229,27 +229,20 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         t = _lap(PHASE_BUILD, t)
         # The router derives the same state from scan.events; the API caches it too, so a result
         # poll or a stream opened right after the 202 already finds the job and its owner. It is
-        # written while the transaction commits (a Redis round trip off the POST's path), started
-        # once the job's records are with the producer (Kafka's requests go out first): no one
+        # written while the transaction commits (a Redis round trip off the POST's path): no one
         # can ask for the job before the 202 names it, and a failed transaction takes it back.
         store: StateStore = request.app.state.store
-        cached: list[asyncio.Future[None]] = []
-
-        def cache() -> None:
-            cached.append(asyncio.ensure_future(_cache_queued(store, queued)))
-
+        cached = asyncio.ensure_future(_cache_queued(store, queued))
         try:
-            await request.app.state.writer.submit(job, queued, tp, on_sent=cache)
+            await request.app.state.writer.submit(job, queued, tp)
         except Exception as exc:  # Kafka down or too slow (api_submit_timeout_s): not accepted
-            for write in cached:  # none when the transaction never took the job
-                await _uncache_queued(store, write, job_id)
+            await _uncache_queued(store, cached, job_id)
             if idem_key:
                 await idempotency.forget(redis, idem_key)  # let the client retry with the same key
             await quota.release(user, job_id)
             return unavailable(f"could not queue the scan: {type(exc).__name__}")
         t = _lap(PHASE_TXN, t)
-        for write in cached:  # the job is in Kafka now: a Redis failure here does not undo the 202
-            await write
+        await cached  # the job is in Kafka now: a Redis failure here does not undo the 202
         t = _lap(PHASE_CACHE, t)
         limits = refusal.headers(decision, s, refusal.scan_policy(s))
         response = _accepted(s, job_id, user, {"traceparent": tp, **limits})

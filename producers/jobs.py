@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
@@ -53,7 +52,6 @@ class _Pending:
     traceparent: str
     done: asyncio.Future[None]
     queued_at: float = field(default_factory=time.perf_counter)
-    on_sent: Callable[[], object] | None = None
 
 
 class JobWriter:
@@ -89,15 +87,12 @@ class JobWriter:
             task.cancel()
         await asyncio.gather(*(p.stop() for p in self.producers), return_exceptions=True)
 
-    async def submit(
-        self, job: ScanJob, event: ScanEvent, traceparent: str, on_sent: Callable[[], object] | None = None
-    ) -> None:
+    async def submit(self, job: ScanJob, event: ScanEvent, traceparent: str) -> None:
         """Returns once the job and its queued event are committed to Kafka; TimeoutError after
         `api_submit_timeout_s` (then the job was not written, unless its transaction was
-        already committing). `on_sent` is called once the job's records are handed to the
-        producer (their requests go out first): work for the time the transaction takes."""
+        already committing)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(job, event, traceparent, fut, on_sent=on_sent))
+        await self.queue.put(_Pending(job, event, traceparent, fut))
         try:
             async with asyncio.timeout(self.s.api_submit_timeout_s):
                 await asyncio.shield(fut)
@@ -188,9 +183,6 @@ class JobWriter:
                     deliveries.append(
                         await producer.send(topic, value, key=key, partition=partition, headers=hdrs)
                     )
-            for p in batch:
-                if p.on_sent is not None and not p.done.done():  # its request is still waiting
-                    p.on_sent()
             t0 = time.perf_counter()
             await asyncio.gather(*deliveries)
             t1 = time.perf_counter()

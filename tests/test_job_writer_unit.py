@@ -147,24 +147,3 @@ async def test_a_full_batch_does_not_wait_out_the_window() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-async def test_on_sent_runs_once_the_records_are_sent_and_before_the_commit() -> None:
-    """The API starts its Redis cache write from `on_sent`: Kafka's requests are out by then,
-    and the transaction is not yet committed (a failed one is taken back from Redis)."""
-    producer = CountingProducer()
-    seen: list[tuple[int, int]] = []
-    p = pending()
-    p.on_sent = lambda: seen.append((producer._sends, producer.committed))
-    await JobWriter._commit(producer, [p])  # type: ignore[arg-type]
-    assert seen == [(2, 0)] and producer.committed == 1
-
-
-async def test_on_sent_skips_a_request_that_gave_up() -> None:
-    """A request that timed out answered 503 and took nothing back: nothing may be cached for it."""
-    calls: list[int] = []
-    p = pending()
-    p.on_sent = lambda: calls.append(1)
-    p.done.cancel()
-    await JobWriter._commit(CountingProducer(), [p])  # type: ignore[arg-type]
-    assert calls == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,24 +31,17 @@ async def _no_stored_result(job_id: str) -> dict[str, Any] | None:
 
 
 class FailingWriter:
-    """A transaction that fails: after its records were sent and the job's cache write landed
-    (`landed`), right after they were sent (`in-flight`: the write may still be on its way), or
-    before anything was sent (`never-sent`, e.g. no metadata from a down Kafka)."""
+    """A transaction that fails, once the job's cache write is in Redis (`after_cache`) or at once."""
 
-    def __init__(self, app: Any, mode: str) -> None:
+    def __init__(self, app: Any, after_cache: bool) -> None:
         self.app = app
-        self.mode = mode
+        self.after_cache = after_cache
         self.jobs: list[str] = []
         self.saw_cache = False
 
-    async def submit(
-        self, job: ScanJob, event: ScanEvent, traceparent: str, on_sent: Callable[[], object] | None = None
-    ) -> None:
+    async def submit(self, job: ScanJob, event: ScanEvent, traceparent: str) -> None:
         self.jobs.append(job.job_id)
-        if self.mode != "never-sent":
-            assert on_sent is not None
-            on_sent()  # as JobWriter does once the records are with the producer
-        if self.mode == "landed":  # the cache write runs beside the transaction: it lands meanwhile
+        if self.after_cache:  # the cache write runs beside the transaction: it lands meanwhile
             deadline = time.monotonic() + 5
             while not await self.app.state.redis.exists(keys.state(job.job_id)):
                 assert time.monotonic() < deadline, "the queued state was not written during the transaction"
@@ -65,16 +57,16 @@ def _settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"scan_burst": 0, "inflight_max": 0})
 
 
-@pytest.mark.parametrize("mode", ["landed", "in-flight", "never-sent"])
+@pytest.mark.parametrize("after_cache", [True, False], ids=["cache-landed-first", "failed-at-once"])
 def test_a_failed_transaction_leaves_no_queued_state(
-    settings: Settings, stack_status: object, uid: str, mode: str
+    settings: Settings, stack_status: object, uid: str, after_cache: bool
 ) -> None:
     s = _settings(settings)
     r = redis.Redis.from_url(s.redis_url)
     app = create_app(s, result_fallback=_no_stored_result)
     with TestClient(app) as client:
         real = app.state.writer
-        fake = FailingWriter(app, mode)
+        fake = FailingWriter(app, after_cache)
         app.state.writer = fake
         try:
             resp = client.post(
@@ -86,7 +78,7 @@ def test_a_failed_transaction_leaves_no_queued_state(
             app.state.writer = real
     assert resp.status_code == 503, resp.text
     assert resp.headers["Retry-After"] and resp.json()["error"] == "unavailable"
-    assert fake.saw_cache is (mode == "landed")
+    assert fake.saw_cache is after_cache
     [job_id] = fake.jobs
     assert not r.exists(keys.state(job_id), keys.history(job_id))
     r.close()
