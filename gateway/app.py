@@ -324,6 +324,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
             watcher.cancel()
             renewer.cancel()
             await asyncio.gather(watcher, renewer, return_exceptions=True)
+            await gw.leases.flush()  # the ended streams' leases still waiting for their batch
             await hub.stop()
             await redis.aclose()  # the client owns its pool: this hangs up every connection
 
