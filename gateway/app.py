@@ -24,7 +24,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyQuery
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
-from sse_starlette import ServerSentEvent
 from starlette.background import BackgroundTask
 from starlette.types import Receive, Scope, Send
 
@@ -158,9 +157,7 @@ def _error(code: int, detail: str, headers: dict[str, str] | None = None) -> JSO
     return JSONResponse({"detail": detail}, status_code=code, headers=headers)
 
 
-async def _guarded(
-    events: AsyncIterator[list[ServerSentEvent]], release: Callable[[], None]
-) -> AsyncIterator[list[ServerSentEvent]]:
+async def _guarded(events: AsyncIterator[bytes], release: Callable[[], None]) -> AsyncIterator[bytes]:
     """Release the stream's slot however it ends; a Redis failure just ends the stream (the
     client resumes with Last-Event-ID)."""
     try:

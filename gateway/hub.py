@@ -14,10 +14,11 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
+from sse_starlette import ServerSentEvent
 
 from contract import keys, versioning
 from contract.events import is_terminal, sse_event_name
@@ -44,6 +45,17 @@ class Item:
     event: str  # SSE event name: the stage, or "failed" for a failure
     terminal: bool
     data: str  # the event JSON exactly as the router stored it
+    _frame: bytes | None = field(default=None, compare=False, repr=False)
+
+    def frame(self) -> bytes:
+        """The event as an SSE frame (sse-starlette's `ServerSentEvent.encode`), encoded once and
+        shared by every stream this item goes to (the hub hands one Item to all of a job's
+        streams)."""
+        frame = self._frame
+        if frame is None:
+            frame = ServerSentEvent(data=self.data, event=self.event, id=str(self.seq)).encode()
+            object.__setattr__(self, "_frame", frame)  # a cache: equality and hash ignore it
+        return frame
 
     @classmethod
     def parse(cls, raw: bytes | str) -> Item:

@@ -106,6 +106,19 @@ async def test_batches_go_out_as_one_chunk_each_then_the_end() -> None:
     assert probe.closed and released == [1]
 
 
+async def test_a_last_chunk_goes_out_with_the_end_of_the_body_in_one_message() -> None:
+    """Encoded frames (bytes) go out as they are; a `LastChunk` ends the body in the same message,
+    and the body iterator is not asked for more (the probe would wait forever)."""
+    released: list[int] = []
+    first = ensure_bytes(ev(1), "\r\n")
+    probe = Probe([first, sse.LastChunk(ensure_bytes(ev(51), "\r\n"))], then_wait=True)
+    client = Client()
+    await asyncio.wait_for(response(probe, released)(SCOPE, client.receive, client.send), 1.0)
+    assert client.bodies == [first, ensure_bytes(ev(51), "\r\n")]
+    assert [m["more_body"] for m in client.sent[1:]] == [True, False]
+    assert probe.closed and released == [1]
+
+
 async def test_one_extra_task_per_stream_and_a_disconnect_ends_it_at_once() -> None:
     released: list[int] = []
     probe = Probe([[ev(1)]])
