@@ -98,7 +98,8 @@ return {'', math.floor(tokens), cap - busy, 0, full}
 
 # KEYS: the user's stream leases. ARGV: cap, lease id, lease ms, then leases of the user's ended
 # streams (given back first). Returns {1 taken | 0 refused, slots left, ms until the oldest ends}.
-_STREAM = (
+# Also run inside the gateway's first read of a stream (gateway/first_read.py).
+STREAM_LUA = _STREAM = (
     _NOW
     + """
 local cap = tonumber(ARGV[1])
@@ -231,31 +232,45 @@ class StreamLeases:
     def enabled(self) -> bool:
         return self.s.streams_max > 0
 
+    def acquire_call(self, user: str) -> tuple[str, str, list[str | int]]:
+        """What one acquire sends (`STREAM_LUA`): a new lease id, the user's lease set and the
+        script's arguments, with the user's ended leases still waiting for their batch (given back
+        first). The caller hands the reply to `acquired`, or the failure to `not_checked`."""
+        lease = self._prefix + uuid.uuid4().hex[:12]
+        ended = self.ended.pop(user, ())
+        args: list[str | int] = [self.s.streams_max, lease, self.s.stream_lease_s * 1000, *ended]
+        return lease, keys.quota_streams(user), args
+
+    def acquired(self, user: str, lease: str, reply: list[object]) -> tuple[Decision, str | None]:
+        taken, left, retry_ms = (int(x) for x in reply)  # type: ignore[call-overload]
+        if not taken:
+            REFUSED.labels("streams").inc()
+            retry_s = min(_seconds(retry_ms), CONCURRENCY_RETRY_S)
+            return Decision(refused="streams", streams_left=0, retry_after_s=retry_s), None
+        self.held[lease] = user
+        return Decision(streams_left=left), lease
+
+    def not_checked(self, user: str, args: list[str | int], exc: BaseException) -> tuple[Decision, None]:
+        """Redis did not answer: admitted unchecked (fail open); the ended leases the call carried
+        go back with the next batch instead."""
+        for old in args[3:]:
+            self._ended(user, str(old))
+        SKIPPED.labels("streams").inc()
+        log.warning("stream quota of a user not checked (Redis: %s); admitted", type(exc).__name__)
+        return Decision(skipped=True), None
+
     async def acquire(self, user: str) -> tuple[Decision, str | None]:
         """A lease for one more stream of `user`, or the refusal (fail open when Redis is silent).
         The user's ended leases still waiting for the batch go back in the same call first."""
         if not self.enabled:
             return Decision(), None
-        lease = self._prefix + uuid.uuid4().hex[:12]
-        ended = self.ended.pop(user, ())
+        lease, key, args = self.acquire_call(user)
         try:
             async with asyncio.timeout(self.s.quota_timeout_s):
-                taken, left, retry_ms = await self._acquire(
-                    keys=[keys.quota_streams(user)],
-                    args=[self.s.streams_max, lease, self.s.stream_lease_s * 1000, *ended],
-                )
+                reply = await self._acquire(keys=[key], args=args)
         except (RedisError, OSError, TimeoutError) as exc:
-            for old in ended:  # not given back after all: the next batch tries again
-                self._ended(user, old)
-            SKIPPED.labels("streams").inc()
-            log.warning("stream quota of a user not checked (Redis: %s); admitted", type(exc).__name__)
-            return Decision(skipped=True), None
-        if not int(taken):
-            REFUSED.labels("streams").inc()
-            retry_s = min(_seconds(int(retry_ms)), CONCURRENCY_RETRY_S)
-            return Decision(refused="streams", streams_left=0, retry_after_s=retry_s), None
-        self.held[lease] = user
-        return Decision(streams_left=int(left)), lease
+            return self.not_checked(user, args, exc)
+        return self.acquired(user, lease, reply)
 
     def release(self, lease: str | None) -> None:
         """Free a stream's slot: no longer renewed from now, given back to Redis with the next

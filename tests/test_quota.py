@@ -112,7 +112,7 @@ async def test_ended_stream_leases_go_back_in_one_batch(settings: Settings) -> N
         await leases.flush()
         assert leases.ended == {}
         assert await redis.zcard(keys.quota_streams(users[0])) == 0
-        assert await redis.zrange(keys.quota_streams(users[1]), 0, -1) == [taken[3][1].encode()]
+        assert await redis.zrange(keys.quota_streams(users[1]), 0, -1) == [str(taken[3][1]).encode()]
         leases.release(taken[3][1])
         await asyncio.sleep(0.5)  # the batch window (RELEASE_BATCH_S) passes: flushed unasked
         assert await redis.zcard(keys.quota_streams(users[1])) == 0
@@ -134,7 +134,7 @@ async def test_a_user_at_the_cap_who_ends_a_stream_may_open_another_at_once(sett
         leases.release(first)
         d, third = await leases.acquire(user)
         assert d.allowed and d.streams_left == 0 and user not in leases.ended
-        held = {x.decode() for x in await redis.zrange(keys.quota_streams(user), 0, -1)}
+        held = {str(x, 'utf-8') for x in await redis.zrange(keys.quota_streams(user), 0, -1)}  # type: ignore[arg-type]
         assert first not in held and third in held and len(held) == 2
     finally:
         await redis.aclose()
