@@ -49,7 +49,9 @@ Ending = Literal["disconnect", "send-timeout", "shutdown"]
 
 class LastChunk(bytes):
     """A body item that ends the stream: sent with the end of the body, in one write instead of
-    two (the body iterator is not asked for more)."""
+    two. It must be the iterator's last item (anything after it is dropped); the iterator is
+    still run to its end, so its generators finish there and then: one left suspended would be
+    closed later by the loop's async-generator finalizer, a task and a loop wake-up each."""
 
 
 class LeanEventSourceResponse(EventSourceResponse):
@@ -105,15 +107,15 @@ class LeanEventSourceResponse(EventSourceResponse):
                     start = {"type": "http.response.start", "status": self.status_code}
                     await send({**start, "headers": self.raw_headers})
                     async for data in body:
+                        if completed:
+                            continue  # after a LastChunk: let the iterator finish (see LastChunk)
                         last = isinstance(data, LastChunk)
                         chunk = data if isinstance(data, LastChunk) else self._chunk(data)
                         message = {"type": "http.response.body", "body": chunk, "more_body": not last}
                         self._sending_since = loop.time()  # the sweeper ends a send stuck for too long
                         await send(message)
                         self._sending_since = None
-                        if last:
-                            completed = True
-                            break
+                        completed = last
                     self.active = False
                     if not completed:
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
