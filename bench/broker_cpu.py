@@ -5,6 +5,10 @@
 `C2 CompilerThreN`, `GC Thread#N`), in % of one core. JFR samples only threads running Java code;
 this also sees the JIT compilers and the GC, which JFR does not.
 
+`python -m bench.broker_cpu requests PID SECONDS`: requests per second and handler ("local") ms per
+second of each API key, from the broker's own `kafka.network:type=RequestMetrics` (a JMX agent is
+started in the broker on 127.0.0.1:ECO2X_JMX_PORT, default 10119, read with Kafka's JmxTool).
+
 `python -m bench.broker_cpu jfr FILE.jfr [N]`: the N hottest top frames and the threads of a JFR
 recording's `jdk.ExecutionSample` events (`jcmd PID JFR.start duration=60s filename=F
 settings=profile`), read with the JDK's `jfr print --json`.
@@ -102,10 +106,72 @@ def read_jfr(path: str) -> list[dict[str, Any]]:
     return list(json.loads(proc.stdout)["recording"]["events"])
 
 
+_METRIC = re.compile(
+    r"kafka\.network:type=RequestMetrics,name=(\w+),request=(\w+)(?:,version=(\d+))?:(\w+)=([-\d.E+]+)"
+)
+
+
+def request_totals(text: str) -> dict[str, dict[str, float]]:
+    """Per API key: requests and total local (handler) ms so far, from JmxTool's properties output
+    (LocalTimeMs' Mean is over the broker's life, so count x mean is the exact total)."""
+    raw: dict[tuple[str, str, str], dict[str, float]] = {}
+    for m in _METRIC.finditer(text):
+        name, req, ver, attr, value = m.groups()
+        raw.setdefault((name, req, ver), {})[attr] = float(value)
+    out: dict[str, dict[str, float]] = {}
+    for (name, req, _), attrs in raw.items():
+        row = out.setdefault(req, {"requests": 0.0, "local_ms": 0.0})
+        if name == "RequestsPerSec":
+            row["requests"] += attrs.get("Count", 0.0)
+        elif name == "LocalTimeMs":
+            row["local_ms"] += attrs.get("Count", 0.0) * attrs.get("Mean", 0.0)
+    return out
+
+
+def _jmx_snapshot(port: int) -> str:
+    from contract.settings import get_settings
+    from eco2 import install
+
+    libs = install.kafka_home(get_settings()) / "libs" / "*"
+    names = ("RequestsPerSec", "LocalTimeMs")
+    argv = ["java", "-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp", str(libs), "org.apache.kafka.tools.JmxTool"]
+    argv += ["--jmx-url", f"service:jmx:rmi:///jndi/rmi://127.0.0.1:{port}/jmxrmi", "--one-time", "true"]
+    argv += ["--attributes", "Count,Mean", "--report-format", "properties"]
+    for n in names:
+        argv += ["--object-name", f"kafka.network:type=RequestMetrics,name={n},*"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+
+
+def request_rates(pid: int, seconds: float) -> dict[str, dict[str, float]]:
+    """Per API key over `seconds`: requests/s and local ms/s (Fetch also counts as FetchConsumer)."""
+    port = int(os.environ.get("ECO2X_JMX_PORT", "10119"))
+    subprocess.run(
+        ["jcmd", str(pid), "ManagementAgent.start", f"jmxremote.port={port}", "jmxremote.authenticate=false"]
+        + ["jmxremote.ssl=false", "jmxremote.host=127.0.0.1"],
+        capture_output=True,
+        timeout=30,
+    )  # fails harmlessly when the agent already runs
+    t0, before = time.monotonic(), request_totals(_jmx_snapshot(port))
+    time.sleep(seconds)
+    after = request_totals(_jmx_snapshot(port))
+    dt = time.monotonic() - t0
+    rates = {
+        req: {k: round((v - before.get(req, {}).get(k, 0.0)) / dt, 2) for k, v in row.items()}
+        for req, row in after.items()
+    }
+    return dict(
+        sorted(((r, v) for r, v in rates.items() if v["requests"] > 0), key=lambda kv: -kv[1]["requests"])
+    )
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["threads"]:
         for g, pct in thread_cpu(int(argv[1]), float(argv[2])).items():
             print(f"{pct:7.2f}%  {g}")
+    elif argv[:1] == ["requests"]:
+        print(f"{'request':<32}{'per s':>9}{'local ms/s':>12}")
+        for req, r in request_rates(int(argv[1]), float(argv[2])).items():
+            print(f"{req:<32}{r['requests']:9.2f}{r['local_ms']:12.2f}")
     elif argv[:1] == ["jfr"]:
         agg = top_frames(read_jfr(argv[1]), int(argv[2]) if len(argv) > 2 else 25)
         total = agg["samples"] or 1

@@ -36,3 +36,21 @@ def test_top_frames_count_the_innermost_frame_and_the_thread_pool() -> None:
     assert agg["samples"] == 3
     assert agg["top_frames"][0] == ("a/Histogram.update", 2)
     assert dict(agg["threads"]) == {"data-plane-kafka-request-handler-N": 2, "executor-Fetch": 1}
+
+
+def test_request_totals_sum_versions_and_multiply_the_lifetime_mean() -> None:
+    from bench.broker_cpu import request_totals
+
+    text = "\n".join(
+        [
+            "time=1",
+            "kafka.network:type=RequestMetrics,name=RequestsPerSec,request=Produce,version=9:Count=10",
+            "kafka.network:type=RequestMetrics,name=RequestsPerSec,request=Produce,version=11:Count=5",
+            "kafka.network:type=RequestMetrics,name=LocalTimeMs,request=Produce:Count=15",
+            "kafka.network:type=RequestMetrics,name=LocalTimeMs,request=Produce:Mean=0.5",
+            "kafka.network:type=RequestMetrics,name=RequestsPerSec,request=Fetch,version=12:Count=7",
+        ]
+    )
+    got = request_totals(text)
+    assert got["Produce"] == {"requests": 15.0, "local_ms": 7.5}
+    assert got["Fetch"] == {"requests": 7.0, "local_ms": 0.0}
