@@ -58,26 +58,6 @@ async def kafka_ready(s: Settings) -> bool:
     return all([await broker_answers(n.address(s), len(nodes)) for n in nodes])
 
 
-def broker_threads(cores: int) -> dict[str, int]:
-    """Kafka's thread pools sized to a broker's cores. Its defaults (8 request handlers, 3 network
-    threads, 10 background threads) are for a large server; on a 2-core box or pod they add threads
-    that wake, contend and hold stacks for nothing. Request handlers stay at twice the cores (a
-    fetch of cold data can block one on the disk); the network threads, which also do the TLS of
-    the Kubernetes listener, one per core. deploy/strimzi/kafka.yaml sets the same for its broker
-    pool's CPU limit (a test checks)."""
-    cores = max(1, cores)
-    return {
-        "num.network.threads": max(2, cores),
-        "num.io.threads": max(2, 2 * cores),
-        "background.threads": max(2, cores),
-    }
-
-
-def _cores() -> int:
-    """The cores this process may run on (its affinity, as the JVM counts them)."""
-    return len(os.sched_getaffinity(0))
-
-
 def _kafka_config(s: Settings, node: KafkaNode) -> Path:
     return node.dir(s) / "server.properties"
 
@@ -120,7 +100,10 @@ def _kafka_prepare(s: Settings, node: KafkaNode) -> None:
                 f"share.coordinator.state.topic.replication.factor={rep.factor}",
                 f"share.coordinator.state.topic.min.isr={rep.min_insync}",
                 "group.initial.rebalance.delay.ms=0",
-                *(f"{k}={v}" for k, v in broker_threads(_cores()).items()),
+                # Thread pools and G1 stay at Kafka's defaults, as in production: pools sized to
+                # the 2 cores and other collectors measured no difference (no GC ran in a 300-VU
+                # run; bench/reports/issue19-broker/). tests/test_topology_unit.py checks that
+                # every setting of deploy/strimzi/kafka.yaml holds here too.
                 "",
             ]
         )
