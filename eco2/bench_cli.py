@@ -539,7 +539,7 @@ def ab(
         typer.Option(
             "--warmup-jobs",
             help="jobs of an untimed `bench pipeline` on each fresh stack before its measured run "
-            "(warms the broker's JIT; 0 = none)",
+            "(warms the broker's JIT; 3000 for CPU-per-job figures; 0 = none)",
         ),
     ] = 0,
     keep: Annotated[
