@@ -14,6 +14,13 @@ REF is checked out with `git worktree add --detach` into a temporary directory. 
 `requirements-dev.lock` is this checkout's, it runs on this venv's interpreter (the packages are
 the same, the code comes from its checkout); otherwise it gets its own venv from its lock (pip's
 cache makes that a minute, not ten).
+
+`--warmup-jobs N` runs `eco2 bench pipeline --jobs N` (zero-latency model, its report thrown away)
+on each run's fresh stack before the measured benchmark, the same on both sides: a freshly started
+Kafka broker spends much of its first minutes' CPU in the JIT compilers (a one-off a long-running
+broker has long paid), which every run would otherwise count as per-scan cost. At 300 VUs 3,000
+jobs (~1 min a side) took the broker from 17-19 to 10-11 ms per job, the compiler threads from
+10-12% to 3-4% of a core (bench/reports/issue19-broker/README.md); 1,000 removed half of it.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ class AbConfig:
     keep: bool = False  # keep the temporary worktree, local dirs and logs (debugging)
     run_timeout_s: float = 4 * 3600.0
     stack_timeout_s: float = 600.0
+    warmup_jobs: int = 0  # jobs of an untimed `bench pipeline` on each fresh stack before the run
 
 
 @dataclass
@@ -176,6 +184,11 @@ def _local_dir(tmp: Path, label: str, kafka_home: Path) -> Path:
     return local
 
 
+def warmup_args(cfg: AbConfig, out: Path) -> list[str]:
+    """The untimed warm-up's eco2 arguments (its report goes to a scratch directory)."""
+    return ["bench", "pipeline", "--jobs", str(cfg.warmup_jobs), "--name", "warmup", "--out", str(out)]
+
+
 def one_run(
     cfg: AbConfig,
     side: Side,
@@ -201,6 +214,19 @@ def one_run(
         if _eco2(side, env, ["stack", "up"], log, cfg.stack_timeout_s) != 0:
             run["error"] = f"stack up failed: {_tail(log)}"
             return run
+        if cfg.warmup_jobs:
+            echo(f"ab: {label}: warm-up, eco2 bench pipeline --jobs {cfg.warmup_jobs}")
+            w0 = time.monotonic()
+            (tmp / "warmup" / label).mkdir(parents=True, exist_ok=True)
+            rc = _eco2(side, env, warmup_args(cfg, tmp / "warmup" / label), log, cfg.stack_timeout_s)
+            run["warmup"] = {
+                "jobs": cfg.warmup_jobs,
+                "returncode": rc,
+                "seconds": round(time.monotonic() - w0, 1),
+            }
+            if rc != 0:
+                run["error"] = f"warm-up failed (exit {rc}): {_tail(log)}"
+                return run
         echo(f"ab: {label}: eco2 bench {' '.join(cfg.bench_args)}")
         rc = _eco2(side, env, ["bench", *cfg.bench_args, "--out", str(out_dir)], log, cfg.run_timeout_s)
         run["returncode"] = rc
@@ -244,6 +270,8 @@ def run_ab(
     check_args(cfg.bench_args)
     if cfg.runs < 1:
         raise BenchError("--runs must be at least 1")
+    if cfg.warmup_jobs < 0:
+        raise BenchError("--warmup-jobs must be 0 (none) or more")
     kafka_home = install.ensure_kafka(s)
     tmp = Path(tempfile.mkdtemp(prefix="eco2-ab-"))
     os.chmod(tmp, 0o755)
@@ -270,6 +298,7 @@ def run_ab(
             "bench_args": ["bench", *cfg.bench_args],
             "order": plan,
             "pause_s": cfg.pause_s,
+            "warmup_jobs": cfg.warmup_jobs,
             "base_env": how,
             "shared_env": {k: v for k, v in shared.items() if "PASSWORD" not in k and "KEY" not in k},
             "name": cfg.name,

@@ -171,8 +171,14 @@ def markdown(report: Mapping[str, Any]) -> list[str]:
         f"- A = `{c['base_ref']}` ({c['base_sha'][:12]}), B = the working tree at {c['head_sha'][:12]}"
         + (" with uncommitted changes" if c.get("dirty") else "")
         + f"; {c['runs']} run(s) each, in the order {' '.join(f'{s}{i}' for s, i in c['order'])}.",
-        f"- Each run on its own fresh stack, brought up from that side's checkout "
-        f"(`eco2 stack up`, then `eco2 {' '.join(c['bench_args'])}`, then `eco2 stack down --reset`); "
+        "- Each run on its own fresh stack, brought up from that side's checkout "
+        "(`eco2 stack up`, "
+        + (
+            f"an untimed warm-up `eco2 bench pipeline --jobs {c['warmup_jobs']}`, "
+            if c.get("warmup_jobs")
+            else ""
+        )
+        + f"then `eco2 {' '.join(c['bench_args'])}`, then `eco2 stack down --reset`); "
         f"A's Python environment: {c['base_env']}.",
         f"- Machine: {md.machine(report['machine'])}.",
         "- B/A is B's median over A's; B_i/A_i the range of the ratio over runs that ran back to back. "

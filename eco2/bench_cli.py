@@ -534,6 +534,14 @@ def ab(
     base: Annotated[str, typer.Option("--base", help="the git ref to compare against (side A)")],
     runs: Annotated[int, typer.Option("--runs", help="runs of each side, alternating A B A B ...")] = 3,
     pause: Annotated[float, typer.Option("--pause", help="seconds of rest between runs")] = 10.0,
+    warmup_jobs: Annotated[
+        int,
+        typer.Option(
+            "--warmup-jobs",
+            help="jobs of an untimed `bench pipeline` on each fresh stack before its measured run "
+            "(warms the broker's JIT; 3000 for CPU-per-job figures; 0 = none)",
+        ),
+    ] = 0,
     keep: Annotated[
         bool, typer.Option("--keep", help="keep the temporary worktree, stack dirs and logs")
     ] = False,
@@ -547,7 +555,15 @@ def ab(
     from bench.ab import AbConfig, run_ab
     from bench.harness import BenchError
 
-    cfg = AbConfig(base=base, bench_args=list(ctx.args), runs=runs, pause_s=pause, name=name, keep=keep)
+    cfg = AbConfig(
+        base=base,
+        bench_args=list(ctx.args),
+        runs=runs,
+        pause_s=pause,
+        name=name,
+        keep=keep,
+        warmup_jobs=warmup_jobs,
+    )
     try:
         report = run_ab(get_settings(), cfg, typer.echo, out)
     except BenchError as exc:

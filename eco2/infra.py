@@ -100,6 +100,10 @@ def _kafka_prepare(s: Settings, node: KafkaNode) -> None:
                 f"share.coordinator.state.topic.replication.factor={rep.factor}",
                 f"share.coordinator.state.topic.min.isr={rep.min_insync}",
                 "group.initial.rebalance.delay.ms=0",
+                # Thread pools and G1 stay at Kafka's defaults, as in production: pools sized to
+                # the 2 cores and other collectors measured no difference (no GC ran in a 300-VU
+                # run; bench/reports/issue19-broker/). tests/test_topology_unit.py checks that
+                # every setting of deploy/strimzi/kafka.yaml holds here too.
                 "",
             ]
         )

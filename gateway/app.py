@@ -24,7 +24,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyQuery
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
-from sse_starlette import ServerSentEvent
 from starlette.background import BackgroundTask
 from starlette.types import Receive, Scope, Send
 
@@ -34,11 +33,12 @@ from contract.events import DONE, FAILED_EVENT, STAGES
 from contract.openapi import install_openapi
 from contract.settings import Settings, get_settings
 from quota import refusal
-from quota.limits import StreamLeases
+from quota.limits import Decision, StreamLeases
 from runtime.http_metrics import RequestMetrics
 from runtime.metrics import add_metrics_route, track_event_loop
 
 from . import openapi, opening
+from .first_read import FirstRead
 from .hub import Hub, Item, history_items
 from .opening import Snapshot
 from .sse import LeanEventSourceResponse
@@ -87,6 +87,7 @@ class Gateway:
         self.epoch: str | None = None
         self._view_changed = asyncio.Event()
         self.leases = StreamLeases(redis, s)  # per-user stream slots across all gateways
+        self.first_read = FirstRead(redis, self.leases)
 
     def view_ready(self) -> bool:
         return self.view_ok
@@ -130,7 +131,20 @@ class Gateway:
         """The view's status (as this gateway last saw the server), the job's owner and its
         history after `after`, in one round trip (`view.SnapshotReader`: `StateStore.snapshot`
         as one Lua call)."""
-        snap = await self.snapshots.read(job_id, after, self.run_id)
+        return self._snapshot(await self.snapshots.read(job_id, after, self.run_id))
+
+    async def open_read(
+        self, uid: str, job_id: str, after: int
+    ) -> tuple[Decision, str | None, Snapshot | None]:
+        """The user's stream lease and the job's first snapshot in one round trip
+        (`gateway/first_read.py`); no snapshot when the leases are off or the call failed (the
+        lease is then skipped, fail open, and `settle` reads the snapshot alone)."""
+        if not self.leases.enabled:
+            return Decision(), None, None
+        decision, lease, snap = await self.first_read.read(uid, job_id, after, self.run_id)
+        return decision, lease, None if snap is None else self._snapshot(snap)
+
+    def _snapshot(self, snap: view.Snapshot) -> Snapshot:
         # Ready: once this gateway's watcher saw it too (it resyncs open streams then). Rebuilding
         # newest first: this job's history is whole once its queued event is back (view/marker.py).
         ready = snap.whole and (self.view_ok or snap.status == "rebuilding")
@@ -158,9 +172,7 @@ def _error(code: int, detail: str, headers: dict[str, str] | None = None) -> JSO
     return JSONResponse({"detail": detail}, status_code=code, headers=headers)
 
 
-async def _guarded(
-    events: AsyncIterator[list[ServerSentEvent]], release: Callable[[], None]
-) -> AsyncIterator[list[ServerSentEvent]]:
+async def _guarded(events: AsyncIterator[bytes], release: Callable[[], None]) -> AsyncIterator[bytes]:
     """Release the stream's slot however it ends; a Redis failure just ends the stream (the
     client resumes with Last-Event-ID)."""
     try:
@@ -189,8 +201,15 @@ async def open_stream(
         return _error(uid.status, uid.detail)
     if gw.active >= s.max_connections:
         return _error(503, "too many streams on this gateway; retry shortly", {"Retry-After": "1"})
-    decision, lease = await gw.leases.acquire(uid)
+    last = opening.last_seq(last_event_id)
+    sub = gw.hub.subscribe(job_id)  # before any read: nothing published from now on is missed
+    try:
+        decision, lease, first = await gw.open_read(uid, job_id, last)
+    except BaseException:
+        gw.hub.unsubscribe(sub)
+        raise
     if not decision.allowed:
+        gw.hub.unsubscribe(sub)
         assert decision.refused is not None
         REJECTED.labels("429").inc()
         return JSONResponse(
@@ -202,7 +221,6 @@ async def open_stream(
             status_code=429,
             headers=refusal.headers(decision, s, refusal.stream_policy(s)),
         )
-    sub = gw.hub.subscribe(job_id)  # before any read: nothing published from now on is missed
 
     def unsubscribe() -> None:
         gw.hub.unsubscribe(sub)
@@ -211,9 +229,10 @@ async def open_stream(
     release = gw.slot(unsubscribe)
     streaming = False
     try:
-        last = opening.last_seq(last_event_id)
         try:
-            snap = await opening.settle(gw, sub, job_id, last, s.view_wait_s, s.unknown_job_wait_s)
+            snap = await opening.settle(
+                gw, sub, job_id, last, s.view_wait_s, s.unknown_job_wait_s, first=first
+            )
         except RedisError as exc:
             log.warning("state lookup of %s failed: %s", job_id, exc)
             return _error(503, "job state unavailable; retry shortly", {"Retry-After": "1"})
@@ -324,6 +343,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
             watcher.cancel()
             renewer.cancel()
             await asyncio.gather(watcher, renewer, return_exceptions=True)
+            await gw.leases.flush()  # the ended streams' leases still waiting for their batch
             await hub.stop()
             await redis.aclose()  # the client owns its pool: this hangs up every connection
 

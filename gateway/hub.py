@@ -4,6 +4,8 @@ The gateway never opens a Redis connection per client (the replaced system's 1 S
 connections is what sank it): one connection subscribed to the 4 shard channels, dispatching each
 event to the bounded buffers of that job's streams. Dispatch never blocks: a buffer that is full
 is dropped and its stream told to resync from history, so a slow client only delays itself.
+The connection is read by `shard_feed.py` (a raw protocol: no task or future per message); this
+module keeps it alive (PING), reconnects it, and resyncs every stream once it is subscribed again.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 from prometheus_client import Counter
+from sse_starlette import ServerSentEvent
 
 from contract import keys, versioning
 from contract.events import is_terminal, sse_event_name
 from contract.topics import EVENTS_PARTITIONS
+
+from .shard_feed import ShardFeed, open_feed
 
 log = logging.getLogger("eco2.gateway.hub")
 
@@ -31,7 +35,7 @@ UNREADABLE = Counter(
     "eco2_gateway_unreadable_entries_total", "history entries skipped: unknown schema major or malformed"
 )
 
-PING_EVERY_S = 5.0  # an idle pub/sub connection is pinged this often ...
+PING_EVERY_S = 5.0  # the pub/sub connection is pinged this often ...
 SILENT_LIMIT_S = 3 * PING_EVERY_S  # ... and reconnected when nothing (not even PONG) came back
 
 
@@ -44,6 +48,17 @@ class Item:
     event: str  # SSE event name: the stage, or "failed" for a failure
     terminal: bool
     data: str  # the event JSON exactly as the router stored it
+    _frame: bytes | None = field(default=None, compare=False, repr=False)
+
+    def frame(self) -> bytes:
+        """The event as an SSE frame (sse-starlette's `ServerSentEvent.encode`), encoded once and
+        shared by every stream this item goes to (the hub hands one Item to all of a job's
+        streams)."""
+        frame = self._frame
+        if frame is None:
+            frame = ServerSentEvent(data=self.data, event=self.event, id=str(self.seq)).encode()
+            object.__setattr__(self, "_frame", frame)  # a cache: equality and hash ignore it
+        return frame
 
     @classmethod
     def parse(cls, raw: bytes | str) -> Item:
@@ -153,7 +168,6 @@ class Hub:
         self.channels = [keys.shard_channel(i) for i in range(shards)]
         self.subs: dict[str, set[Subscriber]] = {}
         self.connected = False
-        self._client: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
 
     # --- subscribers (in-process only: no Redis command per client) ---
@@ -175,7 +189,6 @@ class Hub:
             yield from subs
 
     def _dispatch(self, raw: bytes) -> None:
-        LIVE.inc()
         job_id = peek_job_id(raw)
         if job_id is not None and job_id not in self.subs:
             return  # no stream of this process follows the job: not even parsed (issue 23)
@@ -187,12 +200,9 @@ class Hub:
         for sub in self.subs.get(item.job_id, ()):
             sub.push(item)
 
-    # --- the one pub/sub connection ---
+    # --- the one pub/sub connection (gateway/shard_feed.py) ---
 
     async def start(self) -> None:
-        self._client = aioredis.from_url(
-            self.redis_url, max_connections=1, client_name=self.client_name, socket_connect_timeout=5
-        )
         self._task = asyncio.create_task(self._run(), name="gateway-pubsub")
 
     async def stop(self) -> None:
@@ -200,39 +210,36 @@ class Hub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._client is not None:
-            await self._client.aclose()
+
+    def _subscribed(self) -> None:
+        """Every channel's subscription confirmed (first, or after a reconnect): events published
+        while this process was not subscribed are only in history, so every stream resyncs."""
+        if not self.connected:
+            log.info("pub/sub subscribed to %s", ",".join(self.channels))
+        self.connected = True
+        self.resync_all("reconnect")
 
     async def _run(self) -> None:
-        assert self._client is not None
         delay = 0.2
         while True:
-            ps = self._client.pubsub()
+            feed: ShardFeed | None = None
             try:
-                await ps.subscribe(*self.channels)
-                last_seen = last_ping = time.monotonic()
-                while True:
-                    msg = await ps.get_message(timeout=1.0)
-                    now = time.monotonic()
-                    if msg is None:
-                        if now - last_seen > SILENT_LIMIT_S:
-                            raise ConnectionError(f"no reply on pub/sub for {now - last_seen:.0f}s")
-                        if now - last_ping >= PING_EVERY_S:
-                            await ps.ping()
-                            last_ping = now
-                        continue
-                    last_seen = now
-                    kind = msg["type"]
-                    if kind == "message":
-                        self._dispatch(msg["data"])
-                    elif kind == "subscribe":
-                        # First subscribe, or redis-py resubscribing after a reconnect: events
-                        # published while we were away are only in history, so every stream resyncs.
-                        if not self.connected:
-                            log.info("pub/sub subscribed to %s", ",".join(self.channels))
-                        self.connected = True
+                feed = await open_feed(
+                    self.redis_url, self.channels, self._dispatch, self._subscribed, self.client_name
+                )
+                counted = 0
+                while True:  # the connection's reader is the protocol: this only keeps it alive
+                    done, _ = await asyncio.wait([feed.closed], timeout=PING_EVERY_S)
+                    LIVE.inc(feed.messages - counted)
+                    counted = feed.messages
+                    if done:
+                        raise feed.closed.result() or ConnectionError("the pub/sub connection was closed")
+                    silent = time.monotonic() - feed.last_seen
+                    if silent > SILENT_LIMIT_S:
+                        raise ConnectionError(f"no reply on pub/sub for {silent:.0f}s")
+                    if self.connected:
                         delay = 0.2
-                        self.resync_all("reconnect")
+                    feed.ping()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -240,8 +247,8 @@ class Hub:
                     log.warning("pub/sub connection lost (%s); reconnecting", exc)
                 self.connected = False
             finally:
-                with contextlib.suppress(Exception):
-                    await ps.aclose()
+                if feed is not None:
+                    feed.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

@@ -83,15 +83,17 @@ async def settle(
     view_wait_s: float,
     unknown_job_wait_s: float,
     clock: Callable[[], float] = time.monotonic,
+    first: Snapshot | None = None,
 ) -> Snapshot | None:
     """The job's snapshot once it can be trusted; None when the view could not vouch for the job's
     history for `view_wait_s` (lost, or rebuilding and the job not back yet: answer 503, never a
-    partial history served as whole).
+    partial history served as whole). `first`: a snapshot already read (with the stream's lease,
+    `gateway/first_read.py`), read after `sub` was subscribed.
 
     A job just submitted may reach Redis a moment after its POST: an unknown job is looked up
     again whenever something arrives on `sub` (subscribed before the first read, so nothing
     published meanwhile is missed), for at most `unknown_job_wait_s`."""
-    snap = await gw.snapshot(job_id, last)
+    snap = first if first is not None else await gw.snapshot(job_id, last)
     view_deadline = clock() + view_wait_s
     while not snap.view_ready:
         left = view_deadline - clock()

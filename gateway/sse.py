@@ -18,7 +18,9 @@ the cost of a stream. `LeanEventSourceResponse` keeps what the gateway uses of i
 All of these end the stream through one `asyncio.timeout` per stream, which the disconnect
 listener and the watcher reschedule to now. No ping task (the gateway's stream writes its own
 keepalive comment, `gateway/stream.py`). A body item may be a list of events: they go out as one
-body chunk (one write for everything that was ready at once).
+body chunk (one write for everything that was ready at once); or bytes, frames already encoded
+(the gateway encodes each event once for all the streams that follow it); or a `LastChunk`, the
+stream's last bytes, sent together with the end of the body (one write, not two).
 
 Anything this does not cover (a ping interval, a `data_sender_callable`, HEAD, a websocket scope)
 falls back to upstream's `__call__`. What it reads of upstream's internals is checked by
@@ -45,6 +47,13 @@ SHUTDOWN_SEND_S = 1.0  # the final chunk of a stream ended by the server's exit
 Ending = Literal["disconnect", "send-timeout", "shutdown"]
 
 
+class LastChunk(bytes):
+    """A body item that ends the stream: sent with the end of the body, in one write instead of
+    two. It must be the iterator's last item (anything after it is dropped); the iterator is
+    still run to its end, so its generators finish there and then: one left suspended would be
+    closed later by the loop's async-generator finalizer, a task and a loop wake-up each."""
+
+
 class LeanEventSourceResponse(EventSourceResponse):
     """`EventSourceResponse` in one task per stream (module docstring). Construct it as upstream's,
     with `ping=0`."""
@@ -60,6 +69,8 @@ class LeanEventSourceResponse(EventSourceResponse):
             self._deadline.reschedule(-1)  # in the past: the stream's task is cancelled at once
 
     def _chunk(self, data: Any) -> bytes:
+        if type(data) is bytes:
+            return data  # frames already encoded (`Item.frame`)
         if isinstance(data, list):
             return b"".join(ensure_bytes(ev, self.sep) for ev in data)
         return ensure_bytes(data, self.sep)
@@ -96,13 +107,19 @@ class LeanEventSourceResponse(EventSourceResponse):
                     start = {"type": "http.response.start", "status": self.status_code}
                     await send({**start, "headers": self.raw_headers})
                     async for data in body:
-                        message = {"type": "http.response.body", "body": self._chunk(data), "more_body": True}
+                        if completed:
+                            continue  # after a LastChunk: let the iterator finish (see LastChunk)
+                        last = isinstance(data, LastChunk)
+                        chunk = data if isinstance(data, LastChunk) else self._chunk(data)
+                        message = {"type": "http.response.body", "body": chunk, "more_body": not last}
                         self._sending_since = loop.time()  # the sweeper ends a send stuck for too long
                         await send(message)
                         self._sending_since = None
+                        completed = last
                     self.active = False
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    completed = True
+                    if not completed:
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        completed = True
                 finally:
                     listener.cancel()  # never runs again: it cannot reschedule a closed deadline
                     self._deadline = None

@@ -21,6 +21,7 @@ from sse_starlette import ServerSentEvent
 from contract.pipeline import attempt_of, is_failure_seq, next_seq
 
 from .hub import Item, Subscriber
+from .sse import LastChunk
 
 SENT = Counter("eco2_gateway_events_sent_total", "events written to SSE clients")
 GAPS = Counter("eco2_gateway_gaps_skipped_total", "seqs given up on after gap_wait_s")
@@ -39,11 +40,13 @@ def in_order(seq: int, last: int) -> bool:
 
 
 KEEPALIVE = ServerSentEvent(comment="keepalive")
+KEEPALIVE_FRAME = KEEPALIVE.encode()
 
 
-def _sse(items: list[Item]) -> list[ServerSentEvent]:
+def _chunk(items: list[Item], last: bool) -> bytes:
     SENT.inc(len(items))
-    return [ServerSentEvent(data=item.data, event=item.event, id=str(item.seq)) for item in items]
+    data = b"".join([item.frame() for item in items])
+    return LastChunk(data) if last else data
 
 
 class JobStream:
@@ -104,14 +107,24 @@ class JobStream:
         return bool(self.pending) and not in_order(min(self.pending), self.last)
 
     async def events(self) -> AsyncIterator[ServerSentEvent]:
-        """The stream's events one by one (`batches`, flattened)."""
-        async for ready in self.batches():
-            for ev in ready:
-                yield ev
+        """The stream's events one by one (`items`, flattened; a keepalive as `KEEPALIVE`)."""
+        async for ready in self.items():
+            if ready is None:
+                yield KEEPALIVE
+            for item in ready or ():
+                SENT.inc()
+                yield ServerSentEvent(data=item.data, event=item.event, id=str(item.seq))
 
-    async def batches(self) -> AsyncIterator[list[ServerSentEvent]]:
-        """The stream as lists of events: everything deliverable at one moment together, so a
-        response writes it in one body chunk (`gateway/sse.py`)."""
+    async def batches(self) -> AsyncIterator[bytes]:
+        """The stream as SSE body chunks: everything deliverable at one moment in one chunk (one
+        write, `gateway/sse.py`), each event's frame encoded once for all its streams
+        (`Item.frame`); the chunk that ends the stream is a `LastChunk`."""
+        async for ready in self.items():
+            yield KEEPALIVE_FRAME if ready is None else _chunk(ready, self.done)
+
+    async def items(self) -> AsyncIterator[list[Item] | None]:
+        """The stream as lists of items, each what is deliverable at one moment (None: time for a
+        keepalive). After the last list, `done` says whether the job's stream ended."""
         clock = time.monotonic
         deadline = clock() + self.max_stream_s
         last_write = clock()
@@ -125,7 +138,7 @@ class JobStream:
             self.history = None
         while True:
             if ready := self._ready():
-                yield _sse(ready)
+                yield ready
                 last_write = clock()
             if self.done:
                 return
@@ -141,14 +154,14 @@ class JobStream:
             elif gap_deadline is not None and now >= gap_deadline:
                 await self._fill()
                 if ready := self._ready(force=True):
-                    yield _sse(ready)
+                    yield ready
                     last_write = clock()
                 if self.done:
                     return
                 gap_deadline = None
                 continue
             if now - last_write >= self.keepalive_s:
-                yield [KEEPALIVE]
+                yield None
                 last_write = now
                 continue
             wake = min(deadline, gap_deadline or math.inf, last_write + self.keepalive_s)

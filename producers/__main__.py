@@ -15,6 +15,7 @@ if __name__ == "__main__":
         host=s.api_host,
         port=s.api_port,
         log_level="warning",
+        access_log=False,  # no per-request access-log call (filtered out at "warning" anyway)
         backlog=4096,
         timeout_keep_alive=75,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,12 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import view
 from catalog import rules
 from contract import identity, keys, stream_token, trace
-from contract.events import QUEUED, ScanJob, ScanRequest, make_event, now
+from contract.events import QUEUED, ScanEvent, ScanJob, ScanRequest, make_event, now
 from contract.openapi import install_openapi
 from contract.settings import Settings, get_settings
 from quota import refusal
 from quota.limits import Decision, ScanQuota
-from runtime.http_metrics import RequestMetrics
+from runtime.http_metrics import ARRIVED, RequestMetrics
 from runtime.metrics import add_metrics_route, track_event_loop
 from view import StateStore, pooled_client
 
@@ -45,6 +47,28 @@ LATENCY = Histogram(
     ["route"],
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
 )
+
+# Where a POST's server time goes (issue 19): each phase of `submit`, timed in the handler
+# (`entry` is from the request's arrival at the outermost middleware to the handler's first line:
+# the event loop's queue, body parsing and FastAPI's validation). jobs.py adds the transaction's.
+PHASE = Histogram(
+    "eco2_api_post_phase_seconds",
+    "time of each phase of a scan POST on the server",
+    ["phase"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25),
+)
+
+PHASE_ENTRY, PHASE_CHECKS, PHASE_IDEM, PHASE_QUOTA, PHASE_BUILD, PHASE_TXN, PHASE_CACHE, PHASE_RESPOND = (
+    PHASE.labels(p) for p in ("entry", "checks", "idempotency", "quota", "build", "txn", "cache", "respond")
+)
+
+
+def _lap(phase: Any, t: float) -> float:
+    """Observe the time since `t` as `phase`; the time now, the next phase's start."""
+    now = time.perf_counter()
+    phase.observe(now - t)
+    return now
+
 
 log = logging.getLogger("eco2.api")
 
@@ -153,6 +177,9 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     async def submit(
         body: ScanRequest, request: Request, user: UserHeader = None, idem: IdemHeader = None
     ) -> JSONResponse:
+        t = time.perf_counter()
+        if (arrived := request.scope.get(ARRIVED)) is not None:
+            PHASE_ENTRY.observe(t - arrived)
         if not user:
             return error(401, "unauthenticated", "the X-User-ID header is required")
         if bad := _bad_user(user, s):
@@ -168,6 +195,7 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
                 400, "invalid_idempotency_key", f"X-Idempotency-Key {why}", field="X-Idempotency-Key"
             )
         idem_key = keys.idempotency(user, idem) if idem else None
+        t = _lap(PHASE_CHECKS, t)
         if idem_key:
             fp = idempotency.fingerprint(req)
             claim = await idempotency.claim(redis, idem_key, job_id, fp, s.idempotency_ttl_s)
@@ -180,8 +208,10 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
                 )
             if claim.outcome == "replay":
                 return _accepted(s, claim.job_id, user)  # no quota taken twice
+            t = _lap(PHASE_IDEM, t)
         quota: ScanQuota = request.app.state.quota
         decision = await quota.take(user, job_id)
+        t = _lap(PHASE_QUOTA, t)
         if not decision.allowed:
             if idem_key:
                 await idempotency.forget(redis, idem_key)  # the key names no job: a retry may use it
@@ -196,22 +226,28 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
         )
         queued = make_event(job, QUEUED, "completed")
         tp = trace.child_of(request.headers.get("traceparent"))
+        t = _lap(PHASE_BUILD, t)
+        # The router derives the same state from scan.events; the API caches it too, so a result
+        # poll or a stream opened right after the 202 already finds the job and its owner. It is
+        # written while the transaction commits (a Redis round trip off the POST's path): no one
+        # can ask for the job before the 202 names it, and a failed transaction takes it back.
+        store: StateStore = request.app.state.store
+        cached = asyncio.ensure_future(_cache_queued(store, queued))
         try:
             await request.app.state.writer.submit(job, queued, tp)
         except Exception as exc:  # Kafka down or too slow (api_submit_timeout_s): not accepted
+            await _uncache_queued(store, cached, job_id)
             if idem_key:
                 await idempotency.forget(redis, idem_key)  # let the client retry with the same key
             await quota.release(user, job_id)
             return unavailable(f"could not queue the scan: {type(exc).__name__}")
-        # The router derives the same state from scan.events; writing it here too means a
-        # result poll right after this response already finds the job and its owner. The job
-        # is in Kafka now: a Redis failure here must not turn the 202 into an error.
-        try:
-            await request.app.state.store.apply([queued])
-        except RedisError as exc:
-            log.warning("job %s accepted; its queued state not cached (%s)", job_id, exc)
+        t = _lap(PHASE_TXN, t)
+        await cached  # the job is in Kafka now: a Redis failure here does not undo the 202
+        t = _lap(PHASE_CACHE, t)
         limits = refusal.headers(decision, s, refusal.scan_policy(s))
-        return _accepted(s, job_id, user, {"traceparent": tp, **limits})
+        response = _accepted(s, job_id, user, {"traceparent": tp, **limits})
+        _lap(PHASE_RESPOND, t)
+        return response
 
     @app.get("/api/v1/scan/categories")
     async def categories() -> dict[str, Any]:
@@ -296,6 +332,24 @@ def create_app(s: Settings | None = None, result_fallback: ResultFallback | None
     # Last, so outermost: it counts what every handler and middleware above answers.
     app.add_middleware(RequestMetrics, requests=REQUESTS, latency=LATENCY)
     return app
+
+
+async def _cache_queued(store: StateStore, queued: ScanEvent) -> None:
+    """Apply the job's queued event to Redis; a Redis failure is logged, never raised."""
+    try:
+        await store.apply([queued])
+    except RedisError as exc:
+        log.warning("job %s: its queued state not cached (%s)", queued.job_id, exc)
+
+
+async def _uncache_queued(store: StateStore, cached: asyncio.Future[None], job_id: str) -> None:
+    """The transaction failed: once the cache write is done, remove what it wrote (best effort;
+    `forget_queued` keeps a job whose later events the router has applied)."""
+    await cached
+    try:
+        await store.forget_queued(job_id)
+    except RedisError as exc:
+        log.warning("job %s not accepted; its queued state stays cached until it expires (%s)", job_id, exc)
 
 
 def _bad_user(user: str, s: Settings) -> JSONResponse | None:

@@ -15,9 +15,11 @@ import contextlib
 import logging
 import os
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
+from prometheus_client import Histogram
 
 from contract import trace
 from contract.events import ScanEvent, ScanJob
@@ -28,6 +30,20 @@ MAX_BATCH = 200
 TXN_TIMEOUT_S = 30.0  # longest a producer spends on one transaction before it is replaced
 log = logging.getLogger("eco2.api.jobs")
 
+# A POST's `txn` phase (producers/api.py) split: `wait` from submit until a producer takes the
+# job, `send` the records' round trips (AddPartitionsToTxn, Produce) until every one is
+# acknowledged, `commit` the EndTxn round trip.
+TXN_PHASE = Histogram(
+    "eco2_api_txn_phase_seconds",
+    "time of each phase of a POST's Kafka transaction",
+    ["phase"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25),
+)
+TXN_JOBS = Histogram(
+    "eco2_api_txn_jobs", "jobs per POST transaction", buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200)
+)
+_WAIT, _SEND, _COMMIT = (TXN_PHASE.labels(p) for p in ("wait", "send", "commit"))
+
 
 @dataclass
 class _Pending:
@@ -35,6 +51,7 @@ class _Pending:
     event: ScanEvent
     traceparent: str
     done: asyncio.Future[None]
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class JobWriter:
@@ -90,6 +107,10 @@ class JobWriter:
             batch = [p for p in batch if not p.done.done()]  # given up on by their requests
             if not batch:
                 continue
+            taken = time.perf_counter()
+            for p in batch:
+                _WAIT.observe(taken - p.queued_at)
+            TXN_JOBS.observe(len(batch))
             try:
                 async with asyncio.timeout(TXN_TIMEOUT_S):
                     await self._commit(self.producers[i], batch)
@@ -162,4 +183,8 @@ class JobWriter:
                     deliveries.append(
                         await producer.send(topic, value, key=key, partition=partition, headers=hdrs)
                     )
+            t0 = time.perf_counter()
             await asyncio.gather(*deliveries)
+            t1 = time.perf_counter()
+            _SEND.observe(t1 - t0)
+        _COMMIT.observe(time.perf_counter() - t1)

@@ -11,6 +11,8 @@ own (`TIME`), so replicas with skewed clocks agree.
   reaches Redis (a flushed view);
 - streams: at most `streams_max` open streams across all gateways; each is a lease its gateway
   renews every `stream_lease_s / 3`, so a gateway killed -9 leaks its slots for one lease at most.
+  Ended streams' leases are given back in batches (one call per `RELEASE_BATCH_S`, or folded
+  into the same user's next acquire, which must not see them), not one ZREM per stream end.
 
 When Redis does not answer within `quota_timeout_s` a check is skipped (fail open): the quotas
 protect the model budget and the gateways from one user, they must not turn a Redis outage into
@@ -94,12 +96,14 @@ return {'', math.floor(tokens), cap - busy, 0, full}
 """
 )
 
-# KEYS: the user's stream leases. ARGV: cap, lease id, lease ms.
-# Returns {1 taken | 0 refused, slots left, ms until the oldest lease ends}.
-_STREAM = (
+# KEYS: the user's stream leases. ARGV: cap, lease id, lease ms, then leases of the user's ended
+# streams (given back first). Returns {1 taken | 0 refused, slots left, ms until the oldest ends}.
+# Also run inside the gateway's first read of a stream (gateway/first_read.py).
+STREAM_LUA = _STREAM = (
     _NOW
     + """
 local cap = tonumber(ARGV[1])
+if #ARGV > 3 then redis.call('ZREM', KEYS[1], unpack(ARGV, 4)) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local n = redis.call('ZCARD', KEYS[1])
 if n >= cap then
@@ -123,6 +127,18 @@ end
 return #KEYS
 """
 )
+
+
+# KEYS: lease sets. ARGV: one lease id per key. Gives back the leases of ended streams.
+_RELEASE = """
+for i, key in ipairs(KEYS) do
+  redis.call('ZREM', key, ARGV[i])
+end
+return #KEYS
+"""
+
+RELEASE_BATCH_S = 0.05  # ended streams' leases wait at most this long to be given back together
+RELEASE_BATCH_MAX = 500  # leases per release call
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,56 +210,103 @@ class ScanQuota:
 
 
 class StreamLeases:
-    """A gateway's stream slots: one lease per open stream, renewed while it lives."""
+    """A gateway's stream slots: one lease per open stream, renewed while it lives. An ended
+    stream's lease is given back in a batch (`release`): one call per `RELEASE_BATCH_S` for all
+    streams ended meanwhile (a ZREM task per stream end was a tenth of the gateway's samples,
+    issue 23), or with the same user's next `acquire`, so a user at the cap who closes a stream
+    and opens another at once is not refused for a lease this gateway already gave up."""
 
     def __init__(self, redis: aioredis.Redis, s: Settings) -> None:
         self.redis = redis
         self.s = s
         self.held: dict[str, str] = {}  # lease id -> user
+        self.ended: dict[str, list[str]] = {}  # user -> leases of ended streams, not given back yet
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._acquire = redis.register_script(_STREAM)
         self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self._flush_at: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()
 
     @property
     def enabled(self) -> bool:
         return self.s.streams_max > 0
 
-    async def acquire(self, user: str) -> tuple[Decision, str | None]:
-        """A lease for one more stream of `user`, or the refusal (fail open when Redis is silent)."""
-        if not self.enabled:
-            return Decision(), None
+    def acquire_call(self, user: str) -> tuple[str, str, list[str | int]]:
+        """What one acquire sends (`STREAM_LUA`): a new lease id, the user's lease set and the
+        script's arguments, with the user's ended leases still waiting for their batch (given back
+        first). The caller hands the reply to `acquired`, or the failure to `not_checked`."""
         lease = self._prefix + uuid.uuid4().hex[:12]
-        try:
-            async with asyncio.timeout(self.s.quota_timeout_s):
-                taken, left, retry_ms = await self._acquire(
-                    keys=[keys.quota_streams(user)],
-                    args=[self.s.streams_max, lease, self.s.stream_lease_s * 1000],
-                )
-        except (RedisError, OSError, TimeoutError) as exc:
-            SKIPPED.labels("streams").inc()
-            log.warning("stream quota of a user not checked (Redis: %s); admitted", type(exc).__name__)
-            return Decision(skipped=True), None
-        if not int(taken):
+        ended = self.ended.pop(user, ())
+        args: list[str | int] = [self.s.streams_max, lease, self.s.stream_lease_s * 1000, *ended]
+        return lease, keys.quota_streams(user), args
+
+    def acquired(self, user: str, lease: str, reply: list[object]) -> tuple[Decision, str | None]:
+        taken, left, retry_ms = (int(x) for x in reply)  # type: ignore[call-overload]
+        if not taken:
             REFUSED.labels("streams").inc()
-            retry_s = min(_seconds(int(retry_ms)), CONCURRENCY_RETRY_S)
+            retry_s = min(_seconds(retry_ms), CONCURRENCY_RETRY_S)
             return Decision(refused="streams", streams_left=0, retry_after_s=retry_s), None
         self.held[lease] = user
-        return Decision(streams_left=int(left)), lease
+        return Decision(streams_left=left), lease
+
+    def not_checked(self, user: str, args: list[str | int], exc: BaseException) -> tuple[Decision, None]:
+        """Redis did not answer: admitted unchecked (fail open); the ended leases the call carried
+        go back with the next batch instead."""
+        for old in args[3:]:
+            self._ended(user, str(old))
+        SKIPPED.labels("streams").inc()
+        log.warning("stream quota of a user not checked (Redis: %s); admitted", type(exc).__name__)
+        return Decision(skipped=True), None
+
+    async def acquire(self, user: str) -> tuple[Decision, str | None]:
+        """A lease for one more stream of `user`, or the refusal (fail open when Redis is silent).
+        The user's ended leases still waiting for the batch go back in the same call first."""
+        if not self.enabled:
+            return Decision(), None
+        lease, key, args = self.acquire_call(user)
+        try:
+            async with asyncio.timeout(self.s.quota_timeout_s):
+                reply = await self._acquire(keys=[key], args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return self.not_checked(user, args, exc)
+        return self.acquired(user, lease, reply)
 
     def release(self, lease: str | None) -> None:
-        """Free a stream's slot now (in the background: a stream's end must not wait for Redis)."""
+        """Free a stream's slot: no longer renewed from now, given back to Redis with the next
+        batch (a stream's end never waits for Redis)."""
         user = self.held.pop(lease, None) if lease is not None else None
         if lease is None or user is None:
             return
-        task = asyncio.get_running_loop().create_task(self._zrem(user, lease))
+        self._ended(user, lease)
+
+    def _ended(self, user: str, lease: str) -> None:
+        self.ended.setdefault(user, []).append(lease)
+        if self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(RELEASE_BATCH_S, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush_at = None
+        task = asyncio.get_running_loop().create_task(self.flush())
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def _zrem(self, user: str, lease: str) -> None:
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(self.s.quota_timeout_s * 4):
-                await self.redis.zrem(keys.quota_streams(user), lease)
+    async def flush(self) -> None:
+        """Give back every ended stream's lease now (also at shutdown). A lease whose call fails
+        lapses by itself within `stream_lease_s`: nobody renews it any more."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        ended, self.ended = self.ended, {}
+        pairs = [(user, lease) for user, leases in ended.items() for lease in leases]
+        for i in range(0, len(pairs), RELEASE_BATCH_MAX):
+            batch = pairs[i : i + RELEASE_BATCH_MAX]
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self.s.quota_timeout_s * 4):
+                    await self._release(
+                        keys=[keys.quota_streams(user) for user, _ in batch],
+                        args=[lease for _, lease in batch],
+                    )
 
     async def renew_forever(self) -> None:
         """Renew every lease this gateway holds each third of the lease (one Lua call per batch)."""

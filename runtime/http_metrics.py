@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 UNMATCHED = "unmatched"
+ARRIVED = "eco2.arrived"  # scope key: perf_counter() when the request reached this middleware
 
 
 def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
@@ -52,6 +53,7 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
+        scope[ARRIVED] = t0
         started = False
 
         def record(status: int) -> None:

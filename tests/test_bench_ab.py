@@ -62,3 +62,93 @@ def test_the_reference_loops_really_measure_cpu() -> None:
 def test_ab_refuses_what_it_cannot_compare(args: list[str]) -> None:
     with pytest.raises(BenchError, match="bench|--out"):
         ab.check_args(args)
+
+
+def _recorded_run(monkeypatch, tmp_path, warmup_jobs: int, warmup_rc: int = 0):  # type: ignore[no-untyped-def]
+    """one_run with the eco2 commands recorded instead of run; the bench writes a report."""
+    import json
+    from pathlib import Path
+
+    calls: list[list[str]] = []
+
+    def fake_eco2(side, env, args, log, timeout):  # type: ignore[no-untyped-def]
+        calls.append(list(args))
+        log.open("a").close()
+        if args[:2] == ["bench", "pipeline"]:
+            return warmup_rc
+        if args[:1] == ["bench"]:
+            out = Path(args[args.index("--out") + 1])
+            (out / "r.json").write_text(json.dumps({"name": "load", "cpu_per_job": {"total_ms": 5.0}}))
+        return 0
+
+    monkeypatch.setattr(ab, "_eco2", fake_eco2)
+    monkeypatch.setattr(ab.boxref, "measure", lambda: {"loop_cpu_s": 1.0, "json_cpu_s": 1.0})
+    cfg = ab.AbConfig(base="main", bench_args=["load", "--vus", "5"], warmup_jobs=warmup_jobs)
+    side = ab.Side("B", "f" * 40, tmp_path, "python", 20000)
+    run = ab.one_run(cfg, side, 1, tmp_path, {}, tmp_path / "no-kafka", lambda m: None)
+    return calls, run
+
+
+def test_warmup_runs_an_untimed_pipeline_between_stack_up_and_the_benchmark(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    calls, run = _recorded_run(monkeypatch, tmp_path, warmup_jobs=300)
+    assert [c[:2] for c in calls] == [
+        ["stack", "up"],
+        ["bench", "pipeline"],
+        ["bench", "load"],
+        ["stack", "down"],
+    ]
+    warm = calls[1]
+    assert warm[warm.index("--jobs") + 1] == "300"
+    # its report goes elsewhere than the measured run's, so the run's figures are the load's alone
+    assert warm[warm.index("--out") + 1] != calls[2][calls[2].index("--out") + 1]
+    assert run["warmup"]["jobs"] == 300 and run["warmup"]["returncode"] == 0
+    assert "error" not in run and run["figures"]["cpu_per_job.total_ms"] == 5.0
+
+
+def test_no_warmup_by_default_and_a_failed_warmup_fails_the_run(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    calls, run = _recorded_run(monkeypatch, tmp_path, warmup_jobs=0)
+    assert [c[:2] for c in calls] == [["stack", "up"], ["bench", "load"], ["stack", "down"]]
+    assert "warmup" not in run
+    calls, run = _recorded_run(monkeypatch, tmp_path / "x", warmup_jobs=50, warmup_rc=1)
+    assert [c[:2] for c in calls] == [["stack", "up"], ["bench", "pipeline"], ["stack", "down"]]
+    assert "warm-up failed" in run["error"]
+
+
+def test_the_cli_passes_warmup_jobs_to_the_ab_and_the_report_says_so(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from eco2.cli import app
+
+    seen: list[ab.AbConfig] = []
+
+    def fake_run_ab(s, cfg, echo, out):  # type: ignore[no-untyped-def]
+        seen.append(cfg)
+        raise BenchError("stop here")
+
+    monkeypatch.setattr(ab, "run_ab", fake_run_ab)
+    result = CliRunner().invoke(
+        app, ["bench", "ab", "--base", "main", "--warmup-jobs", "400", "--", "load", "--vus", "5"]
+    )
+    assert (
+        result.exit_code == 1 and seen[0].warmup_jobs == 400 and seen[0].bench_args == ["load", "--vus", "5"]
+    )
+    config = {
+        "base_ref": "main",
+        "base_sha": "a" * 40,
+        "head_sha": "b" * 40,
+        "runs": 1,
+        "order": [["A", 1], ["B", 1]],
+        "bench_args": ["bench", "load"],
+        "base_env": "x",
+        "warmup_jobs": 400,
+    }
+    report = {
+        "title": "t",
+        "config": config,
+        "started_at": 0,
+        "machine": {},
+        "runs": [],
+        "figures": {},
+        "headline": [],
+    }
+    assert any("warm-up `eco2 bench pipeline --jobs 400`" in line for line in ab_report.markdown(report))

@@ -63,6 +63,7 @@ class Probe:
         self.batches = batches
         self.then_wait = then_wait
         self.closed = False
+        self.finished = False  # ran to its end (not closed while suspended at a yield)
         self.tasks_while_streaming = 0
 
     async def run(self) -> AsyncIterator[Any]:
@@ -74,6 +75,7 @@ class Probe:
             )
             if self.then_wait:
                 await asyncio.Event().wait()
+            self.finished = True
         finally:
             self.closed = True
 
@@ -104,6 +106,20 @@ async def test_batches_go_out_as_one_chunk_each_then_the_end() -> None:
     ]
     assert client.sent[-1]["more_body"] is False
     assert probe.closed and released == [1]
+
+
+async def test_a_last_chunk_goes_out_with_the_end_of_the_body_in_one_message() -> None:
+    """Encoded frames (bytes) go out as they are; a `LastChunk` ends the body in the same message;
+    the body iterator still runs to its end (not left to the async-generator finalizer), and
+    nothing it yields after the last chunk is sent."""
+    released: list[int] = []
+    first = ensure_bytes(ev(1), "\r\n")
+    probe = Probe([first, sse.LastChunk(ensure_bytes(ev(51), "\r\n")), b"never sent"], then_wait=False)
+    client = Client()
+    await asyncio.wait_for(response(probe, released)(SCOPE, client.receive, client.send), 1.0)
+    assert client.bodies == [first, ensure_bytes(ev(51), "\r\n")]
+    assert [m["more_body"] for m in client.sent[1:]] == [True, False]
+    assert probe.closed and probe.finished and released == [1]
 
 
 async def test_one_extra_task_per_stream_and_a_disconnect_ends_it_at_once() -> None:

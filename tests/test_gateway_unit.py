@@ -312,3 +312,37 @@ def test_render() -> None:
     for s in ORDER:
         printer(EVENTS[s])
     assert out.text.count("\n") >= len(ORDER) + 1 and "100%  done completed" in out.text
+
+
+async def test_batches_are_sse_starlettes_frames_encoded_once_and_the_last_ends_the_body() -> None:
+    """`batches` (what the response writes) is byte for byte sse-starlette's encoding of `events`;
+    an item's frame is encoded once and shared by every stream it goes to; the chunk with the
+    terminal event is a `LastChunk` (sent with the end of the body)."""
+    from sse_starlette import ServerSentEvent
+
+    from gateway.sse import LastChunk
+    from gateway.stream import KEEPALIVE_FRAME
+
+    live = item(51)
+    a, b = Subscriber("job-1", 10), Subscriber("job-1", 10)
+    chunks: list[list[bytes]] = []
+    for sub in (a, b):
+        js = stream(FakeHistory(list(ORDER[:-1])), sub)
+        sub.push(live)  # one Item handed to both streams, as the hub does
+        chunks.append([c async for c in js.batches()])
+    want = [ServerSentEvent(data=i.data, event=i.event, id=str(i.seq)).encode() for i in map(item, ORDER)]
+    for got in chunks:
+        assert b"".join(got) == b"".join(want)
+        assert isinstance(got[-1], LastChunk) and not any(isinstance(c, LastChunk) for c in got[:-1])
+    assert live.frame() is live.frame() and live.frame() == want[-1]
+    assert live == item(51)  # the cached frame is no part of an item's equality
+    assert KEEPALIVE_FRAME == ServerSentEvent(comment="keepalive").encode()
+
+
+async def test_a_stream_cut_by_max_stream_s_sends_no_last_chunk() -> None:
+    from gateway.sse import LastChunk
+
+    sub = Subscriber("job-1", 10)
+    js = stream(FakeHistory([1, 10]), sub, max_stream_s=0.05)
+    got = [c async for c in js.batches()]
+    assert got and not any(isinstance(c, LastChunk) for c in got)  # the job goes on: not its end

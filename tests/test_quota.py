@@ -94,6 +94,52 @@ async def test_stream_leases_shared_and_expire(settings: Settings) -> None:
         await redis.aclose()
 
 
+async def test_ended_stream_leases_go_back_in_one_batch(settings: Settings) -> None:
+    """Ended streams' leases stop being renewed at once and go back to Redis together: several
+    users' leases in one flush, none left behind."""
+    s = _tight(settings, streams_max=5)
+    redis = client(s.redis_url, "test-quota")
+    users = [f"q-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    try:
+        leases = StreamLeases(redis, s)
+        taken = [(u, (await leases.acquire(u))[1]) for u in users for _ in range(2)]
+        for u in users:
+            assert await redis.zcard(keys.quota_streams(u)) == 2
+        for _, lease in taken[:3]:
+            leases.release(lease)
+        assert sorted(leases.ended) == sorted(users) and len(leases.held) == 1  # not renewed any more
+        leases.release(taken[0][1])  # a second release of one stream is a no-op
+        await leases.flush()
+        assert leases.ended == {}
+        assert await redis.zcard(keys.quota_streams(users[0])) == 0
+        assert await redis.zrange(keys.quota_streams(users[1]), 0, -1) == [str(taken[3][1]).encode()]
+        leases.release(taken[3][1])
+        await asyncio.sleep(0.5)  # the batch window (RELEASE_BATCH_S) passes: flushed unasked
+        assert await redis.zcard(keys.quota_streams(users[1])) == 0
+    finally:
+        await redis.aclose()
+
+
+async def test_a_user_at_the_cap_who_ends_a_stream_may_open_another_at_once(settings: Settings) -> None:
+    """The ended lease still waiting for its batch goes back in the user's next acquire, before
+    the cap is checked: never a 429 for a slot this gateway already gave up."""
+    s = _tight(settings)  # streams_max=2
+    redis = client(s.redis_url, "test-quota")
+    user = f"q-{uuid.uuid4().hex[:8]}"
+    try:
+        leases = StreamLeases(redis, s)
+        _, first = await leases.acquire(user)
+        await leases.acquire(user)
+        assert (await leases.acquire(user))[0].refused == "streams"
+        leases.release(first)
+        d, third = await leases.acquire(user)
+        assert d.allowed and d.streams_left == 0 and user not in leases.ended
+        held = {str(x, 'utf-8') for x in await redis.zrange(keys.quota_streams(user), 0, -1)}  # type: ignore[arg-type]
+        assert first not in held and third in held and len(held) == 2
+    finally:
+        await redis.aclose()
+
+
 @pytest.mark.parametrize("kind", ["scans", "streams"])
 async def test_redis_down_fails_open(settings: Settings, kind: str) -> None:
     s = _tight(settings, redis_url="redis://127.0.0.1:1/0", quota_timeout_s=0.5)

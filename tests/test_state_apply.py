@@ -79,3 +79,17 @@ async def test_other_errors_still_raise(rdb: aioredis.Redis, uid: str) -> None:
     await rdb.set(keys.history(j.job_id), "not a sorted set")
     with pytest.raises(aioredis.ResponseError):
         await StateStore(rdb, 600).apply(full_events(j)[:1])
+
+
+async def test_forget_queued_removes_only_a_job_that_got_no_further(rdb: aioredis.Redis, uid: str) -> None:
+    """The API takes back the queued state it cached for a job whose transaction failed; a job
+    whose later events are applied (its transaction committed after all) keeps everything."""
+    store = StateStore(rdb, 600)
+    stuck, moved = job(f"{uid}-stuck"), job(f"{uid}-moved")
+    await store.apply(full_events(stuck)[:1])  # queued only
+    await store.apply(full_events(moved)[:2])  # queued, then the next event
+    assert await store.forget_queued(stuck.job_id) is True
+    assert not await rdb.exists(keys.state(stuck.job_id), keys.history(stuck.job_id))
+    assert await store.forget_queued(moved.job_id) is False
+    assert await rdb.exists(keys.state(moved.job_id), keys.history(moved.job_id)) == 2
+    assert await store.forget_queued(f"{uid}-never") is False

@@ -268,3 +268,34 @@ def test_settled_after_reads_a_group_timeline() -> None:
     assert settled_after(timeline, 5.0, 2) is None
     # A scale-out that rebalances between two samples still shows as the member count changing.
     assert settled_after([(1.0, "Stable", 2), (2.0, "Stable", 2), (3.0, "Stable", 3)], 1.5, 3) == 1.5
+
+
+# Broker settings the local stack deliberately sets apart from the Kubernetes cluster's (each with
+# its reason); every other key of the Strimzi Kafka CR's config must hold on the local brokers too.
+LOCAL_ONLY = {
+    "group.initial.rebalance.delay.ms": "0: a test's or benchmark's fresh group starts at once",
+}
+
+
+def test_every_strimzi_broker_setting_holds_on_the_local_stack(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A broker setting added to (or changed in) one of deploy/strimzi/kafka.yaml and eco2/infra.py
+    alone fails here, so what the benchmarks measure is what production runs."""
+    monkeypatch.setattr(infra.install, "ensure_kafka", lambda s: tmp_path)
+    monkeypatch.setattr(infra.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0))
+    s = _settings(tmp_path, kafka_nodes=3)  # the cluster's replication, as the CR sets it
+    infra._kafka_prepare(s, infra.kafka_nodes(s)[0])
+    local = dict(
+        line.split("=", 1)
+        for line in (tmp_path / "data/kafka-1/server.properties").read_text().splitlines()
+        if line
+    )
+    kafka = next(
+        d
+        for d in yaml.safe_load_all((REPO_ROOT / "deploy/strimzi/kafka.yaml").read_text())
+        if d and d["kind"] == "Kafka"
+    )
+    strimzi = {k: str(v).lower() for k, v in kafka["spec"]["kafka"]["config"].items()}
+    assert LOCAL_ONLY.keys() <= strimzi.keys()
+    assert {k: local.get(k) for k in strimzi if k not in LOCAL_ONLY} == {
+        k: v for k, v in strimzi.items() if k not in LOCAL_ONLY
+    }

@@ -66,6 +66,15 @@ return new
 
 APPLY_KEYS = 3  # state, history, the owner's in-flight quota set
 
+# KEYS: state, history. ARGV: the queued event's seq. Deletes both when nothing past the queued
+# event was applied (the job went no further in Redis); returns 1 when it deleted them.
+_FORGET_QUEUED = """
+local cur = redis.call('HGET', KEYS[1], 'seq')
+if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+if redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[1], '+inf') > 0 then return 0 end
+return redis.call('DEL', KEYS[1], KEYS[2]) > 0 and 1 or 0
+"""
+
 
 class StateStore:
     """Applies events to Redis (one round trip per batch) and reads job state back.
@@ -130,6 +139,13 @@ class StateStore:
             if isinstance(r, Exception):
                 raise r
         return [bool(r) for r in results]
+
+    async def forget_queued(self, job_id: str) -> bool:
+        """Take back the queued state the API cached for a job whose transaction failed
+        (producers/api.py writes it while the transaction commits): its state and history go,
+        unless an event past the queued one is there (the job is in the log after all)."""
+        args = (keys.state(job_id), keys.history(job_id), QUEUED_SEQ)
+        return bool(await self.redis.eval(_FORGET_QUEUED, 2, *args))  # type: ignore[misc]
 
     async def _evalsha(self, calls: list[list[Any]]) -> list[Any]:
         """One pipelined round trip of the apply script; errors in place of their results."""
