@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx2
+import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
 from openai._constants import DEFAULT_CONNECTION_LIMITS
 
@@ -78,56 +77,6 @@ class Clients:
         return next(self._next)
 
 
-@dataclass(frozen=True)
-class _Endpoint:
-    """What every chat-completions request of one SDK client shares, worked out once: the URL, the
-    SDK's headers (its auth, `User-Agent`, `X-Stainless-*`) and the timeouts."""
-
-    url: httpx2.URL
-    headers: tuple[tuple[str, str], ...]
-    timeout: dict[str, float | None]
-
-
-_ENDPOINTS: weakref.WeakKeyDictionary[AsyncOpenAI, _Endpoint] = weakref.WeakKeyDictionary()
-
-
-def _endpoint(api: AsyncOpenAI) -> _Endpoint:
-    found = _ENDPOINTS.get(api)
-    if found is None:
-        sdk = {**api.auth_headers, **api.default_headers}  # an `Omit` value means "not sent"
-        timeout = api.timeout if isinstance(api.timeout, httpx2.Timeout) else httpx2.Timeout(api.timeout)
-        found = _ENDPOINTS[api] = _Endpoint(
-            url=api.base_url.join("chat/completions"),
-            headers=tuple((k, v) for k, v in sdk.items() if isinstance(v, str)),
-            timeout=timeout.as_dict(),
-        )
-    return found
-
-
-async def _post(api: AsyncOpenAI, body: dict[str, Any], job_id: str) -> httpx2.Response:
-    """POST one chat completion on the SDK client's own HTTP client (its aiohttp transport, its
-    pool), with the URL and the SDK's headers worked out once per client (`_endpoint`). Not
-    through `AsyncOpenAI.post`: per call it merged options and headers, re-parsed the URL, made an
-    idempotency key and went through its auth-retry and response layers, ~40% of the stage
-    workers' model-call CPU for a request that is the same each time but for its body (issue 19).
-    Errors map as the SDK's did (`_structured`); retries stay ours."""
-    ep = _endpoint(api)
-    request = httpx2.Request(
-        "POST",
-        ep.url,
-        headers=[*ep.headers, (trace.JOB_HEADER, job_id)],
-        content=json.dumps(body, separators=(",", ":")).encode(),
-        extensions={"timeout": ep.timeout},
-    )
-    http: httpx2.AsyncClient = api._client  # the client given as `http_client` (see `client`)
-    response = await http.send(request)
-    try:
-        await response.aread()
-    finally:
-        await response.aclose()
-    return response
-
-
 async def _structured(
     api: AsyncOpenAI,
     model: str,
@@ -136,26 +85,35 @@ async def _structured(
     schema: dict[str, Any],
     job_id: str,
 ) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "messages": messages,
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": name, "schema": schema, "strict": True},
-        },
-        "temperature": 0,
-    }
     try:
-        raw = await _post(api, body, job_id)
-    except httpx2.TimeoutException as exc:  # the SDK's APITimeoutError
-        raise TransientModelError(f"APITimeoutError: {exc!r}") from exc
-    except Exception as exc:  # the SDK's APIConnectionError: whatever else the send raised
-        raise TransientModelError(f"APIConnectionError: {exc!r}") from exc
-    if raw.status_code >= 400:
-        detail = raw.content[:200].decode(errors="replace")
-        if raw.status_code in (408, 409, 429) or raw.status_code >= 500:
-            raise TransientModelError(f"HTTP {raw.status_code}: {detail}")
-        raise PermanentModelError(f"HTTP {raw.status_code}: {detail}")
+        # The SDK's own client and transport (auth, timeouts, error mapping), but the body we
+        # build and the raw response: its typed-parameter transform and ChatCompletion model cost
+        # ~8% of a stage worker's CPU for fields we never read (docs/benchmarks.md, issue 13).
+        raw = await api.post(
+            "/chat/completions",
+            cast_to=httpx2.Response,
+            body={
+                "model": model,
+                "messages": messages,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": name, "schema": schema, "strict": True},
+                },
+                "temperature": 0,
+            },
+            options={"headers": {trace.JOB_HEADER: job_id}},
+        )
+    except (
+        openai.APITimeoutError,
+        openai.APIConnectionError,
+        openai.RateLimitError,
+        openai.InternalServerError,
+    ) as exc:
+        raise TransientModelError(f"{type(exc).__name__}: {exc}") from exc
+    except openai.APIStatusError as exc:
+        if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
+            raise TransientModelError(f"HTTP {exc.status_code}: {exc.message}") from exc
+        raise PermanentModelError(f"HTTP {exc.status_code}: {exc.message}") from exc
     try:
         choices = json.loads(raw.content).get("choices") or []
         content = choices[0]["message"]["content"] if choices else None
