@@ -357,7 +357,9 @@ async def test_writer_health_sees_a_hung_commit_and_a_blocked_loop(
 
         await until(dead, 10, "/health to fail while the writer's commit hangs")
         _, body = await status(f"{health}/health")
-        assert body["pending"] >= 2 and "no fetch or commit" in " ".join(body["reasons"]), body
+        # Both events, or only the first when a fetch ended between the two sends (the second is
+        # then never fetched: the writer is stuck committing the first).
+        assert body["pending"] >= 1 and "no fetch or commit" in " ".join(body["reasons"]), body
         release.set()
 
         async def alive() -> bool:
