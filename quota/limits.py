@@ -99,7 +99,7 @@ return {'', math.floor(tokens), cap - busy, 0, full}
 # KEYS: the user's stream leases. ARGV: cap, lease id, lease ms, then leases of the user's ended
 # streams (given back first). Returns {1 taken | 0 refused, slots left, ms until the oldest ends}.
 # Also run inside the gateway's first read of a stream (gateway/first_read.py).
-STREAM_LUA = _STREAM = (
+STREAM_LUA = (
     _NOW
     + """
 local cap = tonumber(ARGV[1])
@@ -222,7 +222,7 @@ class StreamLeases:
         self.held: dict[str, str] = {}  # lease id -> user
         self.ended: dict[str, list[str]] = {}  # user -> leases of ended streams, not given back yet
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
-        self._acquire = redis.register_script(_STREAM)
+        self._acquire = redis.register_script(STREAM_LUA)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._flush_at: asyncio.TimerHandle | None = None
