@@ -25,6 +25,7 @@ jobs (~1 min a side) took the broker from 17-19 to 10-11 ms per job, the compile
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +183,23 @@ def _local_dir(tmp: Path, label: str, kafka_home: Path) -> Path:
     os.chmod(local, 0o755)  # Postgres runs as its own user when we are root
     if kafka_home.exists():
         (local / kafka_home.name).symlink_to(kafka_home)
+    seed_cluster_id(local)
     return local
+
+
+def seed_cluster_id(local: Path) -> str:
+    """Write the Kafka cluster id both sides' `stack up` will read (`data/kafka/cluster.id`).
+
+    Older checkouts (140ab8c, issue 19's base) pass a random id to Kafka's storage tool as a
+    separate argument, and an id starting with `-` (about 1 in 64) is taken for an option: that
+    side's stack never starts. An id without a leading `-` works on every checkout."""
+    cluster_id = "-"
+    while cluster_id.startswith("-"):
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    path = local / "data" / "kafka" / "cluster.id"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cluster_id)
+    return cluster_id
 
 
 def warmup_args(cfg: AbConfig, out: Path) -> list[str]:

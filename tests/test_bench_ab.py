@@ -152,3 +152,13 @@ def test_the_cli_passes_warmup_jobs_to_the_ab_and_the_report_says_so(monkeypatch
         "headline": [],
     }
     assert any("warm-up `eco2 bench pipeline --jobs 400`" in line for line in ab_report.markdown(report))
+
+
+def test_each_side_gets_a_cluster_id_no_storage_tool_reads_as_an_option(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """140ab8c passes the id as its own argument: one starting with `-` stopped its stack."""
+    for i in range(200):
+        local = tmp_path / f"run{i}"
+        local.mkdir()
+        cluster_id = ab.seed_cluster_id(local)
+        assert (local / "data" / "kafka" / "cluster.id").read_text() == cluster_id
+        assert not cluster_id.startswith("-") and len(cluster_id) == 22
