@@ -10,6 +10,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from contract.settings import Settings
 from contract.topics import BY_NAME
+from runtime import idle_fetch
 
 from . import commits, rejoin
 from .groups import OVERLAP_OK_CLIENT_ID
@@ -87,6 +88,7 @@ def create_app(app_id: str, s: Settings, fetch: tuple[int, int] | None = None) -
     _idempotent_producers()
     commits.install()
     rejoin.install()  # rejoin after a rebalance longer than max_poll_interval (a Kafka outage)
+    idle_fetch.install(s.kafka_idle_fetch_wait_ms)  # idle consumers long-poll, answered at once
     datadir = s.local_dir / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aiokafka.consumer.fetcher import Fetcher
+
 from contract.settings import Settings
 from streams import model
 from streams.app import create_app
 
 
 async def test_faust_consumers_get_read_committed_and_the_fetch_settings(tmp_path: Path) -> None:
-    s = Settings(local_dir=tmp_path, kafka_fetch_min_bytes=4096, kafka_fetch_max_wait_ms=7, kafka_linger_ms=3)
+    s = Settings(
+        local_dir=tmp_path,
+        kafka_fetch_min_bytes=4096,
+        kafka_fetch_max_wait_ms=7,
+        kafka_linger_ms=3,
+        kafka_idle_fetch_wait_ms=1234,
+    )
     app = create_app("unit-client-settings", s)
+    assert Fetcher._eco2_idle_wait_ms == 1234  # type: ignore[attr-defined]  # runtime/idle_fetch.py
     consumer = app.consumer._thread._create_worker_consumer(app.transport)  # type: ignore[attr-defined]
     try:
         assert consumer._isolation_level == "read_committed"
