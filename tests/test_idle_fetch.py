@@ -43,9 +43,13 @@ async def topic_name(settings: Settings) -> AsyncIterator[str]:
         await admin.close()
 
 
-async def _fetches(bootstrap: str, topic: str) -> tuple[list[tuple[int, int, bool]], int]:
+Fetches = list[tuple[int, int, bool]]
+
+
+async def _fetches(bootstrap: str, topic: str, paused: bool = False) -> tuple[Fetches, int]:
     """The (min bytes, max wait ms, answered with records) of each fetch of a consumer that idles,
-    gets one record, and idles again; and how many records it read."""
+    gets one record, and idles again; and how many records it read. `paused`: partition 0 stays
+    paused throughout (as Faust pauses a partition whose stream buffer is full)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -54,7 +58,7 @@ async def _fetches(bootstrap: str, topic: str) -> tuple[list[tuple[int, int, boo
         fetch_max_wait_ms=BUSY[1],
     )
     await consumer.start()
-    sent: list[tuple[int, int, bool]] = []
+    sent: Fetches = []
     original = consumer._client.send
 
     async def send(node_id: int, request: Any, *args: Any, **kw: Any) -> Any:
@@ -66,6 +70,8 @@ async def _fetches(bootstrap: str, topic: str) -> tuple[list[tuple[int, int, boo
 
     consumer._client.send = send  # type: ignore[method-assign]
     consumer.assign([TopicPartition(topic, 0), TopicPartition(topic, 1)])
+    if paused:
+        consumer.pause(TopicPartition(topic, 0))
     read = 0
 
     async def drain() -> None:
@@ -122,5 +128,17 @@ async def test_off_every_fetch_is_as_configured(
     idle_fetch.install(IDLE_WAIT_MS)
     monkeypatch.setattr(Fetcher, "_eco2_idle_wait_ms", 0)
     fetches, read = await _fetches(settings.kafka_bootstrap, topic_name)
+    assert read == 1
+    assert {f[:2] for f in fetches} == {BUSY}
+
+
+@pytest.mark.integration
+async def test_no_long_poll_while_a_partition_is_paused(
+    settings: Settings, topic_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paused partition resumed during a long poll would wait for it: fetch as configured."""
+    idle_fetch.install(IDLE_WAIT_MS)
+    monkeypatch.setattr(Fetcher, "_eco2_idle_wait_ms", IDLE_WAIT_MS)
+    fetches, read = await _fetches(settings.kafka_bootstrap, topic_name, paused=True)
     assert read == 1
     assert {f[:2] for f in fetches} == {BUSY}
