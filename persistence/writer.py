@@ -26,6 +26,7 @@ from contract import trace
 from contract.events import DeadLetter, ScanResult
 from contract.settings import Settings
 from contract.topics import BY_NAME, EVENTS, PERSISTENCE_DLQ, partition_for
+from runtime import idle_fetch
 from runtime.health import Policy, Progress, unread, watch
 
 from . import metrics, store
@@ -115,6 +116,7 @@ class Writer:
             **s.kafka_client_kwargs(),
         )
         await self._hold("kafka producer start", self._producer.start)
+        idle_fetch.install(s.kafka_idle_fetch_wait_ms)  # idle, one long-poll a second, not five
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
             group_id=self.group,
