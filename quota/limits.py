@@ -12,7 +12,8 @@ own (`TIME`), so replicas with skewed clocks agree.
 - streams: at most `streams_max` open streams across all gateways; each is a lease its gateway
   renews every `stream_lease_s / 3`, so a gateway killed -9 leaks its slots for one lease at most.
   Ended streams' leases are given back in batches (one call per `RELEASE_BATCH_S`, or folded
-  into the same user's next acquire, which must not see them), not one ZREM per stream end.
+  into the same user's next acquire, which must not see them, or into any stream's first read,
+  `gateway/first_read.py`), not one ZREM per stream end.
 
 When Redis does not answer within `quota_timeout_s` a check is skipped (fail open): the quotas
 protect the model budget and the gateways from one user, they must not turn a Redis outage into
