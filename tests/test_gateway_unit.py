@@ -382,9 +382,25 @@ async def test_young_collections_run_on_a_clock(monkeypatch: pytest.MonkeyPatch)
         return 0
 
     monkeypatch.setattr(gw_main.gc, "collect", collect)
-    task = _asyncio.create_task(gw_main.young_collections(tick_s=0.001, middle_every=3))
+    task = _asyncio.create_task(gw_main.young_collections(tick_s=0.001, middle_every=3, busy_s=0.0))
     while len(calls) < 6:
         await _asyncio.sleep(0.001)
     task.cancel()
     await _asyncio.gather(task, return_exceptions=True)
     assert calls[:6] == [0, 0, 1, 0, 0, 1]
+
+    # Idle (no CPU used since the last collection): no collection; busy again: the next tick.
+    calls.clear()
+    used = [0.0]
+    idle = _asyncio.create_task(
+        gw_main.young_collections(tick_s=0.001, middle_every=3, busy_s=0.002, cpu=lambda: used[0])
+    )
+    await _asyncio.sleep(0.03)
+    assert calls == []
+    used[0] = 0.003
+    while not calls:
+        await _asyncio.sleep(0.001)
+    await _asyncio.sleep(0.01)
+    idle.cancel()
+    await _asyncio.gather(idle, return_exceptions=True)
+    assert calls == [0]
