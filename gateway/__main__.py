@@ -22,6 +22,7 @@ GC_THRESHOLDS = (700, 5, 5000)
 GC_TICK_S = 0.025
 GC_MIDDLE_EVERY = 4
 GC_BUSY_S = 0.002  # ... once the process has used this much CPU since the last one
+GC_IDLE_SLOWDOWN = 10
 SLOW_GC_S = 0.05  # a collection that paused every stream this long is logged (a delivery stall)
 
 log = logging.getLogger("eco2.gateway")
@@ -69,13 +70,16 @@ async def young_collections(
     every stream of the process). Collected every `tick_s`, a young generation holds only what
     `tick_s` allocated; the thresholds still apply between ticks. A tick collects only once the
     process has used `busy_s` of CPU since the last collection (what it allocates goes with the
-    work it does): an idle gateway is not woken into collections."""
+    work it does), and after an idle tick the clock slows down `GC_IDLE_SLOWDOWN` times: an idle
+    gateway is barely woken."""
     n = 0
     last = cpu()
+    idle = False
     while True:
-        await asyncio.sleep(tick_s)
+        await asyncio.sleep(tick_s * (GC_IDLE_SLOWDOWN if idle else 1))
         now = cpu()
-        if now - last < busy_s:
+        idle = now - last < busy_s
+        if idle:
             continue
         last = now
         n += 1
