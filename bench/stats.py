@@ -167,6 +167,50 @@ def quiet_gc() -> None:
     gc.set_threshold(50_000, 50, 1000)
 
 
+class GcPauses:
+    """This process's garbage collections while installed: (wall-clock start, seconds, generation)
+    each, so a stall seen by the generator can be told from its own collection (and their CPU
+    time: on a busy box a collection's wall time includes waiting for a core)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float, int]] = []
+        self.cpu_s: list[float] = []
+        self._t0 = self._cpu0 = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0, self._cpu0 = time.perf_counter(), time.thread_time()
+        else:
+            took = time.perf_counter() - self._t0
+            self.pauses.append((time.time() - took, took, info.get("generation", -1)))
+            self.cpu_s.append(time.thread_time() - self._cpu0)
+
+    def start(self) -> None:
+        gc.callbacks.append(self._on_gc)
+
+    def stop(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def during(self, t0: float, t1: float) -> float:
+        """Seconds of collection overlapping [t0, t1] (wall clock)."""
+        return sum(max(0.0, min(t1, s + d) - max(t0, s)) for s, d, _ in self.pauses)
+
+    def summary_ms(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for gen in sorted({g for _, _, g in self.pauses}):
+            took = [d * 1000 for _, d, g in self.pauses if g == gen]
+            cpu = [c * 1000 for (_, _, g), c in zip(self.pauses, self.cpu_s, strict=True) if g == gen]
+            out[str(gen)] = {
+                "count": len(took),
+                "ms": round(sum(took), 1),
+                "max_ms": round(max(took), 1),
+                "cpu_ms": round(sum(cpu), 1),
+                "max_cpu_ms": round(max(cpu), 1),
+            }
+        return out
+
+
 class LoopLag:
     """How late this process's event loop wakes up: when it is busy, every latency the generator
     measures is inflated by up to this much, so reports show it beside them."""
@@ -175,6 +219,7 @@ class LoopLag:
 
     def __init__(self) -> None:
         self.lags: list[float] = []
+        self.woke: list[float] = []  # wall-clock time of each sample's wake-up (beside `lags`)
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
@@ -182,6 +227,15 @@ class LoopLag:
             t = time.monotonic()
             await asyncio.sleep(self.INTERVAL_S)
             self.lags.append(max(time.monotonic() - t - self.INTERVAL_S, 0.0))
+            self.woke.append(time.time())
+
+    def late_at(self, t0: float, t1: float) -> float:
+        """The longest lag (s) of a wake-up due within [t0, t1] (wall clock): how long this loop
+        was held up around that span."""
+        return max(
+            (lag for lag, woke in zip(self.lags, self.woke, strict=True) if t0 <= woke - lag <= t1),
+            default=0.0,
+        )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -324,7 +324,11 @@ class GatewayApp(FastAPI):
 _EVENTS = re.compile(r"/api/v1/scan/[^/]+/events")
 
 
-def create_app(s: Settings | None = None) -> FastAPI:
+def create_app(
+    s: Settings | None = None, background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
+) -> FastAPI:
+    """`background`: coroutines the process runs beside the app while it serves (`python -m
+    gateway` passes its young-generation collector)."""
     s = s or get_settings()
     MAX_STREAMS.set(s.max_connections)
 
@@ -337,12 +341,13 @@ def create_app(s: Settings | None = None) -> FastAPI:
         app.state.gw = gw = Gateway(s, redis, hub)
         watcher = asyncio.create_task(gw.watch_view(), name="view-watch")
         renewer = asyncio.create_task(gw.leases.renew_forever(), name="lease-renew")
+        extra = [asyncio.create_task(fn(), name=getattr(fn, "__name__", "background")) for fn in background]
         try:
             yield
         finally:
-            watcher.cancel()
-            renewer.cancel()
-            await asyncio.gather(watcher, renewer, return_exceptions=True)
+            for task in (watcher, renewer, *extra):
+                task.cancel()
+            await asyncio.gather(watcher, renewer, *extra, return_exceptions=True)
             await gw.leases.flush()  # the ended streams' leases still waiting for their batch
             await hub.stop()
             await redis.aclose()  # the client owns its pool: this hangs up every connection

@@ -12,7 +12,8 @@ own (`TIME`), so replicas with skewed clocks agree.
 - streams: at most `streams_max` open streams across all gateways; each is a lease its gateway
   renews every `stream_lease_s / 3`, so a gateway killed -9 leaks its slots for one lease at most.
   Ended streams' leases are given back in batches (one call per `RELEASE_BATCH_S`, or folded
-  into the same user's next acquire, which must not see them), not one ZREM per stream end.
+  into the same user's next acquire, which must not see them, or into any stream's first read,
+  `gateway/first_read.py`), not one ZREM per stream end.
 
 When Redis does not answer within `quota_timeout_s` a check is skipped (fail open): the quotas
 protect the model budget and the gateways from one user, they must not turn a Redis outage into
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -221,7 +223,10 @@ class StreamLeases:
         self.s = s
         self.held: dict[str, str] = {}  # lease id -> user
         self.ended: dict[str, list[str]] = {}  # user -> leases of ended streams, not given back yet
+        # Unique across gateways and restarts (pid + random), then a counter: no uuid4 (a
+        # getrandom call) per stream.
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._ids = itertools.count(1)
         self._acquire = redis.register_script(STREAM_LUA)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -236,7 +241,7 @@ class StreamLeases:
         """What one acquire sends (`STREAM_LUA`): a new lease id, the user's lease set and the
         script's arguments, with the user's ended leases still waiting for their batch (given back
         first). The caller hands the reply to `acquired`, or the failure to `not_checked`."""
-        lease = self._prefix + uuid.uuid4().hex[:12]
+        lease = f"{self._prefix}{next(self._ids):x}"
         ended = self.ended.pop(user, ())
         args: list[str | int] = [self.s.streams_max, lease, self.s.stream_lease_s * 1000, *ended]
         return lease, keys.quota_streams(user), args
@@ -249,6 +254,23 @@ class StreamLeases:
             return Decision(refused="streams", streams_left=0, retry_after_s=retry_s), None
         self.held[lease] = user
         return Decision(streams_left=left), lease
+
+    def others_ended(self) -> list[tuple[str, str]]:
+        """Every other user's ended leases still waiting for their batch, (user, lease) each (at
+        most `RELEASE_BATCH_MAX`), taken to be given back with a stream's first read
+        (`gateway/first_read.py`): while streams keep opening, ended leases ride along with them
+        and the batch timer finds nothing left to send. Handed back by `not_given_back` when that
+        call fails."""
+        out: list[tuple[str, str]] = []
+        while self.ended and len(out) < RELEASE_BATCH_MAX:
+            user, leases = self.ended.popitem()
+            out.extend((user, lease) for lease in leases)
+        return out
+
+    def not_given_back(self, pairs: list[tuple[str, str]]) -> None:
+        """Ended leases whose call failed: they go with the next batch (or lapse by themselves)."""
+        for user, lease in pairs:
+            self._ended(user, lease)
 
     def not_checked(self, user: str, args: list[str | int], exc: BaseException) -> tuple[Decision, None]:
         """Redis did not answer: admitted unchecked (fail open); the ended leases the call carried

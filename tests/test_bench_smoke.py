@@ -17,9 +17,10 @@ import pytest
 from bench import wire
 from bench.harness import cpu_per_job
 from bench.load import EXPECTED_SEQS, LoadConfig, check_seqs
-from bench.micro_fanout import Fanout, FanoutConfig
+from bench.micro_fanout import Fanout, FanoutConfig, stall_causes
 from bench.report import END, START, load_reports, results_section, write_docs
-from bench.stats import percentile
+from bench.stats import GcPauses, LoopLag, percentile
+from bench.stream_cost import production_env
 from contract.settings import Settings
 
 from .conftest import eco2
@@ -394,6 +395,47 @@ def test_fanout_stall_counts_a_pause_not_the_publishers_pacing() -> None:
     fan.on_event({"seq": 20, "ts": 100.21}, 100.35)  # waited 140 ms, nothing else delivered
     fan.on_event({"seq": 21, "ts": 100.22}, 100.36)  # waited as long, but behind the one above
     assert len(fan.stalls) == 1 and round(fan.max_gap, 3) == 0.14
+
+
+def test_fanout_stalls_the_generator_explains_are_told_apart() -> None:
+    """Issue 23: a stall during which the generator's own loop was held up (or it collected
+    garbage) is the generator's, not the server's."""
+    fan = Fanout(FanoutConfig(clients=1))
+    fan.publishing = True
+    fan.on_event({"seq": 10, "ts": 100.0}, 100.001)
+    fan.on_event({"seq": 11, "ts": 100.01}, 100.09)  # 80 ms: the generator's loop was late 75 ms
+    fan.on_event({"seq": 12, "ts": 101.0}, 101.07)  # 70 ms: the generator was collecting 60 ms
+    fan.on_event({"seq": 13, "ts": 102.0}, 102.08)  # 80 ms: nothing of the generator's
+    lag, own_gc = LoopLag(), GcPauses()
+    lag.lags, lag.woke = [0.0, 0.075, 0.0], [100.0, 100.089, 102.07]  # due at 100.014: late 75 ms
+    own_gc.pauses, own_gc.cpu_s = [(101.005, 0.06, 0)], [0.05]
+    causes = stall_causes(fan, lag, own_gc)
+    assert causes["count"] == 3 and causes["generator_held_up"] == 2
+    by_end = {row["end"]: row for row in causes["longest"]}
+    assert by_end[100.09]["generator_lag_ms"] == 75.0 and by_end[101.07]["generator_gc_ms"] == 60.0
+    assert by_end[102.08]["generator_lag_ms"] == by_end[102.08]["generator_gc_ms"] == 0.0
+    gen0 = {"count": 1, "ms": 60.0, "max_ms": 60.0, "cpu_ms": 50.0, "max_cpu_ms": 50.0}
+    assert own_gc.summary_ms() == {"0": gen0}
+
+
+def test_gc_pauses_records_this_process_collections() -> None:
+    import gc
+
+    pauses = GcPauses()
+    pauses.start()
+    try:
+        gc.collect(0)
+    finally:
+        pauses.stop()
+    gc.collect(0)  # not recorded: stopped
+    assert len(pauses.pauses) == 1 and pauses.pauses[0][2] == 0 and len(pauses.cpu_s) == 1
+
+
+def test_stream_cost_production_gateway_runs_the_products_stream_leases() -> None:
+    """Issue 23: stream cost is measured with leases on (the local stack runs without them)."""
+    env = production_env(12345)
+    assert int(env["ECO2_STREAMS_MAX"]) == Settings.model_fields["streams_max"].default > 0
+    assert env["ECO2_GATEWAY_PORT"] == "12345" and env["ECO2_GATEWAY_PROCESSES"] == "1"
 
 
 @integration

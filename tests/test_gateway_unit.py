@@ -346,3 +346,61 @@ async def test_a_stream_cut_by_max_stream_s_sends_no_last_chunk() -> None:
     js = stream(FakeHistory([1, 10]), sub, max_stream_s=0.05)
     got = [c async for c in js.batches()]
     assert got and not any(isinstance(c, LastChunk) for c in got)  # the job goes on: not its end
+
+
+def test_slow_gc_log_names_a_collection_over_the_limit(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 23: a collection that held the gateway up over SLOW_GC_S is logged with its wall and
+    CPU time (a stall clients saw can be matched to it); a quick one is not."""
+    import time as _time
+
+    from gateway.__main__ import SlowGcLog
+
+    hook = SlowGcLog(limit_s=0.02)
+    with caplog.at_level("WARNING", logger="eco2.gateway"):
+        hook("start", {"generation": 0})
+        hook("stop", {"generation": 0, "collected": 0})  # at once: not logged
+        hook("start", {"generation": 1})
+        _time.sleep(0.03)  # waiting, not working: the CPU time says so
+        hook("stop", {"generation": 1, "collected": 7})
+    lines = [r.getMessage() for r in caplog.records if "gc:" in r.getMessage()]
+    assert len(lines) == 1 and "generation 1" in lines[0] and "7 collected" in lines[0], lines
+    cpu_ms = float(lines[0].split("CPU ")[1].split(" ms")[0])
+    assert cpu_ms < 20, lines
+
+
+async def test_young_collections_run_on_a_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23: a generation-0 collection every tick, a generation-1 one every `middle_every`-th
+    (the allocation count alone lets the young generation grow under churn)."""
+    import asyncio as _asyncio
+
+    from gateway import __main__ as gw_main
+
+    calls: list[int] = []
+
+    def collect(generation: int = 2) -> int:
+        calls.append(generation)
+        return 0
+
+    monkeypatch.setattr(gw_main.gc, "collect", collect)
+    task = _asyncio.create_task(gw_main.young_collections(tick_s=0.001, middle_every=3, busy_s=0.0))
+    while len(calls) < 6:
+        await _asyncio.sleep(0.001)
+    task.cancel()
+    await _asyncio.gather(task, return_exceptions=True)
+    assert calls[:6] == [0, 0, 1, 0, 0, 1]
+
+    # Idle (no CPU used since the last collection): no collection; busy again: the next tick.
+    calls.clear()
+    used = [0.0]
+    idle = _asyncio.create_task(
+        gw_main.young_collections(tick_s=0.001, middle_every=3, busy_s=0.002, cpu=lambda: used[0])
+    )
+    await _asyncio.sleep(0.03)
+    assert calls == []
+    used[0] = 0.003
+    while not calls:
+        await _asyncio.sleep(0.001)
+    await _asyncio.sleep(0.01)
+    idle.cancel()
+    await _asyncio.gather(idle, return_exceptions=True)
+    assert calls == [0]
