@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -114,18 +114,27 @@ def peek_job_id(raw: bytes) -> str | None:
 
 
 class Subscriber:
-    """A stream's live buffer: bounded; on overflow it is emptied and flagged for a resync."""
+    """A stream's live buffer: bounded; on overflow it is emptied and flagged for a resync.
 
-    __slots__ = ("job_id", "items", "maxsize", "resync", "_wake")
+    While its stream waits with nothing buffered, `direct` (set by `wait`) may take an item at
+    once instead: the stream writes it to its socket from the hub's dispatch, with no wake-up of
+    its task (`JobStream._direct`). It returns False for anything it does not take, which is then
+    buffered as always."""
+
+    __slots__ = ("job_id", "items", "maxsize", "resync", "direct", "_wake")
 
     def __init__(self, job_id: str, maxsize: int) -> None:
         self.job_id = job_id
         self.items: list[Item] = []
         self.maxsize = maxsize
         self.resync = False
+        self.direct: Callable[[Item], bool] | None = None
         self._wake = asyncio.Event()
 
     def push(self, item: Item) -> None:
+        direct = self.direct  # set only while the stream waits: nothing buffered, no wake-up due
+        if direct is not None and not self._wake.is_set() and direct(item):
+            return
         if len(self.items) >= self.maxsize:
             self.items.clear()  # everything dropped here is in the history the resync reads
             if not self.resync:
@@ -143,17 +152,20 @@ class Subscriber:
         items, self.items = self.items, []
         return items
 
-    async def wait(self, seconds: float) -> bool:
+    async def wait(self, seconds: float, direct: Callable[[Item], bool] | None = None) -> bool:
         """Wait until an item or a resync arrives; False on timeout. The timeout is a timer that
         sets the wake event, not an `asyncio.timeout` (a cancel scope and a rescheduled timer
-        per wait were a tenth of the gateway's samples per event, issue 23)."""
+        per wait were a tenth of the gateway's samples per event, issue 23). `direct`: what
+        takes an item while this waits (see the class)."""
         if self.items or self.resync:
             return True
         self._wake.clear()
         timer = asyncio.get_running_loop().call_later(max(seconds, 0.0), self._wake.set)
+        self.direct = direct
         try:
             await self._wake.wait()
         finally:
+            self.direct = None
             timer.cancel()
         return bool(self.items or self.resync)
 

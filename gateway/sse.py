@@ -20,7 +20,10 @@ listener and the watcher reschedule to now. No ping task (the gateway's stream w
 keepalive comment, `gateway/stream.py`). A body item may be a list of events: they go out as one
 body chunk (one write for everything that was ready at once); or bytes, frames already encoded
 (the gateway encodes each event once for all the streams that follow it); or a `LastChunk`, the
-stream's last bytes, sent together with the end of the body (one write, not two).
+stream's last bytes, sent together with the end of the body (one write, not two). Between its
+items the body's owner may also write chunks straight to the socket (`on_writer`,
+`gateway/direct_write.py`): the gateway's stream does so for an event that arrives while it is
+idle, so such an event costs no task wake-up and no trip through ASGI `send`.
 
 Anything this does not cover (a ping interval, a `data_sender_callable`, HEAD, a websocket scope)
 falls back to upstream's `__call__`. What it reads of upstream's internals is checked by
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 from sse_starlette import EventSourceResponse
@@ -39,12 +43,15 @@ from sse_starlette.event import ensure_bytes
 from sse_starlette.sse import AppStatus, SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
+from .direct_write import BodyWriter, body_writer
+
 log = logging.getLogger("eco2.gateway.sse")
 
 SWEEP_S = 0.5  # how often the one watcher looks at sends and the server's exit (as upstream polls)
 SHUTDOWN_SEND_S = 1.0  # the final chunk of a stream ended by the server's exit
 
 Ending = Literal["disconnect", "send-timeout", "shutdown"]
+WriterHook = Callable[[BodyWriter | None], None]
 
 
 class LastChunk(bytes):
@@ -62,6 +69,15 @@ class LeanEventSourceResponse(EventSourceResponse):
     _deadline: asyncio.Timeout | None = None
     _sending_since: float | None = None  # loop time the current body send began
 
+    def __init__(self, *args: Any, on_writer: WriterHook | None = None, **kwargs: Any) -> None:
+        """`on_writer`: called, once the response has started, with a function that writes a body
+        chunk straight to the socket (`gateway/direct_write.py`; None where there is none), and
+        with None when the response stops streaming. The body iterator's owner may use it
+        between its items, never while the response is sending (it is then suspended in the
+        iterator, not in a send)."""
+        super().__init__(*args, **kwargs)
+        self.on_writer = on_writer
+
     def _end(self, why: Ending) -> None:
         """End the stream now (from the disconnect listener or the exit watcher)."""
         if self._deadline is not None and self._ending is None:
@@ -74,6 +90,17 @@ class LeanEventSourceResponse(EventSourceResponse):
         if isinstance(data, list):
             return b"".join(ensure_bytes(ev, self.sep) for ev in data)
         return ensure_bytes(data, self.sep)
+
+    def _writer(self, send: Send) -> BodyWriter | None:
+        """The direct writer for this response: none once the response is ending."""
+        raw = body_writer(send)
+        if raw is None:
+            return None
+
+        def write(chunk: bytes) -> bool:
+            return self._ending is None and raw(chunk)
+
+        return write
 
     async def _listen(self, receive: Receive) -> None:
         while True:
@@ -106,6 +133,8 @@ class LeanEventSourceResponse(EventSourceResponse):
                 try:
                     start = {"type": "http.response.start", "status": self.status_code}
                     await send({**start, "headers": self.raw_headers})
+                    if self.on_writer is not None:
+                        self.on_writer(self._writer(send))
                     async for data in body:
                         if completed:
                             continue  # after a LastChunk: let the iterator finish (see LastChunk)
@@ -121,6 +150,8 @@ class LeanEventSourceResponse(EventSourceResponse):
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
                         completed = True
                 finally:
+                    if self.on_writer is not None:
+                        self.on_writer(None)
                     listener.cancel()  # never runs again: it cannot reschedule a closed deadline
                     self._deadline = None
                     _OPEN.discard(self)
