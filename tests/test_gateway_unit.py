@@ -346,3 +346,98 @@ async def test_a_stream_cut_by_max_stream_s_sends_no_last_chunk() -> None:
     js = stream(FakeHistory([1, 10]), sub, max_stream_s=0.05)
     got = [c async for c in js.batches()]
     assert got and not any(isinstance(c, LastChunk) for c in got)  # the job goes on: not its end
+
+
+def _ids(chunk: bytes) -> list[int]:
+    return [int(line[4:]) for line in chunk.decode().splitlines() if line.startswith("id: ")]
+
+
+class Wire:
+    """What one stream's client receives, in order: chunks the stream's task yields (what the
+    response sends) and chunks the hub's dispatch writes directly (`bind_writer`)."""
+
+    def __init__(self, js: JobStream, accept: bool = True) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.accept = accept
+        self.js = js
+        js.bind_writer(self.write)
+
+    def write(self, chunk: bytes) -> bool:
+        if self.accept:
+            self.got.append(("direct", chunk))
+        return self.accept
+
+    async def run(self) -> None:
+        async for chunk in self.js.batches():
+            self.got.append(("task", chunk))
+
+    def seqs(self, how: str | None = None) -> list[int]:
+        return [s for h, c in self.got if how in (None, h) for s in _ids(c)]
+
+
+async def test_an_idle_streams_next_event_goes_out_from_the_dispatch_and_anything_else_by_its_task() -> None:
+    """Issue 23: the next event of a waiting stream is written within `push` (no wake-up of the
+    stream's task); a jump ahead, a resync and the terminal event still go through the task, and
+    the client gets every event once, in order."""
+    history = FakeHistory([1])
+    sub = Subscriber("job-1", 10)
+    js = stream(history, sub)
+    wire = Wire(js)
+    task = asyncio.create_task(wire.run())
+    await asyncio.sleep(0.01)
+    assert wire.seqs() == [1] and sub.direct is not None  # waiting, with the direct path on
+
+    sub.push(item(10))  # the next one: written before push returns, the task not woken
+    assert wire.seqs("direct") == [10] and not sub._wake.is_set() and js.last == 10
+    sub.push(item(10))  # a duplicate: never written twice
+    await asyncio.sleep(0.01)
+    history.seqs |= {11}
+    sub.push(item(20))  # a jump ahead (11 missing): the task reads history for it
+    await asyncio.sleep(0.01)
+    assert wire.seqs() == [1, 10, 11, 20]
+    sub.mark_resync()
+    sub.push(item(21))  # a resync is due: the task's, not the dispatch's
+    await asyncio.sleep(0.01)
+    for s in (30, 31, 40, 41):
+        sub.push(item(s))
+    sub.push(item(51))  # the terminal event ends the body: the task's
+    async with asyncio.timeout(2):
+        await task
+    assert wire.seqs() == list(ORDER)
+    assert wire.seqs("direct") == [10, 30, 31, 40, 41]
+    assert _ids(wire.got[-1][1]) == [51] and wire.got[-1][0] == "task"
+
+
+async def test_a_writer_that_refuses_leaves_events_to_the_task() -> None:
+    """A socket that cannot take a chunk now (`direct_write` returns False) costs nothing: the
+    event is buffered and the task sends it through ASGI (which waits for the socket)."""
+    sub = Subscriber("job-1", 10)
+    js = stream(FakeHistory([1]), sub)
+    wire = Wire(js, accept=False)
+    task = asyncio.create_task(wire.run())
+    await asyncio.sleep(0.01)
+    for s in ORDER[1:]:
+        sub.push(item(s))
+    async with asyncio.timeout(2):
+        await task
+    assert wire.seqs() == list(ORDER) and wire.seqs("direct") == []
+
+
+async def test_direct_writes_count_as_writes_for_the_keepalive() -> None:
+    """No keepalive while events go out directly; one after keepalive_s of silence."""
+    from gateway.stream import KEEPALIVE_FRAME
+
+    sub = Subscriber("job-1", 10)
+    js = stream(FakeHistory([1]), sub, keepalive_s=0.2)
+    wire = Wire(js)
+    task = asyncio.create_task(wire.run())
+    for s in ORDER[1:-1]:
+        await asyncio.sleep(0.06)
+        sub.push(item(s))
+    assert KEEPALIVE_FRAME not in [c for _, c in wire.got]  # 8 x 60 ms of direct writes
+    await asyncio.sleep(0.3)
+    assert wire.got[-1] == ("task", KEEPALIVE_FRAME)
+    sub.push(item(51))
+    async with asyncio.timeout(2):
+        await task
+    assert wire.seqs() == list(ORDER) and js.sub.direct is None
