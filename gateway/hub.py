@@ -56,7 +56,11 @@ class Item:
         streams)."""
         frame = self._frame
         if frame is None:
-            frame = ServerSentEvent(data=self.data, event=self.event, id=str(self.seq)).encode()
+            data, event = self.data, self.event
+            if "\n" in data or "\r" in data or "\n" in event or "\r" in event:  # sse-starlette's rules
+                frame = ServerSentEvent(data=data, event=event, id=str(self.seq)).encode()
+            else:  # one line (the router's compact JSON): `encode`'s bytes without its StringIO
+                frame = f"id: {self.seq}\r\nevent: {event}\r\ndata: {data}\r\n\r\n".encode()
             object.__setattr__(self, "_frame", frame)  # a cache: equality and hash ignore it
         return frame
 

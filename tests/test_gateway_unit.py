@@ -441,3 +441,20 @@ async def test_direct_writes_count_as_writes_for_the_keepalive() -> None:
     async with asyncio.timeout(2):
         await task
     assert wire.seqs() == list(ORDER) and js.sub.direct is None
+
+
+@pytest.mark.parametrize(
+    "data,event",
+    [
+        ('{"seq":3,"x":"a b"}', "vision"),
+        ('{"a":\n1}', "vision"),
+        ('{"a":1}\r\n', "rule"),
+        ('{"a":1}', "ru\nle"),
+    ],
+)
+def test_an_items_frame_is_sse_starlettes_encoding(data: str, event: str) -> None:
+    """The one-line fast path of `Item.frame` and upstream's encoder agree byte for byte."""
+    from sse_starlette import ServerSentEvent
+
+    it = Item(job_id="job-1", seq=3, event=event, terminal=False, data=data)
+    assert it.frame() == ServerSentEvent(data=data, event=event, id="3").encode()
