@@ -458,3 +458,22 @@ def test_an_items_frame_is_sse_starlettes_encoding(data: str, event: str) -> Non
 
     it = Item(job_id="job-1", seq=3, event=event, terminal=False, data=data)
     assert it.frame() == ServerSentEvent(data=data, event=event, id="3").encode()
+
+
+async def test_events_sent_are_counted_on_metrics() -> None:
+    from prometheus_client import REGISTRY
+
+    def sent() -> float:
+        return REGISTRY.get_sample_value("eco2_gateway_events_sent_total") or 0.0
+
+    before = sent()
+    sub = Subscriber("job-1", 10)
+    js = stream(FakeHistory([1]), sub)
+    wire = Wire(js)
+    task = asyncio.create_task(wire.run())
+    await asyncio.sleep(0.01)
+    for s in ORDER[1:]:
+        sub.push(item(s))  # all but the last directly
+    async with asyncio.timeout(2):
+        await task
+    assert sent() - before == len(ORDER)
