@@ -82,6 +82,8 @@ class LeanEventSourceResponse(EventSourceResponse):
         """End the stream now (from the disconnect listener or the exit watcher)."""
         if self._deadline is not None and self._ending is None:
             self._ending = why
+            if self.on_writer is not None:
+                self.on_writer(None)  # an ending stream writes nothing more directly
             self._deadline.reschedule(-1)  # in the past: the stream's task is cancelled at once
 
     def _chunk(self, data: Any) -> bytes:
@@ -90,17 +92,6 @@ class LeanEventSourceResponse(EventSourceResponse):
         if isinstance(data, list):
             return b"".join(ensure_bytes(ev, self.sep) for ev in data)
         return ensure_bytes(data, self.sep)
-
-    def _writer(self, send: Send) -> BodyWriter | None:
-        """The direct writer for this response: none once the response is ending."""
-        raw = body_writer(send)
-        if raw is None:
-            return None
-
-        def write(chunk: bytes) -> bool:
-            return self._ending is None and raw(chunk)
-
-        return write
 
     async def _listen(self, receive: Receive) -> None:
         while True:
@@ -134,7 +125,7 @@ class LeanEventSourceResponse(EventSourceResponse):
                     start = {"type": "http.response.start", "status": self.status_code}
                     await send({**start, "headers": self.raw_headers})
                     if self.on_writer is not None:
-                        self.on_writer(self._writer(send))
+                        self.on_writer(body_writer(send))  # taken back in `_end` or below
                     async for data in body:
                         if completed:
                             continue  # after a LastChunk: let the iterator finish (see LastChunk)

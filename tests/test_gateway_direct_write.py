@@ -116,3 +116,35 @@ async def test_no_writer_where_it_cannot_write_as_send_would(http: str) -> None:
     async with serving(app, http) as url, httpx.AsyncClient() as client:
         assert (await client.get(url)).content == b"ok"
     assert writers == [None, None]
+
+
+async def test_the_lean_response_hands_out_its_writer_and_takes_it_back_when_the_client_goes() -> None:
+    """`LeanEventSourceResponse(on_writer=...)`: the writer once the response has started (its
+    chunks reach the client in order with the response's own), None as soon as the stream ends."""
+    from gateway.sse import LeanEventSourceResponse
+
+    hooks: list[Any] = []
+    ended = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        assert hooks[-1] is not None and hooks[-1](b"data: direct\r\n\r\n")
+        yield b"data: sent\r\n\r\n"
+        await asyncio.Event().wait()  # until the disconnect ends the stream
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await LeanEventSourceResponse(body(), ping=0, send_timeout=5.0, on_writer=hooks.append)(
+            scope, receive, send
+        )
+        ended.set()
+
+    async with serving(app) as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while b"sent" not in got:
+            got += await asyncio.wait_for(reader.read(1024), 2)
+        assert got.index(b"data: direct") < got.index(b"data: sent")
+        writer.close()
+        await asyncio.wait_for(ended.wait(), 2)
+    assert hooks[0] is not None and len(hooks) >= 2 and all(h is None for h in hooks[1:])
