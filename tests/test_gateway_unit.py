@@ -477,3 +477,16 @@ async def test_events_sent_are_counted_on_metrics() -> None:
     async with asyncio.timeout(2):
         await task
     assert sent() - before == len(ORDER)
+
+
+def test_an_item_of_an_unknown_major_is_refused_every_time() -> None:
+    """`Item.parse` remembers the versions it passed, never one it refused."""
+    from contract.versioning import UnknownVersion
+
+    ok = json.loads(EVENTS[10].model_dump_json())
+    for _ in range(2):
+        assert Item.parse(json.dumps(ok)).seq == 10
+        for bad in ("2.0", "x", "1"):
+            with pytest.raises((UnknownVersion, TypeError)):
+                Item.parse(json.dumps({**ok, "v": bad}))
+    assert Item.parse(json.dumps({k: v for k, v in ok.items() if k != "v"})).seq == 10  # none: 1.0
