@@ -144,8 +144,12 @@ class Subscriber:
 
     def push(self, item: Item) -> None:
         direct = self.direct  # set only while the stream waits: nothing buffered, no wake-up due
-        if direct is not None and not self._wake.is_set() and direct(item):
-            return
+        if direct is not None and not self._wake.is_set():
+            try:
+                if direct(item):
+                    return
+            except Exception:  # one stream's failed write must not end the hub's read of the rest
+                log.exception("direct write to a stream of %s failed; its task sends instead", self.job_id)
         if len(self.items) >= self.maxsize:
             self.items.clear()  # everything dropped here is in the history the resync reads
             if not self.resync:

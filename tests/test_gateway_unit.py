@@ -490,3 +490,26 @@ def test_an_item_of_an_unknown_major_is_refused_every_time() -> None:
             with pytest.raises((UnknownVersion, TypeError)):
                 Item.parse(json.dumps({**ok, "v": bad}))
     assert Item.parse(json.dumps({k: v for k, v in ok.items() if k != "v"})).seq == 10  # none: 1.0
+
+
+async def test_a_direct_write_that_raises_leaves_the_event_to_the_task() -> None:
+    """A failure inside the direct write (it runs within the hub's read of the pub/sub
+    connection) costs neither that read nor the event: the stream's task sends it."""
+    sub = Subscriber("job-1", 10)
+    js = stream(FakeHistory([1]), sub)
+    wire = Wire(js)
+
+    def broken(chunk: bytes) -> bool:
+        raise OSError("the socket went away mid-write")
+
+    task = asyncio.create_task(wire.run())
+    await asyncio.sleep(0.01)
+    js.bind_writer(broken)
+    sub.push(item(10))  # does not raise
+    await asyncio.sleep(0.01)
+    js.bind_writer(wire.write)
+    for s in ORDER[2:]:
+        sub.push(item(s))
+    async with asyncio.timeout(2):
+        await task
+    assert wire.seqs() == list(ORDER) and 10 not in wire.seqs("direct")
