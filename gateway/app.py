@@ -264,6 +264,7 @@ async def open_stream(
             ping=0,  # the stream sends its own keepalive after keepalive_s of silence
             send_timeout=max(s.keepalive_s * 2, 5.0),
             background=BackgroundTask(_on_loop, release),
+            on_writer=stream.bind_writer,  # idle streams get live events straight from the hub
         )
     finally:
         if not streaming:

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -39,6 +39,9 @@ PING_EVERY_S = 5.0  # the pub/sub connection is pinged this often ...
 SILENT_LIMIT_S = 3 * PING_EVERY_S  # ... and reconnected when nothing (not even PONG) came back
 
 
+_READABLE: set[str | None] = set()  # schema versions `versioning.check` passed (a regex each time)
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     """One event as the gateway handles it: the stored JSON plus what ordering needs."""
@@ -56,7 +59,11 @@ class Item:
         streams)."""
         frame = self._frame
         if frame is None:
-            frame = ServerSentEvent(data=self.data, event=self.event, id=str(self.seq)).encode()
+            data, event = self.data, self.event
+            if "\n" in data or "\r" in data or "\n" in event or "\r" in event:  # sse-starlette's rules
+                frame = ServerSentEvent(data=data, event=event, id=str(self.seq)).encode()
+            else:  # one line (the router's compact JSON): `encode`'s bytes without its StringIO
+                frame = f"id: {self.seq}\r\nevent: {event}\r\ndata: {data}\r\n\r\n".encode()
             object.__setattr__(self, "_frame", frame)  # a cache: equality and hash ignore it
         return frame
 
@@ -64,7 +71,11 @@ class Item:
     def parse(cls, raw: bytes | str) -> Item:
         data = raw.decode() if isinstance(raw, bytes) else raw
         d = json.loads(data)
-        versioning.check(d.get(versioning.FIELD))  # any 1.x; its unknown fields go out untouched
+        v = d.get(versioning.FIELD)
+        if v not in _READABLE:  # any 1.x; its unknown fields go out untouched
+            versioning.check(v)
+            if len(_READABLE) < 64:
+                _READABLE.add(v)
         return cls(
             job_id=d["job_id"],
             seq=int(d["seq"]),
@@ -114,18 +125,31 @@ def peek_job_id(raw: bytes) -> str | None:
 
 
 class Subscriber:
-    """A stream's live buffer: bounded; on overflow it is emptied and flagged for a resync."""
+    """A stream's live buffer: bounded; on overflow it is emptied and flagged for a resync.
 
-    __slots__ = ("job_id", "items", "maxsize", "resync", "_wake")
+    While its stream waits with nothing buffered, `direct` (set by `wait`) may take an item at
+    once instead: the stream writes it to its socket from the hub's dispatch, with no wake-up of
+    its task (`JobStream._direct`). It returns False for anything it does not take, which is then
+    buffered as always."""
+
+    __slots__ = ("job_id", "items", "maxsize", "resync", "direct", "_wake")
 
     def __init__(self, job_id: str, maxsize: int) -> None:
         self.job_id = job_id
         self.items: list[Item] = []
         self.maxsize = maxsize
         self.resync = False
+        self.direct: Callable[[Item], bool] | None = None
         self._wake = asyncio.Event()
 
     def push(self, item: Item) -> None:
+        direct = self.direct  # set only while the stream waits: nothing buffered, no wake-up due
+        if direct is not None and not self._wake.is_set():
+            try:
+                if direct(item):
+                    return
+            except Exception:  # one stream's failed write must not end the hub's read of the rest
+                log.exception("direct write to a stream of %s failed; its task sends instead", self.job_id)
         if len(self.items) >= self.maxsize:
             self.items.clear()  # everything dropped here is in the history the resync reads
             if not self.resync:
@@ -143,17 +167,20 @@ class Subscriber:
         items, self.items = self.items, []
         return items
 
-    async def wait(self, seconds: float) -> bool:
+    async def wait(self, seconds: float, direct: Callable[[Item], bool] | None = None) -> bool:
         """Wait until an item or a resync arrives; False on timeout. The timeout is a timer that
         sets the wake event, not an `asyncio.timeout` (a cancel scope and a rescheduled timer
-        per wait were a tenth of the gateway's samples per event, issue 23)."""
+        per wait were a tenth of the gateway's samples per event, issue 23). `direct`: what
+        takes an item while this waits (see the class)."""
         if self.items or self.resync:
             return True
         self._wake.clear()
         timer = asyncio.get_running_loop().call_later(max(seconds, 0.0), self._wake.set)
+        self.direct = direct
         try:
             await self._wake.wait()
         finally:
+            self.direct = None
             timer.cancel()
         return bool(self.items or self.resync)
 

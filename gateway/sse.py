@@ -10,7 +10,7 @@ the cost of a stream. `LeanEventSourceResponse` keeps what the gateway uses of i
   sse-starlette's) and the final empty chunk; the background task after the stream;
 - the disconnect listener: the one extra task, it ends the stream as soon as the client is gone;
 - the per-send timeout (`send_timeout`): a client that stops reading ends its stream (within
-  `SWEEP_S` after the timeout: one watcher per process looks at every stream's current send,
+  `SWEEP_S` after the timeout: one watcher per process looks at the streams that are in a send,
   instead of a timer set and cancelled around every send);
 - the end of every stream when the server exits (sse-starlette's `AppStatus.should_exit`, which
   sse-starlette sets from uvicorn's exit handler), by the same one watcher.
@@ -20,7 +20,10 @@ listener and the watcher reschedule to now. No ping task (the gateway's stream w
 keepalive comment, `gateway/stream.py`). A body item may be a list of events: they go out as one
 body chunk (one write for everything that was ready at once); or bytes, frames already encoded
 (the gateway encodes each event once for all the streams that follow it); or a `LastChunk`, the
-stream's last bytes, sent together with the end of the body (one write, not two).
+stream's last bytes, sent together with the end of the body (one write, not two). Between its
+items the body's owner may also write chunks straight to the socket (`on_writer`,
+`gateway/direct_write.py`): the gateway's stream does so for an event that arrives while it is
+idle, so such an event costs no task wake-up and no trip through ASGI `send`.
 
 Anything this does not cover (a ping interval, a `data_sender_callable`, HEAD, a websocket scope)
 falls back to upstream's `__call__`. What it reads of upstream's internals is checked by
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 from sse_starlette import EventSourceResponse
@@ -39,12 +43,15 @@ from sse_starlette.event import ensure_bytes
 from sse_starlette.sse import AppStatus, SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
+from .direct_write import BodyWriter, body_writer
+
 log = logging.getLogger("eco2.gateway.sse")
 
 SWEEP_S = 0.5  # how often the one watcher looks at sends and the server's exit (as upstream polls)
 SHUTDOWN_SEND_S = 1.0  # the final chunk of a stream ended by the server's exit
 
 Ending = Literal["disconnect", "send-timeout", "shutdown"]
+WriterHook = Callable[[BodyWriter | None], None]
 
 
 class LastChunk(bytes):
@@ -62,10 +69,21 @@ class LeanEventSourceResponse(EventSourceResponse):
     _deadline: asyncio.Timeout | None = None
     _sending_since: float | None = None  # loop time the current body send began
 
+    def __init__(self, *args: Any, on_writer: WriterHook | None = None, **kwargs: Any) -> None:
+        """`on_writer`: called, once the response has started, with a function that writes a body
+        chunk straight to the socket (`gateway/direct_write.py`; None where there is none), and
+        with None when the response stops streaming. The body iterator's owner may use it
+        between its items, never while the response is sending (it is then suspended in the
+        iterator, not in a send)."""
+        super().__init__(*args, **kwargs)
+        self.on_writer = on_writer
+
     def _end(self, why: Ending) -> None:
         """End the stream now (from the disconnect listener or the exit watcher)."""
         if self._deadline is not None and self._ending is None:
             self._ending = why
+            if self.on_writer is not None:
+                self.on_writer(None)  # an ending stream writes nothing more directly
             self._deadline.reschedule(-1)  # in the past: the stream's task is cancelled at once
 
     def _chunk(self, data: Any) -> bytes:
@@ -106,6 +124,8 @@ class LeanEventSourceResponse(EventSourceResponse):
                 try:
                     start = {"type": "http.response.start", "status": self.status_code}
                     await send({**start, "headers": self.raw_headers})
+                    if self.on_writer is not None:
+                        self.on_writer(body_writer(send))  # taken back in `_end` or below
                     async for data in body:
                         if completed:
                             continue  # after a LastChunk: let the iterator finish (see LastChunk)
@@ -113,7 +133,9 @@ class LeanEventSourceResponse(EventSourceResponse):
                         chunk = data if isinstance(data, LastChunk) else self._chunk(data)
                         message = {"type": "http.response.body", "body": chunk, "more_body": not last}
                         self._sending_since = loop.time()  # the sweeper ends a send stuck for too long
+                        _SENDING.add(self)
                         await send(message)
+                        _SENDING.discard(self)
                         self._sending_since = None
                         completed = last
                     self.active = False
@@ -121,9 +143,12 @@ class LeanEventSourceResponse(EventSourceResponse):
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
                         completed = True
                 finally:
+                    if self.on_writer is not None:
+                        self.on_writer(None)
                     listener.cancel()  # never runs again: it cannot reschedule a closed deadline
                     self._deadline = None
                     _OPEN.discard(self)
+                    _SENDING.discard(self)
         except TimeoutError:
             if not deadline.expired():
                 raise  # the stream's own TimeoutError, not this response's deadline
@@ -148,6 +173,9 @@ class LeanEventSourceResponse(EventSourceResponse):
 # --- the server's exit ends every open stream (one watcher per process) ---
 
 _OPEN: set[LeanEventSourceResponse] = set()
+# Those in a body send: the sweep looks at these only, not at every open stream (10,000 of them
+# every SWEEP_S were 3% of a gateway's samples, issue 23).
+_SENDING: set[LeanEventSourceResponse] = set()
 _watcher: asyncio.Task[None] | None = None
 
 
@@ -170,7 +198,7 @@ async def _watch_exit() -> None:
     while not AppStatus.should_exit:
         await asyncio.sleep(SWEEP_S)
         now = loop.time()
-        for response in list(_OPEN):
+        for response in list(_SENDING):
             since, limit = response._sending_since, response.send_timeout
             if since is not None and limit is not None and now - since > limit:
                 response._end("send-timeout")

@@ -200,3 +200,20 @@ def test_the_upstream_internals_it_relies_on_are_there() -> None:
     # The wire format is sse-starlette's encoding of each event.
     assert ensure_bytes(ev(7), "\r\n") == ev(7).encode()
     assert sse_starlette.__name__ == "sse_starlette"
+
+
+async def test_an_ending_stream_takes_its_direct_writer_back_at_once() -> None:
+    """`on_writer(None)` within `_end`, before the stream's task runs again: nothing is written
+    directly between the end (a disconnect, a send timeout, the server's exit) and the task's
+    cancellation."""
+    hooks: list[Any] = []
+    probe = Probe([[ev(1)]])
+    client = Client()
+    resp = response(probe, [], on_writer=hooks.append)
+    task = asyncio.create_task(resp(SCOPE, client.receive, client.send))
+    await asyncio.sleep(0.02)
+    assert hooks == [None]  # a fake server's send: no direct writer, the ASGI path only
+    resp._end("shutdown")
+    assert hooks == [None, None]
+    await asyncio.wait_for(task, 1)
+    assert probe.closed and hooks[-1] is None

@@ -404,3 +404,170 @@ async def test_young_collections_run_on_a_clock(monkeypatch: pytest.MonkeyPatch)
     idle.cancel()
     await _asyncio.gather(idle, return_exceptions=True)
     assert calls == [0]
+
+
+def _ids(chunk: bytes) -> list[int]:
+    return [int(line[4:]) for line in chunk.decode().splitlines() if line.startswith("id: ")]
+
+
+class Wire:
+    """What one stream's client receives, in order: chunks the stream's task yields (what the
+    response sends) and chunks the hub's dispatch writes directly (`bind_writer`)."""
+
+    def __init__(self, js: JobStream, accept: bool = True) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.accept = accept
+        self.js = js
+        js.bind_writer(self.write)
+
+    def write(self, chunk: bytes) -> bool:
+        if self.accept:
+            self.got.append(("direct", chunk))
+        return self.accept
+
+    async def run(self) -> None:
+        async for chunk in self.js.batches():
+            self.got.append(("task", chunk))
+
+    def seqs(self, how: str | None = None) -> list[int]:
+        return [s for h, c in self.got if how in (None, h) for s in _ids(c)]
+
+
+async def test_an_idle_streams_next_event_goes_out_from_the_dispatch_and_anything_else_by_its_task() -> None:
+    """Issue 23: the next event of a waiting stream is written within `push` (no wake-up of the
+    stream's task); a jump ahead, a resync and the terminal event still go through the task, and
+    the client gets every event once, in order."""
+    history = FakeHistory([1])
+    sub = Subscriber("job-1", 10)
+    js = stream(history, sub)
+    wire = Wire(js)
+    task = asyncio.create_task(wire.run())
+    await asyncio.sleep(0.01)
+    assert wire.seqs() == [1] and sub.direct is not None  # waiting, with the direct path on
+
+    sub.push(item(10))  # the next one: written before push returns, the task not woken
+    assert wire.seqs("direct") == [10] and not sub._wake.is_set() and js.last == 10
+    sub.push(item(10))  # a duplicate: never written twice
+    await asyncio.sleep(0.01)
+    history.seqs |= {11}
+    sub.push(item(20))  # a jump ahead (11 missing): the task reads history for it
+    await asyncio.sleep(0.01)
+    assert wire.seqs() == [1, 10, 11, 20]
+    sub.mark_resync()
+    sub.push(item(21))  # a resync is due: the task's, not the dispatch's
+    await asyncio.sleep(0.01)
+    for s in (30, 31, 40, 41):
+        sub.push(item(s))
+    sub.push(item(51))  # the terminal event ends the body: the task's
+    async with asyncio.timeout(2):
+        await task
+    assert wire.seqs() == list(ORDER)
+    assert wire.seqs("direct") == [10, 30, 31, 40, 41]
+    assert _ids(wire.got[-1][1]) == [51] and wire.got[-1][0] == "task"
+
+
+async def test_a_writer_that_refuses_leaves_events_to_the_task() -> None:
+    """A socket that cannot take a chunk now (`direct_write` returns False) costs nothing: the
+    event is buffered and the task sends it through ASGI (which waits for the socket)."""
+    sub = Subscriber("job-1", 10)
+    js = stream(FakeHistory([1]), sub)
+    wire = Wire(js, accept=False)
+    task = asyncio.create_task(wire.run())
+    await asyncio.sleep(0.01)
+    for s in ORDER[1:]:
+        sub.push(item(s))
+    async with asyncio.timeout(2):
+        await task
+    assert wire.seqs() == list(ORDER) and wire.seqs("direct") == []
+
+
+async def test_direct_writes_count_as_writes_for_the_keepalive() -> None:
+    """No keepalive while events go out directly; one after keepalive_s of silence."""
+    from gateway.stream import KEEPALIVE_FRAME
+
+    sub = Subscriber("job-1", 10)
+    js = stream(FakeHistory([1]), sub, keepalive_s=0.2)
+    wire = Wire(js)
+    task = asyncio.create_task(wire.run())
+    for s in ORDER[1:-1]:
+        await asyncio.sleep(0.06)
+        sub.push(item(s))
+    assert KEEPALIVE_FRAME not in [c for _, c in wire.got]  # 8 x 60 ms of direct writes
+    await asyncio.sleep(0.3)
+    assert wire.got[-1] == ("task", KEEPALIVE_FRAME)
+    sub.push(item(51))
+    async with asyncio.timeout(2):
+        await task
+    assert wire.seqs() == list(ORDER) and js.sub.direct is None
+
+
+@pytest.mark.parametrize(
+    "data,event",
+    [
+        ('{"seq":3,"x":"a b"}', "vision"),
+        ('{"a":\n1}', "vision"),
+        ('{"a":1}\r\n', "rule"),
+        ('{"a":1}', "ru\nle"),
+    ],
+)
+def test_an_items_frame_is_sse_starlettes_encoding(data: str, event: str) -> None:
+    """The one-line fast path of `Item.frame` and upstream's encoder agree byte for byte."""
+    from sse_starlette import ServerSentEvent
+
+    it = Item(job_id="job-1", seq=3, event=event, terminal=False, data=data)
+    assert it.frame() == ServerSentEvent(data=data, event=event, id="3").encode()
+
+
+async def test_events_sent_are_counted_on_metrics() -> None:
+    from prometheus_client import REGISTRY
+
+    def sent() -> float:
+        return REGISTRY.get_sample_value("eco2_gateway_events_sent_total") or 0.0
+
+    before = sent()
+    sub = Subscriber("job-1", 10)
+    js = stream(FakeHistory([1]), sub)
+    wire = Wire(js)
+    task = asyncio.create_task(wire.run())
+    await asyncio.sleep(0.01)
+    for s in ORDER[1:]:
+        sub.push(item(s))  # all but the last directly
+    async with asyncio.timeout(2):
+        await task
+    assert sent() - before == len(ORDER)
+
+
+def test_an_item_of_an_unknown_major_is_refused_every_time() -> None:
+    """`Item.parse` remembers the versions it passed, never one it refused."""
+    from contract.versioning import UnknownVersion
+
+    ok = json.loads(EVENTS[10].model_dump_json())
+    for _ in range(2):
+        assert Item.parse(json.dumps(ok)).seq == 10
+        for bad in ("2.0", "x", "1"):
+            with pytest.raises((UnknownVersion, TypeError)):
+                Item.parse(json.dumps({**ok, "v": bad}))
+    assert Item.parse(json.dumps({k: v for k, v in ok.items() if k != "v"})).seq == 10  # none: 1.0
+
+
+async def test_a_direct_write_that_raises_leaves_the_event_to_the_task() -> None:
+    """A failure inside the direct write (it runs within the hub's read of the pub/sub
+    connection) costs neither that read nor the event: the stream's task sends it."""
+    sub = Subscriber("job-1", 10)
+    js = stream(FakeHistory([1]), sub)
+    wire = Wire(js)
+
+    def broken(chunk: bytes) -> bool:
+        raise OSError("the socket went away mid-write")
+
+    task = asyncio.create_task(wire.run())
+    await asyncio.sleep(0.01)
+    js.bind_writer(broken)
+    sub.push(item(10))  # does not raise
+    await asyncio.sleep(0.01)
+    js.bind_writer(wire.write)
+    for s in ORDER[2:]:
+        sub.push(item(s))
+    async with asyncio.timeout(2):
+        await task
+    assert wire.seqs() == list(ORDER) and 10 not in wire.seqs("direct")
