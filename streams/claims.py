@@ -20,6 +20,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from . import metrics
+
 # KEYS: per claim, the keys it claims then the keys it reads. ARGV: the TTL, the number of claims,
 # then per claim: how many keys it claims, how many it reads, its guard (the position of the
 # claimed key that guards those after it, 0 for none), and one value per claimed key. A lost guard
@@ -129,6 +131,8 @@ class Claims:
             args.extend((len(claims), len(read), guard))
             args.extend(v for _, v in claims)
         self.calls += 1
+        metrics.MEMO_CALLS.inc()
+        metrics.MEMO_CLAIMS.inc(len(batch))
         try:
             return await self.redis.evalsha(self.sha, len(names), *names, *args)  # type: ignore[no-any-return]
         except NoScriptError:  # Redis lost its script cache (a restart)

@@ -255,3 +255,14 @@ async def test_claims_reload_the_script_after_redis_lost_it(pipeline: Pipeline) 
     assert await pipeline._claim([(key, "1")]) == (["1"], [])
     assert await pipeline._claim([(key, "2")]) == (["1"], [])
     await pipeline.redis.delete(key)
+
+
+async def test_the_memo_metrics_count_claims_and_the_calls_that_carried_them(pipeline: Pipeline) -> None:
+    from streams import metrics
+
+    claims0, calls0 = metrics.MEMO_CLAIMS._value.get(), metrics.MEMO_CALLS._value.get()
+    keys_ = [f"scan:memo:t-{uuid.uuid4().hex}" for _ in range(10)]
+    await asyncio.gather(*(pipeline._claim([(k, "1")]) for k in keys_))
+    assert metrics.MEMO_CLAIMS._value.get() - claims0 == 10
+    assert 1 <= metrics.MEMO_CALLS._value.get() - calls0 < 10
+    await pipeline.redis.delete(*keys_)
