@@ -4,9 +4,10 @@ Each step of a stage claims its memo keys in one Lua call (SET NX GET: the first
 under a key wins, and is what a redelivery re-sends). A worker runs hundreds of jobs at once, and
 the messages of one Kafka fetch reach their stages within a few event-loop turns, so their claims
 were as many round trips: a socket write and read, a connection from the pool and a wake-up each,
-in the worker and in Redis. `Claims` sends one call at a time and queues what is asked meanwhile,
-so the claims asked while one call is in flight go together in the next (a group commit: no timer,
-and nothing waits when Redis answers before the next claim is asked). Each claim keeps its own
+in the worker and in Redis. `Claims` sends one call at a time: a claim asked while none is in
+flight goes at once, from the job's own task; the claims asked while one is in flight go together
+in the next call, from a sender task (a group commit: no timer, and nothing waits when Redis
+answers before the next claim is asked). Each claim keeps its own
 answer and its own guard: batching changes no claim's outcome, only how many calls carry them.
 """
 
@@ -87,14 +88,22 @@ class Claims:
         """SET NX GET every (key, value) of `claims`, then GET every key of `read`: the answer is
         the value stored before ours per claimed key (None where ours was stored), then each read
         value; it stops after the `guard`-th claim (1-based) when that one found a value."""
-        future: asyncio.Future[list[bytes | None]] = asyncio.get_running_loop().create_future()
-        self._queue.append(((claims, read, guard), future))
-        if not self._busy:
-            # The first claim asked while no call is in flight sends at once, and keeps sending
-            # what queued meanwhile; the others wait for their answers.
-            self._busy = True
-            self._sender = asyncio.ensure_future(self._send_all())  # referenced while it runs
-        return await future
+        if self._busy:  # a call is in flight: this claim goes with the others in the next one
+            future: asyncio.Future[list[bytes | None]] = asyncio.get_running_loop().create_future()
+            self._queue.append(((claims, read, guard), future))
+            return await future
+        # None in flight: this claim goes at once, from its own task (no hop to a sender task and
+        # back, which at a few claims per turn cost more loop turns than the saved calls), and the
+        # claims asked meanwhile go to a sender started when it returns.
+        self._busy = True
+        try:
+            answers = await self.retry(functools.partial(self._call, [(claims, read, guard)]))
+        finally:
+            if self._queue:
+                self._sender = asyncio.ensure_future(self._send_all())  # referenced while it runs
+            else:
+                self._busy = False
+        return answers[0]
 
     async def _send_all(self) -> None:
         live: list[tuple[Claim, asyncio.Future[list[bytes | None]]]] = []

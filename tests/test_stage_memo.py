@@ -266,3 +266,18 @@ async def test_the_memo_metrics_count_claims_and_the_calls_that_carried_them(pip
     assert metrics.MEMO_CLAIMS._value.get() - claims0 == 10
     assert 1 <= metrics.MEMO_CALLS._value.get() - calls0 < 10
     await pipeline.redis.delete(*keys_)
+
+
+async def test_claims_queued_behind_a_cancelled_first_claim_are_still_answered(pipeline: Pipeline) -> None:
+    """The first claim goes from its own task; when that job is cancelled mid-call (a stopping
+    worker), the claims queued behind it still go, from a sender task."""
+    keys_ = [f"scan:memo:t-{uuid.uuid4().hex}" for _ in range(4)]
+    first = asyncio.ensure_future(pipeline._claim([(keys_[0], "1")]))
+    await asyncio.sleep(0)  # the first claim is in flight
+    rest = [asyncio.ensure_future(pipeline._claim([(k, "1")])) for k in keys_[1:]]
+    await asyncio.sleep(0)  # queued behind it
+    first.cancel()
+    assert await asyncio.wait_for(asyncio.gather(*rest), 10) == [(["1"], [])] * 3
+    assert isinstance((await asyncio.gather(first, return_exceptions=True))[0], asyncio.CancelledError)
+    assert await pipeline._claim([(keys_[0], "2")]) in ((["1"], []), (["2"], []))  # and it goes on
+    await pipeline.redis.delete(*keys_)
