@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
         except OverlappingStages as exc:
             logging.critical("%s", exc)
             raise SystemExit(3) from None
-        app = create_app(stage_group(stages), s)
+        from .monitor import InboundOnly
+
+        # Faust's per-event statistics are read by nobody here (streams/monitor.py).
+        app = create_app(stage_group(stages), s, monitor=InboundOnly)
         from .stages import register
 
         register(app, s, stages)

@@ -82,8 +82,11 @@ def broker_credentials(s: Settings) -> faust.SASLCredentials | None:
     )
 
 
-def create_app(app_id: str, s: Settings, fetch: tuple[int, int] | None = None) -> faust.App:
-    """`fetch`: (min bytes, max wait ms) of its consumer; default the stage workers' settings."""
+def create_app(
+    app_id: str, s: Settings, fetch: tuple[int, int] | None = None, monitor: type | None = None
+) -> faust.App:
+    """`fetch`: (min bytes, max wait ms) of its consumer; default the stage workers' settings.
+    `monitor`: Faust's `Monitor` sensor class (default Faust's own; see streams/monitor.py)."""
     _read_committed_consumers()
     _idempotent_producers()
     commits.install()
@@ -121,6 +124,7 @@ def create_app(app_id: str, s: Settings, fetch: tuple[int, int] | None = None) -
         producer_linger=s.kafka_linger_ms / 1000.0,
         producer_compression_type=s.kafka_compression_type,
         logging_config=None,
+        Monitor=monitor,  # None: Faust's default
     )
     app.eco2_consumer_overrides = consumer_overrides(s, fetch)  # type: ignore[attr-defined]
     return app

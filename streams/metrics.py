@@ -16,6 +16,10 @@ IN_FLIGHT = Gauge("eco2_stage_in_flight", "jobs being processed now", ["stage"])
 RETRIES = Counter("eco2_stage_retries_total", "model call retries after transient errors", ["stage"])
 FAILURES = Counter("eco2_stage_failures_total", "jobs failed terminally", ["stage", "reason"])
 JOBS = Counter("eco2_stage_jobs_total", "jobs completed by a stage", ["stage"])
+# Memo claims and the Redis calls that carried them (streams/claims.py: claims asked while a call is
+# in flight share the next one); claims per call is the batching at this load.
+MEMO_CLAIMS = Counter("eco2_stage_memo_claims_total", "memo claims (one per step of a stage and job)")
+MEMO_CALLS = Counter("eco2_stage_memo_calls_total", "Redis calls carrying the memo claims")
 E2E = Histogram(
     "eco2_scan_e2e_seconds",
     "from the POST (job created_at) to its done event, per finished scan",

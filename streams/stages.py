@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from contract import keys, trace, versioning
 from contract.events import (
@@ -41,6 +41,7 @@ from view import pooled_client
 
 from . import metrics, model, registry
 from .app import topic, trace_logger
+from .claims import Claims
 
 log = trace_logger("eco2.stages")
 
@@ -55,28 +56,6 @@ class StageFailure(Exception):
         self.attempts = attempts
 
 
-# Claims memos in one command (EVALSHA) instead of a redis-py pipeline (issue 19: the pipeline
-# machinery cost about what the round trips it saved did). KEYS: the keys to claim, then the keys
-# to read; ARGV: TTL, the guard (the position of the claim that guards those after it, 0 for
-# none), then one value per claimed key. SET NX GET keeps the first value ever stored under a key
-# (what a redelivery re-sends) and returns it, nil when ours was stored. A lost guard (another
-# delivery's output is stored) stops the script before the claims that were built from ours: the
-# caller builds them again from the stored output.
-_CLAIM = """
-local ttl = ARGV[1]
-local guard = tonumber(ARGV[2])
-local n = #ARGV - 2
-local out = {}
-for i = 1, n do
-  local prev = redis.call('SET', KEYS[i], ARGV[i + 2], 'NX', 'GET', 'EX', ttl)
-  out[i] = prev
-  if i == guard and prev then return out end
-end
-for i = n + 1, #KEYS do out[i] = redis.call('GET', KEYS[i]) end
-return out
-"""
-
-
 class Pipeline:
     """What every stage needs: topics, Redis (memo), the model client, settings."""
 
@@ -86,7 +65,8 @@ class Pipeline:
         # The agents' topics. Events and dead letters are sent straight to the producer (`_send`).
         self.topics = {name: topic(app, name) for name in STAGE_TOPICS.values()}
         self.redis = pooled_client(s.redis_url, 64, f"eco2-stages-{os.getpid()}")
-        self._claim_sha = self.redis.register_script(_CLAIM).sha
+        # Memo claims: one Lua call per step of a job, those asked meanwhile sent together.
+        self.claims = Claims(self.redis, s.memo_ttl_s, _redis_retry)
         self.models = model.Clients(s)
         self.memo_ttl_s = s.memo_ttl_s
         self.trace_log = s.stage_trace_log
@@ -112,29 +92,19 @@ class Pipeline:
     async def _claim(
         self, claims: list[tuple[str, str]], read: tuple[str, ...] = (), guard: int = 0
     ) -> tuple[list[str], list[bytes | None]]:
-        """In one round trip: SET NX GET every (key, value) of `claims` (the first value ever
-        stored under each key wins: what a redelivery re-sends) and GET every key of `read`.
+        """In one claim (streams/claims.py): SET NX GET every (key, value) of `claims` (the first
+        value ever stored under each key wins: what a redelivery re-sends) and GET every key of
+        `read`.
 
         `guard` (1-based): the claims after that one were built from its value; when another
         value is stored under its key already, the answers stop there (a shorter list) and
         nothing after it is claimed."""
-        names = [k for k, _ in claims] + list(read)
-        args: list[str | int] = [self.memo_ttl_s, guard, *(value for _, value in claims)]
-        out = await _redis_retry(lambda: self._evalsha(names, args))
+        out = await self.claims.claim(claims, read, guard)
         won = [
             prev.decode() if prev is not None else value
             for (_, value), prev in zip(claims, out, strict=False)
         ]
         return won, out[len(claims) :]
-
-    async def _evalsha(self, names: list[str], args: list[str | int]) -> Any:
-        """The claim script by plain EVALSHA (redis-py's registered-script call imported and
-        type-checked per call, issue 19); loaded again when Redis lost its script cache."""
-        try:
-            return await self.redis.evalsha(self._claim_sha, len(names), *names, *args)
-        except NoScriptError:
-            await self.redis.script_load(_CLAIM)
-            return await self.redis.evalsha(self._claim_sha, len(names), *names, *args)
 
     def _event(
         self,

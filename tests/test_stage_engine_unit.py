@@ -124,3 +124,40 @@ def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
         assert gc.get_freeze_count() > 1000  # the modules, models and clients loaded so far
     finally:
         gc.unfreeze()
+
+
+def test_the_workers_monitor_keeps_only_what_faust_reads(tmp_path: Any) -> None:
+    """streams/monitor.py: a worker's Faust app gets `InboundOnly`, which records when each
+    partition's stream last took an event (Faust's slow-processing check reads it) and none of
+    the Monitor's per-event statistics."""
+    from faust.types import TP
+
+    from contract.settings import Settings
+    from streams.app import create_app
+    from streams.monitor import InboundOnly
+
+    s = Settings().model_copy(update={"local_dir": tmp_path})
+    app = create_app("unit-monitor", s, monitor=InboundOnly)
+    default = create_app("unit-monitor-default", s)
+    monitor, faust_own = app.monitor, default.monitor
+    assert isinstance(monitor, InboundOnly) and type(faust_own) is not InboundOnly
+    tp = TP("scan.vision", 3)
+
+    class Owner:
+        pass
+
+    class Stream:
+        task_owner = Owner()
+
+    class Message:
+        time_in = None
+
+    for m in (monitor, faust_own):
+        m.on_message_in(tp, 5, Message())  # type: ignore[arg-type]
+        state = m.on_stream_event_in(tp, 5, Stream(), object())  # type: ignore[arg-type]
+        m.on_stream_event_out(tp, 5, Stream(), object(), state)  # type: ignore[arg-type]
+        m.on_message_out(tp, 5, Message())  # type: ignore[arg-type]
+        assert tp in m.stream_inbound_time  # what Faust's verify_event_path reads
+    assert faust_own.events_total == 1 and faust_own.messages_received_total == 1  # the test can tell
+    assert monitor.events_total == 0 and monitor.messages_received_total == 0
+    assert monitor.messages_active == 0 and not monitor.events_runtime

@@ -213,3 +213,71 @@ async def test_the_per_stage_trace_line_is_written_only_when_asked_for(pipeline:
         assert re.fullmatch(f"stage={PIPELINE[0]} job={job.job_id} trace=[0-9a-f]{{32}}", line)
     finally:
         log.removeHandler(handler)
+
+
+async def test_claims_asked_together_share_a_call_and_keep_their_own_answers(pipeline: Pipeline) -> None:
+    """Many jobs' claims at once (streams/claims.py): fewer Redis calls than claims, and each
+    claim answered as if alone, a lost guard stopping only its own claim."""
+    n = 40
+    key = [[f"scan:memo:t-{uuid.uuid4().hex}:{x}" for x in "abc"] for _ in range(n)]
+    for i in range(0, n, 2):  # every other claim finds its guard taken
+        await pipeline.redis.set(key[i][0], f"taken-{i}", ex=60)
+    calls = pipeline.claims.calls
+    answers = await asyncio.gather(
+        *(pipeline._claim([(k[0], f"v{i}"), (k[1], f"w{i}")], (k[2],), guard=1) for i, k in enumerate(key))
+    )
+    assert pipeline.claims.calls - calls < n / 4  # one call in flight at a time, the rest queued together
+    for i, (won, read) in enumerate(answers):
+        if i % 2 == 0:
+            assert (won, read) == ([f"taken-{i}"], [])  # stopped at its guard
+            assert await pipeline.redis.get(key[i][1]) is None
+        else:
+            assert (won, read) == ([f"v{i}", f"w{i}"], [None])
+    await pipeline.redis.delete(*(k for ks in key for k in ks))
+
+
+async def test_a_cancelled_claim_leaves_the_others_answered(pipeline: Pipeline) -> None:
+    keys_ = [f"scan:memo:t-{uuid.uuid4().hex}" for _ in range(3)]
+    tasks = [asyncio.ensure_future(pipeline._claim([(k, "1")])) for k in keys_]
+    await asyncio.sleep(0)
+    tasks[1].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert done[0] == (["1"], []) and done[2] == (["1"], [])
+    assert isinstance(done[1], asyncio.CancelledError)
+    again = await asyncio.gather(*(pipeline._claim([(k, "2")]) for k in keys_))  # the claimer goes on
+    assert [won for won, _ in again][::2] == [["1"], ["1"]]
+    await pipeline.redis.delete(*keys_)
+
+
+async def test_claims_reload_the_script_after_redis_lost_it(pipeline: Pipeline) -> None:
+    key = f"scan:memo:t-{uuid.uuid4().hex}"
+    await pipeline.redis.script_flush()  # what a Redis restart does to the script cache
+    assert await pipeline._claim([(key, "1")]) == (["1"], [])
+    assert await pipeline._claim([(key, "2")]) == (["1"], [])
+    await pipeline.redis.delete(key)
+
+
+async def test_the_memo_metrics_count_claims_and_the_calls_that_carried_them(pipeline: Pipeline) -> None:
+    from streams import metrics
+
+    claims0, calls0 = metrics.MEMO_CLAIMS._value.get(), metrics.MEMO_CALLS._value.get()
+    keys_ = [f"scan:memo:t-{uuid.uuid4().hex}" for _ in range(10)]
+    await asyncio.gather(*(pipeline._claim([(k, "1")]) for k in keys_))
+    assert metrics.MEMO_CLAIMS._value.get() - claims0 == 10
+    assert 1 <= metrics.MEMO_CALLS._value.get() - calls0 < 10
+    await pipeline.redis.delete(*keys_)
+
+
+async def test_claims_queued_behind_a_cancelled_first_claim_are_still_answered(pipeline: Pipeline) -> None:
+    """The first claim goes from its own task; when that job is cancelled mid-call (a stopping
+    worker), the claims queued behind it still go, from a sender task."""
+    keys_ = [f"scan:memo:t-{uuid.uuid4().hex}" for _ in range(4)]
+    first = asyncio.ensure_future(pipeline._claim([(keys_[0], "1")]))
+    await asyncio.sleep(0)  # the first claim is in flight
+    rest = [asyncio.ensure_future(pipeline._claim([(k, "1")])) for k in keys_[1:]]
+    await asyncio.sleep(0)  # queued behind it
+    first.cancel()
+    assert await asyncio.wait_for(asyncio.gather(*rest), 10) == [(["1"], [])] * 3
+    assert isinstance((await asyncio.gather(first, return_exceptions=True))[0], asyncio.CancelledError)
+    assert await pipeline._claim([(keys_[0], "2")]) in ((["1"], []), (["2"], []))  # and it goes on
+    await pipeline.redis.delete(*keys_)
