@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contract.settings import Settings, get_settings
 
@@ -77,3 +80,17 @@ async def own_redis():  # type: ignore[no-untyped-def]
         yield server
     finally:
         server.remove()
+
+
+@asynccontextmanager
+async def scratch_topic(settings: Settings, prefix: str, partitions: int) -> AsyncIterator[str]:
+    """A topic of the test's own (a unique name), deleted after it."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        yield name
+        await admin.delete_topics([name])
+    finally:
+        await admin.close()

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.consumer.fetcher import Fetcher
 from aiokafka.protocol.fetch import FetchRequest
 
 from contract.settings import Settings
 from runtime import idle_fetch
+
+from .conftest import scratch_topic
 
 BUSY = (65536, 100)  # the consumer's own (min bytes, max wait ms)
 IDLE_WAIT_MS = 1500
@@ -32,15 +32,8 @@ def test_the_patch_relies_on_fetch_request_fields() -> None:
 
 @pytest.fixture
 async def topic_name(settings: Settings) -> AsyncIterator[str]:
-    name = f"test-idle-fetch-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, num_partitions=2, replication_factor=1)])
+    async with scratch_topic(settings, "test-idle-fetch", 2) as name:
         yield name
-        await admin.delete_topics([name])
-    finally:
-        await admin.close()
 
 
 Fetches = list[tuple[int, int, bool]]

@@ -15,18 +15,18 @@ import asyncio
 import contextlib
 import inspect
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.consumer import group_coordinator, subscription_state
 from aiokafka.consumer.subscription_state import SubscriptionState
 
 from contract.settings import Settings
 from streams import rejoin
+
+from .conftest import scratch_topic
 
 rejoin.install()
 
@@ -98,15 +98,8 @@ class FaustLike(ConsumerRebalanceListener):  # type: ignore[misc]
 
 @pytest.fixture
 async def topic_name(settings: Settings) -> AsyncIterator[str]:
-    name = f"test-rejoin-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
+    async with scratch_topic(settings, "test-rejoin", 1) as name:
         yield name
-        await admin.delete_topics([name])
-    finally:
-        await admin.close()
 
 
 async def _rejoins_after_slow_revoke(bootstrap: str, topic: str, wait_s: float) -> tuple[int, int]:
