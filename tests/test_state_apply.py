@@ -1,4 +1,5 @@
-"""Issue 19: `StateStore.apply` is one round trip per batch, and survives Redis losing its scripts.
+"""Issues 19 and 23: `StateStore.apply` is one round trip and one script call per batch (of up to
+`APPLY_BATCH` events), and survives Redis losing its scripts.
 
 redis-py's registered scripts ask `SCRIPT EXISTS` before every pipeline that runs them: a second
 round trip for each router batch and each POST. The batch is now sent as plain EVALSHA calls,
@@ -17,6 +18,7 @@ from contract import keys
 from contract.settings import Settings
 from contract.topics import shard_of
 from view import StateStore
+from view.state import APPLY_BATCH
 
 from .gateway_support import full_events, isolated_redis_url, job
 
@@ -42,7 +44,29 @@ async def test_a_batch_is_evalsha_only(rdb: aioredis.Redis, uid: str) -> None:
     exists, evalsha = await calls(rdb, "script|exists"), await calls(rdb, "evalsha")
     assert await store.apply(events) == [False] + [True] * (len(events) - 1)
     assert await calls(rdb, "script|exists") == exists  # no extra round trip
-    assert await calls(rdb, "evalsha") == evalsha + len(events)
+    assert await calls(rdb, "evalsha") == evalsha + 1  # one script call for the whole batch
+
+
+async def test_a_long_batch_of_many_jobs_in_a_few_calls_keeps_each_events_answer(
+    rdb: aioredis.Redis, uid: str
+) -> None:
+    """Events of many jobs, interleaved, over several script calls: each answer is its own event's
+    (new, or a repeat within the same batch), and each job's history and state are whole."""
+    store = StateStore(rdb, 600)
+    jobs = [job(f"{uid}-{i}") for i in range(30)]
+    per_job = [full_events(j) for j in jobs]
+    batch = [ev for step in zip(*per_job, strict=True) for ev in step]  # round robin over the jobs
+    batch[5:5] = [batch[0], batch[1]]  # two repeats inside the batch
+    assert len(batch) > 2 * APPLY_BATCH
+    evalsha = await calls(rdb, "evalsha")
+    answers = await store.apply(batch)
+    assert await calls(rdb, "evalsha") == evalsha + -(-len(batch) // APPLY_BATCH)
+    assert answers == [i not in (5, 6) for i in range(len(batch))]
+    for j, events in zip(jobs, per_job, strict=True):
+        assert [e.seq for e in await store.history(j.job_id)] == [e.seq for e in events]
+        state = await store.state(j.job_id)
+        assert state is not None and state["seq"] == events[-1].seq and state["status"] == events[-1].status
+    assert await store.apply(batch) == [False] * len(batch)  # idempotent
 
 
 async def test_apply_after_redis_lost_its_scripts(rdb: aioredis.Redis, uid: str) -> None:
