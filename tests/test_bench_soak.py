@@ -410,3 +410,16 @@ async def test_gc_pauses_are_measured_once_per_collection() -> None:
         assert count() == before + 2
     finally:
         gc.enable()
+
+
+def test_a_short_run_draws_every_fault_and_long_runs_keep_the_shares() -> None:
+    """The smoke's 4 VUs x 10 jobs at 10% per fault run every fault path, whatever the run id."""
+    cfg = SoakConfig(permanent_share=0.1, transient_share=0.1, gaps_share=0.1)
+    for _ in range(200):
+        run = SoakRun(Settings(), cfg, out=lambda _: None)
+        faults = {run.plan(Job(vu=v, n=n, t0=0, m0=0)).fault for v in range(4) for n in range(10)}
+        assert {"permanent", "transient2", "gaps", ""} <= faults, run.run_id
+    run = SoakRun(Settings(), cfg, out=lambda _: None)
+    drawn = [run.plan(Job(vu=v, n=n, t0=0, m0=0)).fault for v in range(20) for n in range(50)]
+    for fault in ("permanent", "transient2", "gaps"):
+        assert 0.09 <= drawn.count(fault) / len(drawn) <= 0.11, fault
