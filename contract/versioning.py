@@ -58,12 +58,22 @@ MAJOR, MINOR = parse(SCHEMA_VERSION)
 
 
 def check(v: str | None) -> str:
-    """`v` itself when this reader can read it (missing: 1.0), else UnknownVersion."""
+    """`v` itself when this reader can read it (missing: 1.0), else UnknownVersion.
+
+    A version once found readable is remembered (up to 64): the gateway checks every event it
+    parses, and the regex per event showed in its profile (issue 23)."""
     v = LEGACY_VERSION if v is None else v
+    if isinstance(v, str) and v in _READABLE:
+        return v
     major, _ = parse(v)
     if major != MAJOR:
         raise UnknownVersion(f"schema version {v} has major {major}; this reader reads {MAJOR}.x")
+    if len(_READABLE) < 64:
+        _READABLE.add(v)
     return v
+
+
+_READABLE: set[str] = set()  # versions `check` found readable
 
 
 def readable(value: Any) -> bool:
