@@ -281,3 +281,19 @@ async def test_claims_queued_behind_a_cancelled_first_claim_are_still_answered(p
     assert isinstance((await asyncio.gather(first, return_exceptions=True))[0], asyncio.CancelledError)
     assert await pipeline._claim([(keys_[0], "2")]) in ((["1"], []), (["2"], []))  # and it goes on
     await pipeline.redis.delete(*keys_)
+
+
+async def test_claims_keep_one_connection_and_reconnect_when_it_is_lost(pipeline: Pipeline) -> None:
+    """The claims' calls never overlap, so they hold one connection of the pool; a dropped one
+    (Redis restarted, a proxy hung up) is reconnected and the claim still answered."""
+    keys_ = [f"scan:memo:t-{uuid.uuid4().hex}" for _ in range(6)]
+    await asyncio.gather(*(pipeline._claim([(k, "1")]) for k in keys_[:3]))
+    conn = pipeline.claims.redis.connection
+    assert conn is not None
+    await asyncio.gather(*(pipeline._claim([(k, "1")]) for k in keys_[3:5]))
+    assert pipeline.claims.redis.connection is conn  # the same one, not one from the pool per call
+    client_id = await pipeline.claims.redis.client_id()
+    assert await pipeline.redis.client_kill_filter(_id=str(client_id)) == 1
+    assert await pipeline._claim([(keys_[5], "2")]) == (["2"], [])
+    assert await pipeline._claim([(keys_[0], "3")]) == (["1"], [])
+    await pipeline.redis.delete(*keys_)
