@@ -217,3 +217,30 @@ async def test_an_ending_stream_takes_its_direct_writer_back_at_once() -> None:
     assert hooks == [None, None]
     await asyncio.wait_for(task, 1)
     assert probe.closed and hooks[-1] is None
+
+
+@pytest.mark.parametrize("kw", [{}, {"send_timeout": 3.0}, {"send_timeout": None, "background": "bg"}])
+async def test_a_lean_init_sets_what_upstreams_init_sets(kw: dict[str, Any]) -> None:
+    """Fails when an sse-starlette upgrade changes what its `__init__` gives these arguments
+    (an attribute, a value, a header): the lean init must follow. Only the anyio lock of
+    upstream's own `__call__` is left out."""
+    if kw.get("background"):
+        kw = {**kw, "background": BackgroundTask(asyncio.sleep, 0)}
+    body = Probe([]).run()
+    lean = LeanEventSourceResponse(body, ping=0, **kw)
+    upstream = EventSourceResponse(body, ping=0, **kw)
+    assert lean._upstream is not None  # the lean init ran
+    mine = {k: v for k, v in vars(lean).items() if k not in ("on_writer", "_upstream")}
+    theirs = {k: v for k, v in vars(upstream).items() if k != "_send_lock"}
+    assert mine == theirs
+    assert lean.raw_headers is not sse._sse_headers()  # each response its own list
+
+
+async def test_anything_else_is_set_up_by_upstream_and_head_after_a_lean_init_too() -> None:
+    full = LeanEventSourceResponse(Probe([]).run(), ping=0, sep="\n")
+    assert full._upstream is None and hasattr(full, "_send_lock") and full.sep == "\n"
+    lean = response(Probe([[ev(1)]]), [])
+    assert lean._upstream is not None and not hasattr(lean, "_send_lock")
+    client = Client()
+    await lean({**SCOPE, "method": "HEAD"}, client.receive, client.send)
+    assert hasattr(lean, "_send_lock") and client.bodies == [b""]
