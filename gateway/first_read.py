@@ -30,6 +30,8 @@ from quota.limits import STREAM_LUA, Decision, StreamLeases
 from view import state
 from view.stream_snapshot import SCRIPT as SNAPSHOT_LUA
 
+from .script_call import ScriptCall
+
 # KEYS: view marker, job state, job history, the user's lease set, then other users' lease sets.
 # ARGV: snapshot's (after, queued seq), the number n of the lease's arguments, the lease's n
 # (cap, lease id, lease ms, the user's ended leases...), then one ended lease per other lease set.
@@ -54,7 +56,7 @@ class FirstRead:
 
     def __init__(self, redis: aioredis.Redis, leases: StreamLeases) -> None:
         self.leases = leases
-        self._read = redis.register_script(SCRIPT)
+        self._read = ScriptCall(redis, SCRIPT)  # on connections of its own (gateway/script_call.py)
 
     async def read(
         self, user: str, job_id: str, after_seq: int, server_run_id: str | None
@@ -80,3 +82,6 @@ class FirstRead:
         lease_reply, (raw_marker, raw_owner, history, queued) = raw
         decision, held = self.leases.acquired(user, lease, lease_reply)
         return decision, held, state.snapshot_of(raw_marker, raw_owner, history, queued, server_run_id)
+
+    async def aclose(self) -> None:
+        await self._read.aclose()
