@@ -274,6 +274,7 @@ async def open_stream(
             send_timeout=max(s.keepalive_s * 2, 5.0),
             background=BackgroundTask(_on_loop, release),
             on_writer=stream.bind_writer,  # idle streams get live events straight from the hub
+            first_ready=stream.ready_at_open(),  # the listener only once it may wait
         )
     finally:
         if not streaming:

@@ -72,12 +72,25 @@ class LeanEventSourceResponse(EventSourceResponse):
 
     _upstream: dict[str, Any] | None = None  # the arguments of a lean init (see `__init__`)
 
-    def __init__(self, content: Any, *, on_writer: WriterHook | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        content: Any,
+        *,
+        on_writer: WriterHook | None = None,
+        first_ready: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """`on_writer`: called, once the response has started, with a function that writes a body
         chunk straight to the socket (`gateway/direct_write.py`; None where there is none), and
         with None when the response stops streaming. The body iterator's owner may use it
         between its items, never while the response is sending (it is then suspended in the
         iterator, not in a send).
+
+        `first_ready`: the body's owner vouches that its first item is ready at once (the
+        iterator yields it without waiting for anything): the disconnect listener is then started
+        after that item is sent, and not at all when it ended the stream (a stream that delivers
+        a finished job's history in one `LastChunk`: no task, no cancellation). Until the first
+        send nothing waits, so nothing needs to notice a disconnect.
 
         With `ping=0` and at most `send_timeout` and `background` besides (what the gateway
         passes), the response is set up lean: the attributes upstream's `__init__` gives these
@@ -86,6 +99,7 @@ class LeanEventSourceResponse(EventSourceResponse):
         init was 10% of a stream's CPU in the issue 23 profile. Upstream's own init runs, with the
         same arguments, before anything falls back to upstream's `__call__` (HEAD)."""
         self.on_writer = on_writer
+        self.first_ready = first_ready
         if kwargs.get("ping") == 0 and kwargs.keys() <= _LEAN_ARGS and hasattr(content, "__anext__"):
             self._upstream = kwargs
             self.body_iterator = content
@@ -151,7 +165,7 @@ class LeanEventSourceResponse(EventSourceResponse):
             async with deadline:
                 self._deadline = deadline
                 _open(self)
-                listener = loop.create_task(self._listen(receive))
+                listener = None if self.first_ready else loop.create_task(self._listen(receive))
                 try:
                     start = {"type": "http.response.start", "status": self.status_code}
                     await send({**start, "headers": self.raw_headers})
@@ -169,6 +183,8 @@ class LeanEventSourceResponse(EventSourceResponse):
                         _SENDING.discard(self)
                         self._sending_since = None
                         completed = last
+                        if listener is None and not completed:  # `first_ready`: it may wait now
+                            listener = loop.create_task(self._listen(receive))
                     self.active = False
                     if not completed:
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -176,7 +192,8 @@ class LeanEventSourceResponse(EventSourceResponse):
                 finally:
                     if self.on_writer is not None:
                         self.on_writer(None)
-                    listener.cancel()  # never runs again: it cannot reschedule a closed deadline
+                    if listener is not None:
+                        listener.cancel()  # never runs again: it cannot reschedule a closed deadline
                     self._deadline = None
                     _OPEN.discard(self)
                     _SENDING.discard(self)

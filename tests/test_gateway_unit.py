@@ -571,3 +571,33 @@ async def test_a_direct_write_that_raises_leaves_the_event_to_the_task() -> None
     async with asyncio.timeout(2):
         await task
     assert wire.seqs() == list(ORDER) and 10 not in wire.seqs("direct")
+
+
+@pytest.mark.parametrize(
+    ("seqs", "last", "ready"),
+    [
+        (list(ORDER), 0, True),
+        (list(ORDER[1:]), 0, False),  # the first event is missing: the stream waits for it
+        ([], 0, False),
+        (list(ORDER[:3]), ORDER[2], False),  # nothing after Last-Event-ID
+        (list(ORDER), ORDER[3], True),
+    ],
+)
+async def test_ready_at_open_says_whether_the_first_item_comes_without_a_wait(
+    seqs: list[int], last: int, ready: bool
+) -> None:
+    """`ready_at_open` (the response's `first_ready`: its disconnect listener starts only after the
+    first item) is true exactly when the stream's first `__anext__` completes without suspending."""
+    opts: dict[str, Any] = {"keepalive_s": 30.0, "max_stream_s": 30.0, "gap_wait_s": 5.0}
+    sub = Subscriber("job-1", 10)
+    js = JobStream("job-1", last, sub, FakeHistory([]), history=[item(s) for s in seqs], **opts)
+    assert js.ready_at_open() is ready
+    step = js.items().__anext__()
+    try:
+        step.send(None)
+        at_once = False  # suspended: it waits for something first
+    except StopIteration:
+        at_once = True
+    finally:
+        step.close()
+    assert at_once is ready
