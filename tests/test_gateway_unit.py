@@ -592,7 +592,7 @@ async def test_ready_at_open_says_whether_the_first_item_comes_without_a_wait(
     sub = Subscriber("job-1", 10)
     js = JobStream("job-1", last, sub, FakeHistory([]), history=[item(s) for s in seqs], **opts)
     assert js.ready_at_open() is ready
-    step = js.items().__anext__()
+    step: Any = js.items().__anext__()  # a coroutine, stepped by hand
     try:
         step.send(None)
         at_once = False  # suspended: it waits for something first
