@@ -601,3 +601,28 @@ async def test_ready_at_open_says_whether_the_first_item_comes_without_a_wait(
     finally:
         step.close()
     assert at_once is ready
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":1,"b":{"c":[1,2]}}', ' {"a":1}', '{"a":1} ', '{"a":"\\u00e9\\n"}', "{}",
+        '{"a":1}{"b":2}', '{"a":1} x', '{"a":', "[1]", '"s"', "", "nul",
+    ],
+)
+def test_history_json_is_parsed_as_json_loads_parses_it(text: str) -> None:
+    """`hub._json_object` (raw_decode straight away) answers as `json.loads` for every object, and
+    refuses anything else with an error `history_items` counts and skips (ValueError, TypeError)."""
+    from gateway.hub import _json_object
+
+    try:
+        want: Any = json.loads(text)
+    except ValueError:
+        want = ValueError
+    if want is not ValueError and not isinstance(want, dict):
+        want = TypeError
+    if isinstance(want, dict):
+        assert _json_object(text) == want
+    else:
+        with pytest.raises(want):
+            _json_object(text)
