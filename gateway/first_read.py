@@ -11,6 +11,9 @@ The same call also gives back the ended streams' leases of other users that are 
 their batch (`StreamLeases.others_ended`): while streams keep opening (churn), ended leases go
 back with them, with no release call of their own.
 
+The call is written and read on a pool connection kept for it (`gateway/script_call.py`), without
+redis-py's per-call path.
+
 The lease keeps its fail-open rule: when this call fails or Redis does not answer within
 `quota_timeout_s`, the stream is admitted unchecked and the snapshot read again alone (whose
 failure is the stream's 503, as before); the ended leases it carried go with the next batch.

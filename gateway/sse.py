@@ -8,7 +8,9 @@ the cost of a stream. `LeanEventSourceResponse` keeps what the gateway uses of i
 
 - the response start, the body chunks (`sse_starlette.event.ensure_bytes`, so the wire format is
   sse-starlette's) and the final empty chunk; the background task after the stream;
-- the disconnect listener: the one extra task, it ends the stream as soon as the client is gone;
+- the disconnect listener: the one extra task, it ends the stream as soon as the client is gone
+  (started once the stream may wait: after its first chunk when that is ready at once,
+  `first_ready`, and not at all when that chunk ends the stream);
 - the per-send timeout (`send_timeout`): a client that stops reading ends its stream (within
   `SWEEP_S` after the timeout: one watcher per process looks at the streams that are in a send,
   instead of a timer set and cancelled around every send);
