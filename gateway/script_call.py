@@ -15,10 +15,14 @@ connection of its own and `spare` already open (a burst of opens), the script no
 (NOSCRIPT: redis-py loads it and runs it), a connection that fails (redis-py's retries run; the
 failed connection is dropped). A call cancelled mid-reply (the caller's timeout) drops its
 connection: redis-py's `read_response` disconnects it, and a half-read reply is never reused.
+The connection's own socket timeout is replaced, while it is kept, by one deadline over each
+call (`timeout_s`, the socket timeout by default): redis-py would run every write in
+`asyncio.wait_for`, a task per call.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,26 +36,35 @@ class ScriptCall:
     """`await call(keys=[...], args=[...])`: what redis-py's `Redis.register_script(script)`
     object answers, on a connection of its own when one is free."""
 
-    def __init__(self, redis: aioredis.Redis, script: str, spare: int | None = None) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, script: str, spare: int | None = None, timeout_s: float | None = None
+    ) -> None:
         """`spare`: connections it may keep, by default a quarter of the pool's (the gateway's 8:
         2 for the first read, 2 for the snapshot read alone), so the pool's other callers always
-        have the rest."""
+        have the rest. `timeout_s`: how long one call may take, write and reply (by default the
+        pool's socket timeout)."""
         self.script = redis.register_script(script)
         self._pool = redis.connection_pool
         self._idle: list[AbstractConnection] = []
         self._open = 0
         self.spare = self._pool.max_connections // 4 if spare is None else spare
+        kwargs = self._pool.connection_kwargs  # type: ignore[attr-defined]
+        self.timeout_s = kwargs.get("socket_timeout") if timeout_s is None else timeout_s
 
     async def __call__(self, keys: list[Any], args: list[Any]) -> Any:
         conn = self._idle.pop() if self._idle else await self._connect()
         if conn is None:
             return await self.script(keys=keys, args=args)
         try:
-            await conn.send_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
-            reply = await conn.read_response()
+            async with asyncio.timeout(self.timeout_s):
+                await conn.send_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
+                reply = await conn.read_response()
         except NoScriptError:
             self._idle.append(conn)
             return await self.script(keys=keys, args=args)  # loads it, then runs it
+        except TimeoutError:  # its own deadline (asyncio's): as redis-py's socket timeout says it
+            await self._drop(conn)
+            raise RedisTimeoutError(f"no reply from Redis within {self.timeout_s} s") from None
         except (RedisConnectionError, RedisTimeoutError, OSError):
             await self._drop(conn)
             return await self.script(keys=keys, args=args)  # with redis-py's retries
@@ -77,18 +90,25 @@ class ScriptCall:
         except BaseException:
             self._open -= 1
             raise
+        # One deadline over the whole call instead (`__call__`): with a socket timeout redis-py
+        # runs every write in `asyncio.wait_for`, a task per call, and every read under a timeout
+        # of its own. Given back to the pool as it came (`_give_back`).
+        conn.socket_timeout = None
         return conn
 
-    async def _drop(self, conn: AbstractConnection) -> None:
+    async def _give_back(self, conn: AbstractConnection) -> None:
         self._open -= 1
+        conn.socket_timeout = self._pool.connection_kwargs.get("socket_timeout")  # type: ignore[attr-defined]
+        await self._pool.release(conn)  # the pool connects it again when it hands it out
+
+    async def _drop(self, conn: AbstractConnection) -> None:
         try:
             await conn.disconnect(nowait=True)  # read_response has done so already on most errors
         finally:
-            await self._pool.release(conn)  # the pool connects it again when it hands it out
+            await self._give_back(conn)
 
     async def aclose(self) -> None:
         """Give the idle connections of its own back to the pool (before the client's `aclose`)."""
         idle, self._idle = self._idle, []
         for conn in idle:
-            self._open -= 1
-            await self._pool.release(conn)
+            await self._give_back(conn)

@@ -93,3 +93,35 @@ async def test_within_the_pool_and_the_pools_other_callers_served(own_redis: Red
         assert call.connections == 0 and len(r.connection_pool._in_use_connections) == 0
     finally:
         await r.aclose()
+
+
+async def test_a_redis_that_hangs_gets_one_deadline_per_call_and_a_timeout_error(
+    own_redis: RedisServer,
+) -> None:
+    """The kept connection's socket timeout is replaced by one deadline over the call (and put
+    back when the connection goes back to the pool); a hung Redis is redis-py's TimeoutError."""
+    import signal
+
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    r = pooled(own_redis.url)
+    try:
+        call = ScriptCall(r, ECHO, timeout_s=0.3)
+        assert ScriptCall(r, ECHO).timeout_s == r.connection_pool.connection_kwargs["socket_timeout"]
+        assert await call(keys=["k"], args=["a"]) == [b"k", b"a", 1]
+        kept = call._idle[0]
+        assert kept.socket_timeout is None
+        assert own_redis.popen is not None
+        own_redis.popen.send_signal(signal.SIGSTOP)
+        try:
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(RedisTimeoutError):
+                await call(keys=["k"], args=["b"])
+            assert asyncio.get_running_loop().time() - t0 < 3  # its deadline, not the socket's 5 s
+            assert call.connections == 0
+            assert kept.socket_timeout == r.connection_pool.connection_kwargs["socket_timeout"]
+        finally:
+            own_redis.popen.send_signal(signal.SIGCONT)
+        assert (await call(keys=["k"], args=["c"]))[1] == b"c"  # b may have run once Redis woke
+    finally:
+        await r.aclose()
