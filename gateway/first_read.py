@@ -11,6 +11,9 @@ The same call also gives back the ended streams' leases of other users that are 
 their batch (`StreamLeases.others_ended`): while streams keep opening (churn), ended leases go
 back with them, with no release call of their own.
 
+The call is written and read on a pool connection kept for it (`gateway/script_call.py`), without
+redis-py's per-call path.
+
 The lease keeps its fail-open rule: when this call fails or Redis does not answer within
 `quota_timeout_s`, the stream is admitted unchecked and the snapshot read again alone (whose
 failure is the stream's 503, as before); the ended leases it carried go with the next batch.
@@ -29,6 +32,8 @@ from contract.events import QUEUED_SEQ
 from quota.limits import STREAM_LUA, Decision, StreamLeases
 from view import state
 from view.stream_snapshot import SCRIPT as SNAPSHOT_LUA
+
+from .script_call import ScriptCall
 
 # KEYS: view marker, job state, job history, the user's lease set, then other users' lease sets.
 # ARGV: snapshot's (after, queued seq), the number n of the lease's arguments, the lease's n
@@ -54,7 +59,7 @@ class FirstRead:
 
     def __init__(self, redis: aioredis.Redis, leases: StreamLeases) -> None:
         self.leases = leases
-        self._read = redis.register_script(SCRIPT)
+        self._read = ScriptCall(redis, SCRIPT)  # on connections of its own (gateway/script_call.py)
 
     async def read(
         self, user: str, job_id: str, after_seq: int, server_run_id: str | None
@@ -80,3 +85,6 @@ class FirstRead:
         lease_reply, (raw_marker, raw_owner, history, queued) = raw
         decision, held = self.leases.acquired(user, lease, lease_reply)
         return decision, held, state.snapshot_of(raw_marker, raw_owner, history, queued, server_run_id)
+
+    async def aclose(self) -> None:
+        await self._read.aclose()

@@ -124,6 +124,13 @@ class JobStream:
                 break
         return out
 
+    def ready_at_open(self) -> bool:
+        """Does the stream's first item come at once? Yes when the history it was given holds the
+        next event in order: `items` then yields it before waiting for anything
+        (`LeanEventSourceResponse(first_ready=...)` starts its disconnect listener after it)."""
+        after = [item.seq for item in self.history or () if item.seq > self.last]
+        return bool(after) and in_order(min(after), self.last)
+
     def bind_writer(self, write: BodyWriter | None) -> None:
         """The response's direct writer (`LeanEventSourceResponse(on_writer=...)`), or None."""
         self._write = write

@@ -217,3 +217,67 @@ async def test_an_ending_stream_takes_its_direct_writer_back_at_once() -> None:
     assert hooks == [None, None]
     await asyncio.wait_for(task, 1)
     assert probe.closed and hooks[-1] is None
+
+
+@pytest.mark.parametrize("kw", [{}, {"send_timeout": 3.0}, {"send_timeout": None, "background": "bg"}])
+async def test_a_lean_init_sets_what_upstreams_init_sets(kw: dict[str, Any]) -> None:
+    """Fails when an sse-starlette upgrade changes what its `__init__` gives these arguments
+    (an attribute, a value, a header): the lean init must follow. Only the anyio lock of
+    upstream's own `__call__` is left out."""
+    if kw.get("background"):
+        kw = {**kw, "background": BackgroundTask(asyncio.sleep, 0)}
+    body = Probe([]).run()
+    lean = LeanEventSourceResponse(body, ping=0, **kw)
+    upstream = EventSourceResponse(body, ping=0, **kw)
+    assert lean._upstream is not None  # the lean init ran
+    mine = {k: v for k, v in vars(lean).items() if k not in ("on_writer", "first_ready", "_upstream")}
+    theirs = {k: v for k, v in vars(upstream).items() if k != "_send_lock"}
+    assert mine == theirs
+    assert lean.raw_headers is not sse._sse_headers()  # each response its own list
+
+
+async def test_anything_else_is_set_up_by_upstream_and_head_after_a_lean_init_too() -> None:
+    full = LeanEventSourceResponse(Probe([]).run(), ping=0, sep="\n")
+    assert full._upstream is None and hasattr(full, "_send_lock") and full.sep == "\n"
+    lean = response(Probe([[ev(1)]]), [])
+    assert lean._upstream is not None and not hasattr(lean, "_send_lock")
+    client = Client()
+    await lean({**SCOPE, "method": "HEAD"}, client.receive, client.send)
+    assert hasattr(lean, "_send_lock") and client.bodies == [b""]
+
+
+async def test_first_ready_a_stream_ended_by_its_first_chunk_starts_no_listener() -> None:
+    released: list[int] = []
+    tasks: list[int] = []
+
+    async def body() -> AsyncIterator[Any]:
+        yield sse.LastChunk(b"all of it")
+        tasks.append(sum(1 for t in asyncio.all_tasks() if t.get_name() != "sse-exit-watch"))
+
+    async def release() -> None:
+        released.append(1)
+
+    client = Client()
+    before = sum(1 for t in asyncio.all_tasks() if t.get_name() != "sse-exit-watch")
+    resp = LeanEventSourceResponse(body(), ping=0, background=BackgroundTask(release), first_ready=True)
+    await asyncio.create_task(resp(SCOPE, client.receive, client.send))
+    assert tasks == [before + 1]  # the response's task alone: no disconnect listener
+    assert client.bodies == [b"all of it"] and client.sent[-1]["more_body"] is False
+    assert released == [1]
+
+
+async def test_first_ready_the_listener_starts_after_the_first_chunk_and_a_disconnect_ends_it() -> None:
+    released: list[int] = []
+    probe = Probe([[ev(1)]])
+    client = Client()
+    before = sum(1 for t in asyncio.all_tasks() if t.get_name() != "sse-exit-watch")
+    resp = response(probe, released, first_ready=True)
+    task = asyncio.create_task(resp(SCOPE, client.receive, client.send))
+    for _ in range(100):
+        if probe.tasks_while_streaming:
+            break
+        await asyncio.sleep(0.001)
+    assert probe.tasks_while_streaming == before + 2  # waiting now: the listener is there
+    client.gone.set()
+    await asyncio.wait_for(task, 1.0)
+    assert probe.closed and released == [1] and client.bodies == [ensure_bytes(ev(1), "\r\n")]

@@ -571,3 +571,58 @@ async def test_a_direct_write_that_raises_leaves_the_event_to_the_task() -> None
     async with asyncio.timeout(2):
         await task
     assert wire.seqs() == list(ORDER) and 10 not in wire.seqs("direct")
+
+
+@pytest.mark.parametrize(
+    ("seqs", "last", "ready"),
+    [
+        (list(ORDER), 0, True),
+        (list(ORDER[1:]), 0, False),  # the first event is missing: the stream waits for it
+        ([], 0, False),
+        (list(ORDER[:3]), ORDER[2], False),  # nothing after Last-Event-ID
+        (list(ORDER), ORDER[3], True),
+    ],
+)
+async def test_ready_at_open_says_whether_the_first_item_comes_without_a_wait(
+    seqs: list[int], last: int, ready: bool
+) -> None:
+    """`ready_at_open` (the response's `first_ready`: its disconnect listener starts only after the
+    first item) is true exactly when the stream's first `__anext__` completes without suspending."""
+    opts: dict[str, Any] = {"keepalive_s": 30.0, "max_stream_s": 30.0, "gap_wait_s": 5.0}
+    sub = Subscriber("job-1", 10)
+    js = JobStream("job-1", last, sub, FakeHistory([]), history=[item(s) for s in seqs], **opts)
+    assert js.ready_at_open() is ready
+    step: Any = js.items().__anext__()  # a coroutine, stepped by hand
+    try:
+        step.send(None)
+        at_once = False  # suspended: it waits for something first
+    except StopIteration:
+        at_once = True
+    finally:
+        step.close()
+    assert at_once is ready
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":1,"b":{"c":[1,2]}}', ' {"a":1}', '{"a":1} ', '{"a":"\\u00e9\\n"}', "{}",
+        '{"a":1}{"b":2}', '{"a":1} x', '{"a":', "[1]", '"s"', "", "nul",
+    ],
+)
+def test_history_json_is_parsed_as_json_loads_parses_it(text: str) -> None:
+    """`hub._json_object` (raw_decode straight away) answers as `json.loads` for every object, and
+    refuses anything else with an error `history_items` counts and skips (ValueError, TypeError)."""
+    from gateway.hub import _json_object
+
+    try:
+        want: Any = json.loads(text)
+    except ValueError:
+        want = ValueError
+    if want is not ValueError and not isinstance(want, dict):
+        want = TypeError
+    if isinstance(want, dict):
+        assert _json_object(text) == want
+    else:
+        with pytest.raises(want):
+            _json_object(text)

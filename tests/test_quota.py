@@ -120,6 +120,46 @@ async def test_ended_stream_leases_go_back_in_one_batch(settings: Settings) -> N
         await redis.aclose()
 
 
+async def test_no_release_call_of_its_own_while_streams_keep_opening(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While first reads keep coming (`others_ended`, which carries the ended leases), the batch
+    timer makes no call of its own, even for a lease that ended after the last of them; once
+    they stop, what is left goes back within two batches. (Batches of 0.5 s here, for margins.)"""
+    from quota import limits
+
+    monkeypatch.setattr(limits, "RELEASE_BATCH_S", 0.5)
+    s = _tight(settings, streams_max=5)
+    redis = client(s.redis_url, "test-quota")
+    users = [f"q-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    try:
+        leases = StreamLeases(redis, s)
+        calls: list[int] = []
+        release = leases._release
+
+        async def counted(**kw: object) -> object:
+            calls.append(1)
+            return await release(**kw)  # type: ignore[arg-type]
+
+        leases._release = counted  # type: ignore[assignment]
+        (a, la), (b, lb), (c, lc) = [(u, (await leases.acquire(u))[1]) for u in users]
+        leases.release(la)  # t=0: the batch timer is set for t=0.5
+        await asyncio.sleep(0.3)
+        carried = leases.others_ended()  # t=0.3: a stream opens, its first read carries la
+        await asyncio.sleep(0.05)
+        leases.release(lb)  # t=0.35: ends after that first read
+        await asyncio.sleep(0.25)  # t=0.5: the timer finds lb, but a stream opened 0.2 s ago
+        assert calls == [] and leases.ended == {b: [lb]}
+        carried += leases.others_ended()  # t=0.6: the next first read carries lb
+        assert sorted(carried) == sorted([(a, la), (b, lb)])
+        leases.release(lc)  # no stream opens from now on
+        await asyncio.sleep(1.2)  # the timer looks again at t=1.0 (deferred) and sends at t=1.5
+        assert calls == [1] and leases.ended == {}
+        assert await redis.zcard(keys.quota_streams(c)) == 0
+    finally:
+        await redis.aclose()
+
+
 async def test_a_user_at_the_cap_who_ends_a_stream_may_open_another_at_once(settings: Settings) -> None:
     """The ended lease still waiting for its batch goes back in the user's next acquire, before
     the cap is checked: never a 429 for a slot this gateway already gave up."""

@@ -10,6 +10,7 @@ opened. `tests/test_stream_snapshot.py` checks that both give the same answer.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,8 +40,10 @@ SCRIPT = _script()
 class SnapshotReader:
     """`read` is `StateStore.snapshot` in one EVALSHA (module docstring)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
-        self._read = redis.register_script(SCRIPT)
+    def __init__(self, redis: aioredis.Redis, call: Callable[..., Awaitable[Any]] | None = None) -> None:
+        """`call`: something called as redis-py's registered script is (`keys=`, `args=`) that runs
+        `SCRIPT` (the gateway's `ScriptCall`, on connections of its own); by default redis-py's."""
+        self._read = call or redis.register_script(SCRIPT)
 
     async def read(self, job_id: str, after_seq: int, server_run_id: str | None) -> Snapshot:
         raw: list[Any] = await self._read(
