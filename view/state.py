@@ -160,8 +160,8 @@ class StateStore:
     Redis answers NOSCRIPT only when its script cache is empty (a restart), and then the script
     is loaded and the calls from the first refused one on are sent again (the apply is idempotent).
 
-    Keys live `ttl_s` while the job runs and `finished_ttl_s` (default: the same) once it has
-    ended: the router keeps a finished job an hour (`result_ttl_s`; its result then comes from
+    Keys live `ttl_s` while the job runs (pushed back to it once less than `RENEW_AT` of it is
+    left, not on every event) and `finished_ttl_s` (default: the same) once it has ended: the router keeps a finished job an hour (`result_ttl_s`; its result then comes from
     Postgres), not the day a running one may need, or Redis held every job of the last 24 hours
     (~27 KiB each, ~12 GiB at 100 VUs: the soak's finding, docs/benchmarks.md)."""
 
