@@ -54,7 +54,7 @@ from . import marker
 #   newest-first rebuild) asks the history; a job without a state hash (a new one, or one whose
 #   hash was lost while its history was not) reads `top` from the history (ZRANGE, one entry);
 # - the result is deleted only from a state that had ended (a result comes only with a terminal
-#   event, contract/pipeline.py);
+#   event: streams/stages.py attaches one to `done` and to a failure only);
 # - the keys' TTL is set when it must change: a finished job's on every event (as before), a
 #   running job's when less than RENEW_AT of its running TTL is left (the first event, a reopen by
 #   a re-drive, or a job running for hours): a running job's keys live at least RENEW_AT x `ttl`
@@ -161,9 +161,10 @@ class StateStore:
     is loaded and the calls from the first refused one on are sent again (the apply is idempotent).
 
     Keys live `ttl_s` while the job runs (pushed back to it once less than `RENEW_AT` of it is
-    left, not on every event) and `finished_ttl_s` (default: the same) once it has ended: the router keeps a finished job an hour (`result_ttl_s`; its result then comes from
-    Postgres), not the day a running one may need, or Redis held every job of the last 24 hours
-    (~27 KiB each, ~12 GiB at 100 VUs: the soak's finding, docs/benchmarks.md)."""
+    left, not on every event) and `finished_ttl_s` (default: the same) once it has ended: the
+    router keeps a finished job an hour (`result_ttl_s`; its result then comes from Postgres), not
+    the day a running one may need, or Redis held every job of the last 24 hours (~27 KiB each,
+    ~12 GiB at 100 VUs: the soak's finding, docs/benchmarks.md)."""
 
     def __init__(
         self, client: aioredis.Redis, ttl_s: int, finished_ttl_s: int | None = None, publish: bool = True
