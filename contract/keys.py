@@ -22,8 +22,27 @@ def idempotency(user_id: str, key: str) -> str:
 
 
 def shard_channel(shard: int) -> str:
-    """Pub/sub channel of one events shard; a gateway subscribes to all shards on one connection."""
+    """Pub/sub channel of one events shard; a gateway subscribes to all shards on one connection.
+    Each message is `live_message`: the router publishes one per shard per apply-script call."""
     return f"scan:live:{shard}"
+
+
+# A message on a shard channel: one or more event JSONs (the history entries, as stored), in the
+# order they were applied, joined by a newline. Compact JSON never holds a raw newline (JSON
+# escapes control characters in strings), so the split is exact. Written by the apply script
+# (view/state.py), read by the gateway (gateway/shard_feed.py); a one-event message is the event
+# JSON alone, the format before messages carried batches. Upgrade the gateways before the router.
+LIVE_SEPARATOR = b"\n"
+
+
+def live_message(events: list[bytes]) -> bytes:
+    """A shard channel message of `events` (what the apply script's PUBLISH spells in Lua)."""
+    return LIVE_SEPARATOR.join(events)
+
+
+def live_events(message: bytes) -> list[bytes]:
+    """The events of one shard channel message, in order."""
+    return message.split(LIVE_SEPARATOR)
 
 
 def memo(job_id: str, name: str, attempt: int = 0) -> str:

@@ -26,6 +26,8 @@ from collections.abc import Callable
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
+from contract.keys import LIVE_SEPARATOR as SEPARATOR
+
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -53,9 +55,10 @@ def handshake(url: str, channels: list[str], client_name: str | None) -> bytes:
 
 
 class ShardFeed(asyncio.Protocol):
-    """One subscribed connection. `on_message(data)` for every published message, in the order
-    Redis sent them; `on_subscribed()` once every channel's subscription is confirmed; `closed`
-    is done (with the reason, or None) when the connection ends."""
+    """One subscribed connection. `on_message(event)` for every event of every published message
+    (`contract.keys.live_message`: a batch of a shard's events), in the order Redis sent them;
+    `on_subscribed()` once every channel's subscription is confirmed; `closed` is done (with the
+    reason, or None) when the connection ends."""
 
     def __init__(
         self, channels: list[str], on_message: Callable[[bytes], None], on_subscribed: Callable[[], None]
@@ -65,7 +68,7 @@ class ShardFeed(asyncio.Protocol):
         self.on_subscribed = on_subscribed
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         self.last_seen = time.monotonic()
-        self.messages = 0  # published messages received (the hub counts them in batches)
+        self.messages = 0  # events received (the hub counts them in batches)
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
         self._confirmed: set[bytes] = set()
@@ -83,8 +86,11 @@ class ShardFeed(asyncio.Protocol):
         try:
             while (reply := reader.gets()) is not False:
                 if type(reply) is list and reply[0] == b"message":
-                    self.messages += 1
-                    on_message(reply[2])
+                    # One message carries a batch of a shard's events (contract/keys.py)
+                    events = reply[2].split(SEPARATOR)
+                    self.messages += len(events)
+                    for event in events:
+                        on_message(event)
                 else:
                     self._control(reply)
         except hiredis.ProtocolError as exc:

@@ -69,12 +69,13 @@ async def test_pushes_split_anywhere_are_read_whole() -> None:
             b"*3\r\n$9\r\nsubscribe\r\n$2\r\nc1\r\n:2\r\n",
             b"*3\r\n$7\r\nmessage\r\n$2\r\nc0\r\n$5\r\nfirst\r\n",
             b"*2\r\n$4\r\npong\r\n$0\r\n\r\n",
-            b"*3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n$7\r\nsec\r\nnd\r\n",
+            b"*3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n$12\r\nsec\rnd\nthird\r\n",  # a batch of two
         ]
     )
     for i in range(len(wire)):
         feed.data_received(wire[i : i + 1])
-    assert got == [b"first", b"sec\r\nnd"] and subscribed == [1]
+    assert got == [b"first", b"sec\rnd", b"third"] and subscribed == [1]
+    assert feed.messages == 3  # events, not messages
 
 
 def test_handshake_is_auth_name_and_subscribe_in_one_write() -> None:

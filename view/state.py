@@ -33,40 +33,93 @@ from . import marker
 # ttl once finished, job id, the event's schema version (contract/versioning.py), "1" when the job
 # is known to have ended (a newest-first rebuild applies its terminal event before its older
 # ones). It returns 1 when the event was new. The history entry is the event JSON, `v` included;
-# the state hash keeps the `v` of its event. A finished job's keys keep only the finished TTL,
-# whatever arrives after its terminal event (or before it, in a newest-first rebuild).
+# the state hash keeps the `v` of its event (not the event itself: the history has it, and no
+# reader wanted a second copy in the hash and in the AOF). A finished job's keys keep only the
+# finished TTL, whatever arrives after its terminal event (or before it, in a newest-first rebuild).
 #
 # The script applies a batch: APPLY_KEYS keys and APPLY_ARGS values per event, in the batch's
 # order, and returns one 1/0 per event. One call per batch, not one per event: the calls cost the
 # router about a third of its apply CPU and Redis about an eighth of its own (batches of 40
 # events, `StateStore.apply` of the previous commit against this one, paired rounds).
+#
+# Redis's CPU in this script went mostly to `redis.call` itself (each one a command lookup, its
+# arguments copied into Redis objects, its effects written to the AOF), not to the commands'
+# work (issue 23, round 5: bench/reports/issue23/round5/). So an event costs as few calls as its
+# guarantees allow; the common one (the next event of a running job) costs three (HMGET, ZADD,
+# HSET) where it cost nine:
+# - state first, in one HMGET (seq, stage, status, the keys' running deadline `exp`, and `top`:
+#   the highest seq in the history);
+# - an event past `top` is new to the history without a ZCOUNT (the history is written only here,
+#   and its key expires with the state's), so only an event at or below it (a repeat, a
+#   newest-first rebuild) asks the history; a job without a state hash (a new one, or one whose
+#   hash was lost while its history was not) reads `top` from the history (ZRANGE, one entry);
+# - the result is deleted only from a state that had ended (a result comes only with a terminal
+#   event: streams/stages.py attaches one to `done` and to a failure only);
+# - the keys' TTL is set when it must change: a finished job's on every event (as before), a
+#   running job's when less than RENEW_AT of its running TTL is left (the first event, a reopen by
+#   a re-drive, or a job running for hours): a running job's keys live at least RENEW_AT x `ttl`
+#   past its latest event, never expire under it, and an event does not cost 2 EXPIREs and 2 AOF
+#   records;
+# - one PUBLISH per shard channel per call, carrying that call's new events of the shard in order
+#   (`keys.live_message`), not one per event.
 APPLY_KEYS = 3
 APPLY_ARGS = 13
 APPLY_BATCH = 100  # events per call at most: bounds the time one call holds Redis
+RENEW_AT = 0.9  # a running job's TTL is pushed back once less than this share of it is left
 _APPLY = (
     """
+local now = tonumber(redis.call('TIME')[1])
+local channels, live = {}, {}
 local function apply_one(k, a)
   local seq = tonumber(ARGV[a + 1])
+  local st = redis.call('HMGET', KEYS[k + 1], 'seq', 'stage', 'status', 'exp', 'top')
+  local cur = tonumber(st[1] or '-1')
+  local ended_before = st[1] and WAS_TERMINAL
+  local top = tonumber(st[5] or '')
+  if not top then  -- no state hash (or one written before `top`): the history tells
+    top = tonumber(redis.call('ZRANGE', KEYS[k + 2], -1, -1, 'WITHSCORES')[2] or '-1')
+  end
   local new = 0
-  if redis.call('ZCOUNT', KEYS[k + 2], seq, seq) == 0 then
+  if seq > top or redis.call('ZCOUNT', KEYS[k + 2], seq, seq) == 0 then
     redis.call('ZADD', KEYS[k + 2], seq, ARGV[a + 2])
     new = 1
+    if seq > top then top = seq end
   end
-  local cur = tonumber(redis.call('HGET', KEYS[k + 1], 'seq') or '-1')
+  local fin = ARGV[a + 13] == '1'
+  local exp = tonumber(st[4] or '0')
+  local ttl = tonumber(ARGV[a + 4])
   if seq > cur then
-    redis.call('HSET', KEYS[k + 1], 'seq', seq, 'stage', ARGV[a + 5], 'status', ARGV[a + 6],
-               'progress', ARGV[a + 7], 'user_id', ARGV[a + 8], 'event', ARGV[a + 2], 'v', ARGV[a + 12])
+    st[2], st[3] = ARGV[a + 5], ARGV[a + 6]
+  end
+  fin = fin or TERMINAL_STATE
+  local want = now + ttl
+  if fin then
+    ttl = tonumber(ARGV[a + 10])
+    want = now + ttl
+  elseif exp >= now + RENEW_AT * ttl then
+    ttl = nil  -- enough of the running TTL is left
+  end
+  if seq > cur then
+    local h = {'seq', seq, 'stage', ARGV[a + 5], 'status', ARGV[a + 6], 'progress', ARGV[a + 7],
+               'user_id', ARGV[a + 8], 'v', ARGV[a + 12], 'top', top}
     -- A result comes only with a terminal event; a later seq without one is a new attempt
     -- (a re-drive): the earlier attempt's result is no longer the job's.
-    if ARGV[a + 9] ~= '' then redis.call('HSET', KEYS[k + 1], 'result', ARGV[a + 9])
-    else redis.call('HDEL', KEYS[k + 1], 'result') end
+    if ARGV[a + 9] ~= '' then h[#h + 1] = 'result'; h[#h + 1] = ARGV[a + 9] end
+    if ttl then h[#h + 1] = 'exp'; h[#h + 1] = want end
+    redis.call('HSET', KEYS[k + 1], unpack(h))
+    if ARGV[a + 9] == '' and ended_before then redis.call('HDEL', KEYS[k + 1], 'result') end
+  elseif ttl then
+    redis.call('HSET', KEYS[k + 1], 'exp', want)
   end
-  local ttl = ARGV[a + 4]
-  local st = redis.call('HMGET', KEYS[k + 1], 'stage', 'status')
-  if ARGV[a + 13] == '1' or TERMINAL_STATE then ttl = ARGV[a + 10] end
-  redis.call('EXPIRE', KEYS[k + 1], ttl)
-  redis.call('EXPIRE', KEYS[k + 2], ttl)
-  if new == 1 and ARGV[a + 3] ~= '' then redis.call('PUBLISH', ARGV[a + 3], ARGV[a + 2]) end
+  if ttl then
+    redis.call('EXPIRE', KEYS[k + 1], ttl)
+    redis.call('EXPIRE', KEYS[k + 2], ttl)
+  end
+  if new == 1 and ARGV[a + 3] ~= '' then
+    local c = ARGV[a + 3]
+    if not live[c] then live[c] = {}; channels[#channels + 1] = c end
+    live[c][#live[c] + 1] = ARGV[a + 2]
+  end
   -- A terminal event frees the job's in-flight quota slot (quota/limits.py); repeats are harmless.
   if TERMINAL_EVENT then redis.call('ZREM', KEYS[k + 3], ARGV[a + 11]) end
   return new
@@ -75,11 +128,17 @@ local out = {}
 for i = 0, #KEYS / APPLY_KEYS - 1 do
   out[i + 1] = apply_one(i * APPLY_KEYS, i * APPLY_ARGS)
 end
+for _, c in ipairs(channels) do
+  redis.call('PUBLISH', c, table.concat(live[c], LIVE_SEP))
+end
 return out
-""".replace("TERMINAL_STATE", is_terminal_lua("st[1]", "st[2]"))
+""".replace("TERMINAL_STATE", is_terminal_lua("st[2]", "st[3]"))
+    .replace("WAS_TERMINAL", is_terminal_lua("st[2]", "st[3]"))
     .replace("TERMINAL_EVENT", is_terminal_lua("ARGV[a + 5]", "ARGV[a + 6]"))
     .replace("APPLY_KEYS", str(APPLY_KEYS))
     .replace("APPLY_ARGS", str(APPLY_ARGS))
+    .replace("RENEW_AT", str(RENEW_AT))
+    .replace("LIVE_SEP", repr(keys.LIVE_SEPARATOR.decode()).replace("'", '"'))
 )
 
 # KEYS: state, history. ARGV: the queued event's seq. Deletes both when nothing past the queued
@@ -101,10 +160,11 @@ class StateStore:
     Redis answers NOSCRIPT only when its script cache is empty (a restart), and then the script
     is loaded and the calls from the first refused one on are sent again (the apply is idempotent).
 
-    Keys live `ttl_s` while the job runs and `finished_ttl_s` (default: the same) once it has
-    ended: the router keeps a finished job an hour (`result_ttl_s`; its result then comes from
-    Postgres), not the day a running one may need, or Redis held every job of the last 24 hours
-    (~27 KiB each, ~12 GiB at 100 VUs: the soak's finding, docs/benchmarks.md)."""
+    Keys live `ttl_s` while the job runs (pushed back to it once less than `RENEW_AT` of it is
+    left, not on every event) and `finished_ttl_s` (default: the same) once it has ended: the
+    router keeps a finished job an hour (`result_ttl_s`; its result then comes from Postgres), not
+    the day a running one may need, or Redis held every job of the last 24 hours (~27 KiB each,
+    ~12 GiB at 100 VUs: the soak's finding, docs/benchmarks.md)."""
 
     def __init__(
         self, client: aioredis.Redis, ttl_s: int, finished_ttl_s: int | None = None, publish: bool = True
@@ -179,7 +239,7 @@ class StateStore:
         return max(1, int(self.finished_ttl_s - max(0.0, now - ended_ts)))
 
     async def state(self, job_id: str) -> dict[str, Any] | None:
-        """The job's latest state (seq, stage, status, progress, user_id, event, result), or None."""
+        """The job's latest state (seq, stage, status, progress, user_id, v, result), or None."""
         return _decode(await self.redis.hgetall(keys.state(job_id)))  # type: ignore[misc]
 
     async def history(self, job_id: str, after_seq: int = -1) -> list[ScanEvent]:
@@ -226,8 +286,16 @@ class Snapshot:
 OWNER_FIELDS = ("user_id", "seq", "stage", "status")
 
 
+# Fields of the state hash that are the script's own: the keys' running deadline, the history's
+# highest seq, and the event JSON that hashes written before issue 23's round 5 still hold (the
+# history has it).
+_INTERNAL = ("exp", "top", "event")
+
+
 def _decode(raw: Mapping[bytes | str, bytes | str | None]) -> dict[str, Any] | None:
     out: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items() if v is not None}
+    for name in _INTERNAL:
+        out.pop(name, None)
     if "seq" not in out:
         return None
     out["seq"] = int(out["seq"])
