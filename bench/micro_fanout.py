@@ -111,6 +111,7 @@ class Fanout:
         self.stalls: list[float] = []  # stalls over STALL_MS while publishing (see on_event)
         self.stalled_at: list[tuple[float, float]] = []  # (wall-clock end, length) of each stall
         self.max_gap = 0.0
+        self.max_gap_end = 0.0  # wall clock: when the longest gap (a stall or not) ended
 
     def connected(self) -> None:
         self.streaming += 1
@@ -129,7 +130,7 @@ class Fanout:
             # (idle between batches) does not count; a server pausing every stream does.
             gap = received - max(float(ev["ts"]), self.last_received)
             if gap > self.max_gap:
-                self.max_gap = gap
+                self.max_gap, self.max_gap_end = gap, received
             if gap * 1000 > STALL_MS:
                 self.stalls.append(gap)
                 self.stalled_at.append((received, gap))
@@ -218,20 +219,21 @@ def stall_causes(
     garbage during the stall. The rest were the servers' (or Redis's, or the box's). Each stall
     that meets one of Redis's AOF rewrites (from the server's decision to fork until its child
     exited) says how long after the rewrite's start it began (`redis_rewrite_ms`); with the
-    publishing `window` (wall clock), the stalls per second inside rewrites and outside them."""
-    rows: list[dict[str, Any]] = []
-    for end, gap in fan.stalled_at:
+    publishing `window` (wall clock), the stalls per second inside rewrites and outside them.
+    The longest gap is described the same way, whether it was a stall or not."""
+
+    def row(end: float, gap: float) -> dict[str, Any]:
         start = end - gap
         rw = next((w for w in rewrites if w.overlaps(start, end)), None)
-        rows.append(
-            {
-                "end": round(end, 3),
-                "ms": round(gap * 1000, 1),
-                "generator_lag_ms": round(lag.late_at(start, end) * 1000, 1),
-                "generator_gc_ms": round(own_gc.during(start, end) * 1000, 1),
-                "redis_rewrite_ms": None if rw is None else round((start - rw.started) * 1000, 1),
-            }
-        )
+        return {
+            "end": round(end, 3),
+            "ms": round(gap * 1000, 1),
+            "generator_lag_ms": round(lag.late_at(start, end) * 1000, 1),
+            "generator_gc_ms": round(own_gc.during(start, end) * 1000, 1),
+            "redis_rewrite_ms": None if rw is None else round((start - rw.started) * 1000, 1),
+        }
+
+    rows = [row(end, gap) for end, gap in fan.stalled_at]
     own = [r for r in rows if max(r["generator_lag_ms"], r["generator_gc_ms"]) >= STALL_MS / 2]
     longest = sorted(rows, key=lambda r: -r["ms"])[:25]
     out: dict[str, Any] = {
@@ -250,6 +252,8 @@ def stall_causes(
         out["redis_rewrite_s"] = round(inside, 2)
         out["per_s_during_rewrite"] = round(n_in / inside, 2) if inside > 0 else None
         out["per_s_otherwise"] = round((len(rows) - n_in) / outside, 2) if outside > 0 else None
+    # The longest gap, a stall or not: what a run without stalls came closest to, and when.
+    out["longest_gap"] = row(fan.max_gap_end, fan.max_gap) if fan.max_gap_end else None
     out["longest"] = longest
     return out
 

@@ -474,7 +474,12 @@ def test_fanout_stalls_during_a_redis_rewrite_are_marked() -> None:
     assert causes["per_s_during_rewrite"] == round(2 / 1.5, 2) and causes["per_s_otherwise"] == round(
         1 / 8.5, 2
     )
+    assert causes["longest_gap"] == {**by_row(causes)[100.09], "end": 100.09}
     assert stall_causes(fan, LoopLag(), GcPauses())["during_redis_rewrite"] == 0  # no log: none
+
+
+def by_row(causes: dict[str, Any]) -> dict[float, dict[str, Any]]:
+    return {row["end"]: row for row in causes["longest"]}
 
 
 def test_gc_pauses_records_this_process_collections() -> None:
