@@ -16,7 +16,9 @@ staggered so that a ninth of them end a stream in every round (steady churn, not
 Reported beside the rest: streams opened per second, the gateway's CPU per stream (open, 10
 events, close), and stalls: spans over 50 ms in which an applied event waited and no client
 received anything (a server pausing every stream, e.g. for a garbage collection; or the
-generator, whose loop lag is reported beside).
+generator, whose loop lag is reported beside; or the gateway's Redis, whose AOF rewrites -- a fork,
+then a child writing the whole dataset beside it -- are read from its log and each stall that
+meets one is marked).
 
 Measured: delivery latency (event ts -> client receipt, same clock), lost/duplicated events per
 client, the gateway's memory per connection (VmRSS before and after the clients connected), its
@@ -31,8 +33,9 @@ import collections
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -44,6 +47,7 @@ from view import StateStore
 
 from . import harness, synthetic, wire
 from .load import check_seqs
+from .redis_log import Rewrite, read_rewrites
 from .stats import CpuMeter, GcPauses, LoopLag, machine, percentile, quiet_gc, rss_kib, summary, tree_cpu_s
 
 TARGET_CLIENTS = 10_000
@@ -90,6 +94,9 @@ class Server:
     history_on_connect: bool = True
     # The server's /metrics text (one process's, where several share a port), for its GC pauses.
     metrics: Callable[[], Awaitable[str]] | None = None
+    # Its Redis's persistence counters (INFO) and log (its AOF rewrites), to match stalls to them.
+    redis_info: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    redis_log: Path | None = None
 
 
 class Fanout:
@@ -104,6 +111,7 @@ class Fanout:
         self.stalls: list[float] = []  # stalls over STALL_MS while publishing (see on_event)
         self.stalled_at: list[tuple[float, float]] = []  # (wall-clock end, length) of each stall
         self.max_gap = 0.0
+        self.max_gap_end = 0.0  # wall clock: when the longest gap (a stall or not) ended
 
     def connected(self) -> None:
         self.streaming += 1
@@ -122,7 +130,7 @@ class Fanout:
             # (idle between batches) does not count; a server pausing every stream does.
             gap = received - max(float(ev["ts"]), self.last_received)
             if gap > self.max_gap:
-                self.max_gap = gap
+                self.max_gap, self.max_gap_end = gap, received
             if gap * 1000 > STALL_MS:
                 self.stalls.append(gap)
                 self.stalled_at.append((received, gap))
@@ -172,6 +180,9 @@ async def gateway_server(s: Settings, cfg: FanoutConfig, run: str) -> AsyncItera
                 finally:
                     conn.close()
 
+            async def info() -> dict[str, Any]:
+                return await redis_info(client)
+
             yield Server(
                 name="gateway",
                 pids=pids,
@@ -181,6 +192,8 @@ async def gateway_server(s: Settings, cfg: FanoutConfig, run: str) -> AsyncItera
                 helper_pids=[redis_proc.pid],
                 redis_conns=conns,
                 metrics=metrics,
+                redis_info=info,
+                redis_log=redis_proc.log,
             )
         finally:
             for p in procs:
@@ -195,22 +208,92 @@ async def run_fanout(s: Settings, cfg: FanoutConfig, say: Any = print) -> dict[s
         return await fanout(server, cfg, run, say)
 
 
-def stall_causes(fan: Fanout, lag: LoopLag, own_gc: GcPauses) -> dict[str, Any]:
+def stall_causes(
+    fan: Fanout,
+    lag: LoopLag,
+    own_gc: GcPauses,
+    rewrites: Sequence[Rewrite] = (),
+    window: tuple[float, float] | None = None,
+) -> dict[str, Any]:
     """Which stalls the generator itself explains: its loop was held up (lag) or it collected
-    garbage during the stall. The rest were the servers' (or Redis's, or the box's)."""
-    rows = []
-    for end, gap in fan.stalled_at:
-        rows.append(
-            {
-                "end": round(end, 3),
-                "ms": round(gap * 1000, 1),
-                "generator_lag_ms": round(lag.late_at(end - gap, end) * 1000, 1),
-                "generator_gc_ms": round(own_gc.during(end - gap, end) * 1000, 1),
-            }
-        )
+    garbage during the stall. The rest were the servers' (or Redis's, or the box's). Each stall
+    that meets one of Redis's AOF rewrites (from the server's decision to fork until its child
+    exited) says how long after the rewrite's start it began (`redis_rewrite_ms`); with the
+    publishing `window` (wall clock), the stalls per second inside rewrites and outside them.
+    The longest gap is described the same way, whether it was a stall or not."""
+
+    def row(end: float, gap: float) -> dict[str, Any]:
+        start = end - gap
+        rw = next((w for w in rewrites if w.overlaps(start, end)), None)
+        return {
+            "end": round(end, 3),
+            "ms": round(gap * 1000, 1),
+            "generator_lag_ms": round(lag.late_at(start, end) * 1000, 1),
+            "generator_gc_ms": round(own_gc.during(start, end) * 1000, 1),
+            "redis_rewrite_ms": None if rw is None else round((start - rw.started) * 1000, 1),
+        }
+
+    rows = [row(end, gap) for end, gap in fan.stalled_at]
     own = [r for r in rows if max(r["generator_lag_ms"], r["generator_gc_ms"]) >= STALL_MS / 2]
     longest = sorted(rows, key=lambda r: -r["ms"])[:25]
-    return {"count": len(rows), "generator_held_up": len(own), "longest": longest}
+    out: dict[str, Any] = {
+        "count": len(rows),
+        "generator_held_up": len(own),
+        "during_redis_rewrite": sum(1 for r in rows if r["redis_rewrite_ms"] is not None),
+    }
+    if window is not None:
+        t0, t1 = window
+        inside = sum(
+            max(min(t1, w.ended if w.ended is not None else t1) - max(t0, w.started), 0.0) for w in rewrites
+        )
+        outside = max(t1 - t0 - inside, 0.0)
+        n_in = out["during_redis_rewrite"]
+        out["redis_rewrites"] = sum(1 for w in rewrites if w.overlaps(t0, t1))
+        out["redis_rewrite_s"] = round(inside, 2)
+        out["per_s_during_rewrite"] = round(n_in / inside, 2) if inside > 0 else None
+        out["per_s_otherwise"] = round((len(rows) - n_in) / outside, 2) if outside > 0 else None
+    # The longest gap, a stall or not: what a run without stalls came closest to, and when.
+    out["longest_gap"] = row(fan.max_gap_end, fan.max_gap) if fan.max_gap_end else None
+    out["longest"] = longest
+    return out
+
+
+REDIS_INFO = (
+    "aof_rewrites",
+    "total_forks",
+    "latest_fork_usec",
+    "aof_last_cow_size",
+    "aof_current_size",
+    "aof_base_size",
+    "used_memory",
+    "aof_delayed_fsync",
+)
+
+
+async def redis_info(client: aioredis.Redis) -> dict[str, Any]:
+    """The persistence counters of Redis that say what its forks cost (INFO persistence, stats,
+    memory)."""
+    got: dict[str, Any] = {}
+    for section in ("persistence", "stats", "memory"):
+        got.update(await client.info(section))
+    return {k: got.get(k) for k in REDIS_INFO}
+
+
+def _redis_delta(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What Redis's persistence did while publishing: rewrites and forks (counts), the last fork's
+    pause and copy-on-write, and how big the dataset and the AOF ended."""
+    if a is None or b is None:
+        return None
+    mib = 1024 * 1024
+    return {
+        "aof_rewrites": b["aof_rewrites"] - a["aof_rewrites"],
+        "forks": b["total_forks"] - a["total_forks"],
+        "latest_fork_ms": round(b["latest_fork_usec"] / 1000, 1),
+        "last_cow_mib": round(b["aof_last_cow_size"] / mib, 1),
+        "used_memory_mib": round(b["used_memory"] / mib, 1),
+        "aof_mib": round(b["aof_current_size"] / mib, 1),
+        "aof_delayed_fsync": b["aof_delayed_fsync"] - a["aof_delayed_fsync"],
+    }
 
 
 def _rss(pids: list[int]) -> int:
@@ -291,6 +374,8 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         fan.publishing = True
         cpu_gw0, cpu_all0 = _cpu(pids), _cpu(every)
         gc0 = gc_pauses(await server.metrics()) if server.metrics else None
+        redis0 = await server.redis_info() if server.redis_info else None
+        wall_pub = time.time()
         t_pub = time.monotonic()
         sent = 0
         step = max(int(rate * 0.05), 1)  # events per Redis round trip: 20 round trips a second
@@ -319,6 +404,8 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         publish_s = time.monotonic() - t_pub
         done, pending = await asyncio.wait(tasks, timeout=60.0)
         fan.publishing = False
+        wall_end = time.time()
+        redis1 = await server.redis_info() if server.redis_info else None
         opened = fan.streaming  # every stream's first event (or connect reply) counts it
         gw_cpu = _cpu(pids) - cpu_gw0
         all_cpu = _cpu(every) - cpu_all0
@@ -389,7 +476,9 @@ async def fanout(server: Server, cfg: FanoutConfig, run: str, say: Any) -> dict[
         "generator_cpu": meter.total(),
         "generator_loop_lag_ms": lag.summary_ms(),
         "generator_gc_pauses_ms": own_gc.summary_ms(),
-        "stalls": stall_causes(fan, lag, own_gc),
+        # Redis's AOF rewrites while publishing (each a fork; INFO before and after).
+        "redis": _redis_delta(redis0, redis1),
+        "stalls": stall_causes(fan, lag, own_gc, read_rewrites(server.redis_log), (wall_pub, wall_end)),
     }
     p99 = delivery["p99"]
     bad = sum(c["lost"] + c["duplicated"] for c in checks)

@@ -223,6 +223,9 @@ def kafka_service(node: KafkaNode) -> Service:
 # --- redis -----------------------------------------------------------------------------------
 
 
+AOF_REWRITE_PERCENTAGE = "400"  # as deploy/redis/redis.yaml (tests/test_deploy.py)
+
+
 def redis_argv(host: str, port: int, data: Path) -> list[str]:
     """How this project runs redis-server (the stack's, and private ones of tests and benchmarks).
 
@@ -230,7 +233,12 @@ def redis_argv(host: str, port: int, data: Path) -> list[str]:
     included) and a crash loses at most about a second of writes; the view of `scan.events` heals
     itself either way (streams/heal.py). No RDB snapshots, as in `deploy/redis/redis.yaml`: with AOF
     they add nothing to recovery, and their fork and full dump every minute under load cost 2-6 ms
-    of CPU per scan (docs/benchmarks.md). See docs/operations.md.
+    of CPU per scan (docs/benchmarks.md). The AOF is rewritten once it has grown 4x its last
+    rewrite (Redis's default: 1x): each rewrite forks the server (5-35 ms blocked at 50-250 MB,
+    then copy-on-write faults) and runs a child writing the whole dataset beside it, which held
+    every stream up over 50 ms in the churn benchmark (issue 23,
+    bench/reports/issue23/round5/churn); a quarter as many rewrites, the same fsync every second.
+    See docs/operations.md.
 
     A job's history (a sorted set of ~10 event JSONs of 0.4-4 KiB) stays a listpack, not a
     skiplist plus a hash table (Redis's default above 64-byte members): 10% less of Redis's CPU
@@ -239,6 +247,7 @@ def redis_argv(host: str, port: int, data: Path) -> list[str]:
         "redis-server",
         *("--bind", host, "--port", str(port), "--dir", str(data)),
         *("--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no"),
+        *("--auto-aof-rewrite-percentage", AOF_REWRITE_PERCENTAGE),
         *("--maxclients", "20000", "--protected-mode", "no"),
         *("--zset-max-listpack-value", HISTORY_LISTPACK_VALUE),
     ]

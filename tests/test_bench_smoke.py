@@ -18,6 +18,7 @@ from bench import wire
 from bench.harness import cpu_per_job
 from bench.load import EXPECTED_SEQS, LoadConfig, check_seqs
 from bench.micro_fanout import Fanout, FanoutConfig, stall_causes
+from bench.redis_log import Rewrite, rewrites
 from bench.report import END, START, load_reports, results_section, write_docs
 from bench.stats import GcPauses, LoopLag, percentile
 from bench.stream_cost import production_env
@@ -416,6 +417,69 @@ def test_fanout_stalls_the_generator_explains_are_told_apart() -> None:
     assert by_end[102.08]["generator_lag_ms"] == by_end[102.08]["generator_gc_ms"] == 0.0
     gen0 = {"count": 1, "ms": 60.0, "max_ms": 60.0, "cpu_ms": 50.0, "max_cpu_ms": 50.0}
     assert own_gc.summary_ms() == {"0": gen0}
+
+
+REDIS_LOG = """\
+21434:M 03 Dec 2026 18:33:01.555 * Ready to accept connections
+21434:M 03 Dec 2026 18:33:25.490 * Starting automatic rewriting of AOF on 6729149300% growth
+21434:M 03 Dec 2026 18:33:25.491 * Creating AOF incr file appendonly.aof.2.incr.aof on background rewrite
+21434:M 03 Dec 2026 18:33:25.495 * Background append only file rewriting started by pid 21443
+21443:C 03 Dec 2026 18:33:25.801 * Fork CoW for AOF rewrite: current 11 MB, peak 11 MB, average 7 MB
+21434:M 03 Dec 2026 18:33:25.811 * Background AOF rewrite terminated with success
+21434:M 03 Dec 2026 18:33:25.816 * Background AOF rewrite finished successfully
+21434:M 03 Dec 2026 18:33:30.100 * Background append only file rewriting started by pid 21444
+21434:M 03 Dec 2026 18:33:31.000 * Background AOF rewrite terminated with success
+21434:M 03 Dec 2026 18:33:32.861 * Starting automatic rewriting of AOF on 191% growth
+21434:M 03 Dec 2026 18:33:32.869 * Background append only file rewriting started by pid 21445
+"""
+
+
+def _local(hms: str) -> float:
+    import datetime
+
+    return datetime.datetime.strptime(f"2026-12-03 {hms}", "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+def test_redis_log_reads_the_aof_rewrites() -> None:
+    """Issue 23: each AOF rewrite of the benchmark's Redis, from the decision to fork (auto) or the
+    fork (BGREWRITEAOF) until its child exited; one still running at the log's end has no end."""
+    got = rewrites(REDIS_LOG)
+    assert got == [
+        Rewrite(
+            _local("18:33:25.490"), _local("18:33:25.495"), _local("18:33:25.811"), "auto: 6729149300% growth"
+        ),
+        Rewrite(_local("18:33:30.100"), _local("18:33:30.100"), _local("18:33:31.000"), "BGREWRITEAOF"),
+        Rewrite(_local("18:33:32.861"), _local("18:33:32.869"), None, "auto: 191% growth"),
+    ]
+    assert got[0].overlaps(_local("18:33:25.800"), _local("18:33:25.900"))
+    assert not got[0].overlaps(_local("18:33:25.812"), _local("18:33:25.900"))
+    assert got[2].overlaps(_local("18:40:00.000"), _local("18:40:00.100"))  # not ended: still on
+
+
+def test_fanout_stalls_during_a_redis_rewrite_are_marked() -> None:
+    """Issue 23: a stall that meets one of Redis's AOF rewrites says how long after the rewrite's
+    start it began, and the stalls per second inside rewrites and outside them are told apart."""
+    fan = Fanout(FanoutConfig(clients=1))
+    fan.publishing = True
+    fan.on_event({"seq": 10, "ts": 100.0}, 100.001)
+    fan.on_event({"seq": 11, "ts": 100.02}, 100.09)  # 70 ms, right after the fork of 100.0-100.015
+    fan.on_event({"seq": 12, "ts": 101.0}, 101.06)  # 60 ms while the child writes
+    fan.on_event({"seq": 13, "ts": 105.0}, 105.07)  # 70 ms, no rewrite then
+    rws = [Rewrite(100.0, 100.015, 101.5, "auto: 100% growth"), Rewrite(110.0, 110.01, 110.5, "auto")]
+    causes = stall_causes(fan, LoopLag(), GcPauses(), rws, (99.0, 109.0))
+    assert causes["count"] == 3 and causes["during_redis_rewrite"] == 2
+    by_end = {row["end"]: row["redis_rewrite_ms"] for row in causes["longest"]}
+    assert by_end == {100.09: 20.0, 101.06: 1000.0, 105.07: None}
+    assert causes["redis_rewrites"] == 1 and causes["redis_rewrite_s"] == 1.5
+    assert causes["per_s_during_rewrite"] == round(2 / 1.5, 2) and causes["per_s_otherwise"] == round(
+        1 / 8.5, 2
+    )
+    assert causes["longest_gap"] == {**by_row(causes)[100.09], "end": 100.09}
+    assert stall_causes(fan, LoopLag(), GcPauses())["during_redis_rewrite"] == 0  # no log: none
+
+
+def by_row(causes: dict[str, Any]) -> dict[float, dict[str, Any]]:
+    return {row["end"]: row for row in causes["longest"]}
 
 
 def test_gc_pauses_records_this_process_collections() -> None:

@@ -786,6 +786,23 @@ def test_redis_is_a_statefulset_with_aof_on_a_volume_behind_the_configured_servi
     assert port["targetPort"] in {p["name"] for p in c["ports"]}
 
 
+def test_the_local_redis_persists_as_the_statefulset_does(tmp_path: Path) -> None:
+    """`eco2 stack up` and the benchmarks' private Redis (`eco2/infra.py` `redis_argv`) run with
+    the persistence flags of the StatefulSet: what the benchmarks measure (fsync, AOF rewrites and
+    their forks, issue 23) is what Kubernetes runs."""
+    from eco2.infra import redis_argv
+
+    (sts,) = of_kind("StatefulSet")
+    (c,) = containers(sts)
+    argv = c["command"] + c.get("args", [])
+    local = redis_argv("127.0.0.1", 6379, tmp_path)
+    flags = ("--appendonly", "--appendfsync", "--save", "--auto-aof-rewrite-percentage",
+             "--zset-max-listpack-value")
+    want = {f: argv[argv.index(f) + 1] for f in flags}
+    assert {f: local[local.index(f) + 1] for f in flags} == want
+    assert want["--auto-aof-rewrite-percentage"] == "400"
+
+
 # --- monitoring -------------------------------------------------------------------------------
 
 

@@ -134,7 +134,8 @@ async def test_redis_persists_as_the_manifest_does(settings: Settings, stack_sta
     manifest = Path(__file__).parent.parent / "deploy" / "redis" / "redis.yaml"
     docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d and d["kind"] == "StatefulSet"]
     argv = docs[0]["spec"]["template"]["spec"]["containers"][0]["command"]
-    names = ("appendonly", "appendfsync", "save", "zset-max-listpack-value")
+    names = ("appendonly", "appendfsync", "save", "zset-max-listpack-value",
+             "auto-aof-rewrite-percentage")
     want = {name: argv[argv.index(f"--{name}") + 1] for name in names}
     r = aioredis.from_url(settings.redis_url)
     try:
